@@ -1,0 +1,215 @@
+"""The one configuration schema shared by simulations, sites and the server.
+
+A config is a TOML file with the sections below; every field has a default, so an
+empty file is the quickstart. Flower carries the same config as a flat run config
+(`"federation.rounds": 10`), so every value is a scalar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmed.errors import FedmedError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from. `demo`: simulated hospitals built from the MNI template."""
+
+    source: Literal["demo"] = Field("demo", description="Dataset: `demo` (embedded simulated hospitals).")
+    image_size: int = Field(64, ge=32, le=256, description="Side of the square images in pixels (32-256).")
+    hospitals: int = Field(8, ge=1, le=128, description="Number of simulated hospitals.")
+    train_per_hospital: int = Field(400, ge=4, description="Training images per hospital.")
+    test_per_hospital: int = Field(50, ge=4, description="Test images per hospital (federated evaluation).")
+    global_test_size: int = Field(800, ge=4, description="Images in the held-out global test set.")
+    cache_dir: str = Field(
+        "", description="Where generated data is cached; empty: `$FEDMED_CACHE` or `~/.cache/fedmed`."
+    )
+
+
+class ModelConfig(_Section):
+    """The network every hospital trains."""
+
+    name: Literal["cnn", "resnet18"] = Field("cnn", description="`cnn` (small, fast on CPU) or `resnet18`.")
+    width: int = Field(16, ge=4, le=256, description="Channels in the CNN's first block (doubles twice).")
+
+
+class TrainConfig(_Section):
+    """Local training, the same at every hospital and in the baselines."""
+
+    local_epochs: int = Field(1, ge=1, le=1000, description="Passes over a hospital's data per round.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Mini-batch size.")
+    optimizer: Literal["sgd", "adam"] = Field("adam", description="`adam` or `sgd` (with momentum); state is reset each round.")
+    lr: float = Field(0.001, gt=0, le=10, description="Learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay.")
+    augment: bool = Field(True, description="Random left-right flips during training.")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="`cpu`, `cuda`, or `auto` (CUDA if present).")
+
+
+class FederationConfig(_Section):
+    """How hospitals cooperate, and the baselines to compare against."""
+
+    mode: Literal["federated", "pooled", "local"] = Field(
+        "federated",
+        description="`federated` (FedAvg), `pooled` (all data centralised) or `local` (each hospital alone).",
+    )
+    rounds: int = Field(10, ge=1, le=100_000, description="Federated rounds (baselines train the same number of sample-gradient steps).")
+    strategy: Literal["fedavg"] = Field("fedavg", description="Aggregation strategy.")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of hospitals that train each round.")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of hospitals that evaluate each round.")
+    round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for hospitals' replies in a round.")
+
+
+class SimulationConfig(_Section):
+    """The Ray-based Simulation Engine."""
+
+    cpus_per_hospital: float = Field(1.0, gt=0, description="CPU cores reserved per simulated hospital (sets how many train at once).")
+    gpus_per_hospital: float = Field(0.0, ge=0, description="Fraction of a GPU per simulated hospital.")
+    ray_address: str = Field("", description="Attach to this Ray cluster (`HOST:PORT`) instead of starting one.")
+
+
+class OutputConfig(_Section):
+    """The run directory."""
+
+    dir: str = Field("runs", description="Parent folder of run directories.")
+    name: str = Field("", description="Run directory name; empty: a timestamped name.")
+    save_model: bool = Field(True, description="Write the final global model weights (`model.pt`).")
+
+
+class FedmedConfig(_Section):
+    """A whole fedmed run."""
+
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data, initialisation and training order.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    output: OutputConfig = OutputConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Flat `section.key` view, the form Flower's run config and records use."""
+        return flatten(self.model_dump())
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.flat(), sort_keys=True).encode()).hexdigest()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FedmedError(f"config error: `{name}` conflicts with a value set above it")
+        node[leaf] = value
+    return tree
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _section_of(error["loc"][:-1])
+        known = ", ".join(section.model_fields) if section else ""
+        return f"unknown config key `{loc}` (known here: {known})"
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+    if not loc:
+        return error["msg"].removeprefix("Value error, ")
+    return f"`{loc}`: {error['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = FedmedConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return None
+        if not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def from_dict(tree: dict[str, Any]) -> FedmedConfig:
+    """Validate a nested dict; any problem becomes one FedmedError line."""
+    try:
+        return FedmedConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise FedmedError(f"config error: {_describe(exc.errors()[0])}") from None
+
+
+def from_flat(flat: dict[str, Any]) -> FedmedConfig:
+    return from_dict(unflatten(dict(flat)))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`section.key=value`, the value read as TOML (bare words are strings)."""
+    name, sep, raw = item.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise FedmedError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return name, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> FedmedConfig:
+    """Read a TOML config (or the defaults), apply `--set` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FedmedError(
+                f"config file not found: {file} (pass an existing TOML file, "
+                "e.g. simulations/quickstart.toml)"
+            )
+        try:
+            tree = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise FedmedError(f"config file {file} is not valid TOML: {exc}") from None
+    flat = flatten(tree)
+    for item in overrides or []:
+        name, value = parse_override(item)
+        flat[name] = value
+    return from_flat(flat)
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every field: the config reference in the docs."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, f"{prefix}{name}.")
+            else:
+                rows.append((f"{prefix}{name}", json.dumps(field.default), field.description or ""))
+
+    walk(FedmedConfig, "")
+    return rows

@@ -1,0 +1,191 @@
+"""The embedded default data: simulated hospitals, generated once and cached.
+
+Every image has its own seed (dataset seed, hospital, split, index), so the data
+is identical whatever the order or number of worker processes that make it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.config import DataConfig
+from fedmed.data.phantom import CLASSES, render
+from fedmed.data.scanners import ScannerProfile, hospital_profiles
+from fedmed.data.template import axial_stack
+
+GENERATOR_VERSION = 2
+SPLITS = ("train", "test", "global_test")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Everything that decides the demo images (and so the cache key)."""
+
+    seed: int
+    image_size: int
+    hospitals: int
+    train_per_hospital: int
+    test_per_hospital: int
+    global_test_size: int
+
+    @classmethod
+    def from_config(cls, data: DataConfig, seed: int) -> DemoSpec:
+        return cls(
+            seed=seed,
+            image_size=data.image_size,
+            hospitals=data.hospitals,
+            train_per_hospital=data.train_per_hospital,
+            test_per_hospital=data.test_per_hospital,
+            global_test_size=data.global_test_size,
+        )
+
+    def digest(self) -> str:
+        payload = json.dumps({"v": GENERATOR_VERSION, **self.__dict__}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images (N, H, W) uint8 with integer labels into `CLASSES`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class DemoData:
+    images: np.ndarray  # (N, S, S) uint8
+    labels: np.ndarray  # (N,) int64
+    hospital: np.ndarray  # (N,) int64; the global test set spans all hospitals' scanners
+    split: np.ndarray  # (N,) int64 index into SPLITS
+    profiles: tuple[ScannerProfile, ...]
+
+    def select(self, split: str, hospital: int | None = None) -> ImageSet:
+        keep = self.split == SPLITS.index(split)
+        if hospital is not None:
+            keep &= self.hospital == hospital
+        idx = np.flatnonzero(keep)
+        return ImageSet(np.asarray(self.images[idx]), np.asarray(self.labels[idx]))
+
+
+def hospital_name(index: int) -> str:
+    return f"hospital-{index + 1:02d}"
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("FEDMED_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedmed"
+
+
+def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
+    labels = np.arange(n) % len(CLASSES)
+    return rng.permutation(labels)
+
+
+def _plan(spec: DemoSpec) -> list[tuple[int, int, int, int]]:
+    """(hospital, split, index, label) for every image, in storage order."""
+    plan = []
+    for h in range(spec.hospitals):
+        for split, n in ((0, spec.train_per_hospital), (1, spec.test_per_hospital)):
+            labels = _balanced_labels(n, np.random.default_rng([spec.seed, h, split]))
+            plan += [(h, split, i, int(y)) for i, y in enumerate(labels)]
+    labels = _balanced_labels(spec.global_test_size, np.random.default_rng([spec.seed, 2]))
+    plan += [(i % spec.hospitals, 2, i, int(y)) for i, y in enumerate(labels)]
+    return plan
+
+
+def _render_chunk(spec: DemoSpec, chunk: list[tuple[int, int, int, int]]) -> np.ndarray:
+    stack = axial_stack(min(2 * spec.image_size, 256))
+    profiles = hospital_profiles(spec.hospitals, spec.seed)
+    out = np.empty((len(chunk), spec.image_size, spec.image_size), dtype=np.uint8)
+    for k, (h, split, i, label) in enumerate(chunk):
+        rng = np.random.default_rng([spec.seed, h, split, i, 1])
+        out[k] = render(stack, label, profiles[h], spec.image_size, rng)
+    return out
+
+
+def generate(spec: DemoSpec, workers: int | None = None) -> DemoData:
+    """Render every image of the spec (no cache)."""
+    plan = _plan(spec)
+    workers = workers or min(os.cpu_count() or 1, 4)
+    chunks = [plan[i::workers] for i in range(workers)] if len(plan) > 200 else [plan]
+    if len(chunks) == 1:
+        rendered = [_render_chunk(spec, plan)]
+    else:
+        with ProcessPoolExecutor(len(chunks)) as pool:
+            rendered = list(pool.map(_render_chunk, [spec] * len(chunks), chunks))
+    images = np.empty((len(plan), spec.image_size, spec.image_size), dtype=np.uint8)
+    for w, part in enumerate(rendered):
+        images[w :: len(rendered)] = part
+    table = np.array([(h, s, y) for h, s, _, y in plan], dtype=np.int64).reshape(-1, 3)
+    return DemoData(
+        images=images,
+        labels=table[:, 2],
+        hospital=table[:, 0],
+        split=table[:, 1],
+        profiles=tuple(hospital_profiles(spec.hospitals, spec.seed)),
+    )
+
+
+def _save(data: DemoData, spec: DemoSpec, folder: Path) -> None:
+    for name in ("images", "labels", "hospital", "split"):
+        np.save(folder / f"{name}.npy", getattr(data, name))
+    meta = {
+        "generator_version": GENERATOR_VERSION,
+        "spec": spec.__dict__,
+        "classes": list(CLASSES),
+        "profiles": [p.as_dict() for p in data.profiles],
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def cache_path(spec: DemoSpec, cache_dir: str = "") -> Path:
+    return cache_root(cache_dir) / f"demo-{spec.digest()}"
+
+
+def ensure_cached(spec: DemoSpec, cache_dir: str = "") -> Path:
+    """Generate the dataset into the cache unless it is already there."""
+    target = cache_path(spec, cache_dir)
+    if (target / "meta.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = generate(spec)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _save(data, spec, tmp)
+        os.replace(tmp, target)  # atomic; another process may have won the race
+    except OSError:
+        if not (target / "meta.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@lru_cache(maxsize=4)
+def load(spec: DemoSpec, cache_dir: str = "") -> DemoData:
+    """The dataset, from the cache (generated on first use). Cached per process."""
+    folder = ensure_cached(spec, cache_dir)
+    arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("images", "labels", "hospital", "split")}
+    return DemoData(
+        images=arrays["images"],
+        labels=np.asarray(arrays["labels"]),
+        hospital=np.asarray(arrays["hospital"]),
+        split=np.asarray(arrays["split"]),
+        profiles=tuple(hospital_profiles(spec.hospitals, spec.seed)),
+    )

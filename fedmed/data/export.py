@@ -1,0 +1,63 @@
+"""`fedmed data make-demo`: the demo hospitals on disk, as a person (or another tool) sees them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from fedmed.config import FedmedConfig
+from fedmed.data import demo
+from fedmed.data.phantom import CLASSES
+from fedmed.errors import FedmedError
+
+KAGGLE_SPLITS = {"train": "Training", "test": "Testing"}
+
+
+def export_demo(cfg: FedmedConfig, out_dir: Path) -> Path:
+    """Write OUT/<hospital>/{Training,Testing}/<class>/*.png; returns the contact sheet path."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FedmedError(f"{out_dir} is not empty: choose a new folder so nothing there is overwritten")
+    spec = demo.DemoSpec.from_config(cfg.data, cfg.seed)
+    data = demo.load(spec, cfg.data.cache_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for h in range(spec.hospitals):
+            for split, folder in KAGGLE_SPLITS.items():
+                images = data.select(split, h)
+                for k, name in enumerate(CLASSES):
+                    target = out_dir / demo.hospital_name(h) / folder / name
+                    target.mkdir(parents=True, exist_ok=True)
+                    for i, img in enumerate(images.images[images.labels == k]):
+                        Image.fromarray(img).save(target / f"{name}_{i:04d}.png")
+    except OSError as exc:
+        raise FedmedError(f"cannot write the demo images to {out_dir}: {exc.strerror}") from None
+    sheet = out_dir / "contact_sheet.png"
+    contact_sheet(data, spec).save(sheet)
+    return sheet
+
+
+def contact_sheet(data: demo.DemoData, spec: demo.DemoSpec, per_cell: int = 3) -> Image.Image:
+    """Rows: hospitals (with their scanner); columns: classes, `per_cell` examples each."""
+    size = spec.image_size
+    label_w, header_h = 150, 22
+    width = label_w + len(CLASSES) * per_cell * size
+    height = header_h + spec.hospitals * size
+    sheet = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(sheet)
+    for k, name in enumerate(CLASSES):
+        draw.text((label_w + k * per_cell * size + 4, 4), name, fill=255)
+    for h in range(spec.hospitals):
+        train = data.select("train", h)
+        profile = data.profiles[h]
+        y0 = header_h + h * size
+        draw.text((4, y0 + 4), demo.hospital_name(h), fill=255)
+        draw.text((4, y0 + 18), f"{profile.field_strength} noise {profile.noise:.2f}", fill=200)
+        draw.text((4, y0 + 32), f"bias {profile.bias:.2f} blur {profile.blur:.1f}", fill=200)
+        for k in range(len(CLASSES)):
+            examples = train.images[train.labels == k][:per_cell]
+            for j, img in enumerate(examples):
+                sheet.paste(Image.fromarray(np.asarray(img)), (label_w + (k * per_cell + j) * size, y0))
+    return sheet

@@ -1,0 +1,75 @@
+"""The hospital's ClientApp: the same object runs in simulation and on a real SuperNode.
+
+The server sends the global model and the run config; the hospital trains or
+evaluates on its own data and returns weights plus aggregate metrics. Nothing
+about individual images (names, paths, pixels, per-image losses) leaves.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedmed.config import FedmedConfig
+from fedmed.data.sites import NUM_CLASSES, SiteData, site_data
+from fedmed.errors import FedmedError
+from fedmed.federation.records import SITE_KEY, WEIGHT_KEY, config_from_record, metric_record
+from fedmed.models import build_model
+from fedmed.seeds import derive_seed
+from fedmed.training.local import evaluate as evaluate_model
+from fedmed.training.local import train as train_model
+
+app = ClientApp()
+
+
+def _site(context: Context, cfg: FedmedConfig) -> SiteData:
+    """This node's hospital: `partition-id` in its node config (set by the simulation
+    engine, or by `flower-supernode --node-config`)."""
+    if "partition-id" not in context.node_config:
+        raise FedmedError("this node has no `partition-id` in its node config: it cannot find its data")
+    return site_data(cfg, int(context.node_config["partition-id"]))
+
+
+def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteData, nn.Module]:
+    config = msg.content["config"]
+    cfg = config_from_record(config)
+    site = _site(context, cfg)
+    model = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, int(config["server-round"]), site, model
+
+
+def _reply(msg: Message, site: SiteData, metrics: dict, model: nn.Module | None = None) -> Message:
+    content = RecordDict({"metrics": metric_record(metrics), SITE_KEY: ConfigRecord({"name": site.name})})
+    if model is not None:
+        content["arrays"] = ArrayRecord(model.state_dict())
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, server_round, site, model = _receive(msg, context)
+    stats = train_model(model, site.train.x, site.train.y, cfg.train, seed=derive_seed(cfg.seed, server_round, site.index))
+    metrics = {
+        "train-loss": stats.loss,
+        "train-accuracy": stats.accuracy,
+        "train-steps": stats.steps,
+        "sample-gradients": stats.examples,
+        WEIGHT_KEY: len(site.train),
+    }
+    return _reply(msg, site, metrics, model.cpu())
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, _, site, model = _receive(msg, context)
+    result = evaluate_model(model, site.test.x, site.test.y, cfg.train.device)
+    metrics = {
+        "eval-loss": result["loss"],
+        "eval-accuracy": result["accuracy"],
+        "eval-macro-f1": result["macro_f1"],
+        "eval-confusion": result["confusion"],
+        WEIGHT_KEY: len(site.test),
+    }
+    return _reply(msg, site, metrics)

@@ -1,0 +1,41 @@
+"""Moving configs, metrics and seeds through Flower's records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedmed.config import FedmedConfig, from_flat
+
+SITE_KEY = "site"  # ConfigRecord in every reply: {"name": hospital pseudonym}
+WEIGHT_KEY = "num-examples"
+
+
+def config_record(cfg: FedmedConfig, server_round: int = 0) -> ConfigRecord:
+    """The whole run config, flat, so every hospital trains with the same settings."""
+    return ConfigRecord({**cfg.flat(), "server-round": server_round})
+
+
+def config_from_record(record: ConfigRecord) -> FedmedConfig:
+    flat = {k: v for k, v in record.items() if k != "server-round"}
+    return from_flat(flat)
+
+
+def metric_record(values: dict[str, Any]) -> MetricRecord:
+    """Scalars and lists of numbers only (what MetricRecord carries); None is dropped."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, (bool, str)) or value is None:
+            continue
+        if isinstance(value, list):
+            flat = np.asarray(value).ravel()
+            out[key] = [int(v) for v in flat] if flat.dtype.kind in "iu" else [float(v) for v in flat]
+        else:
+            out[key] = value
+    return MetricRecord(out)
+
+
+def site_name(content: RecordDict) -> str:
+    return str(content[SITE_KEY]["name"])

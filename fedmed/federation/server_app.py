@@ -1,0 +1,96 @@
+"""The ServerApp: FedAvg over the hospitals, centralised evaluation each round, and
+the run directory. The same object runs in simulation and in a real deployment."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedmed.config import FedmedConfig, from_flat
+from fedmed.data.sites import NUM_CLASSES, global_test
+from fedmed.federation.records import config_record
+from fedmed.federation.strategy import RecordingFedAvg
+from fedmed.models import build_model
+from fedmed.outputs import RunDirectory, resolve_run_name
+from fedmed.progress import RoundReporter
+from fedmed.reporting import round_record, strip_prefix, summary
+from fedmed.training.local import evaluate
+from fedmed.training.metrics import from_confusion
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = resolve_run_name(from_flat(dict(context.run_config)))
+    run(grid, cfg)
+
+
+def run(grid: Grid, cfg: FedmedConfig) -> None:
+    started = time.time()
+    random.seed(cfg.seed)  # FedAvg samples hospitals with `random`
+    out = RunDirectory.create(cfg)
+    test_set = global_test(cfg)
+    model = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed)
+    rounds = cfg.federation.rounds
+    reporter = RoundReporter(rounds, f"fedmed: FedAvg over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}")
+    n = cfg.data.hospitals
+    strategy = RecordingFedAvg(
+        fraction_train=cfg.federation.fraction_train,
+        fraction_evaluate=cfg.federation.fraction_evaluate,
+        min_train_nodes=max(1, round(cfg.federation.fraction_train * n)),
+        min_evaluate_nodes=max(1, round(cfg.federation.fraction_evaluate * n)) if cfg.federation.fraction_evaluate else 0,
+        min_available_nodes=n,
+    )
+    last_test: dict = {}
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal last_test
+        if server_round == 0:  # nothing trained yet: skip, save the time
+            return None
+        model.load_state_dict(arrays.to_torch_state_dict())
+        last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
+        hospitals = {
+            site: {phase: strip_prefix(m) for phase, m in phases.items()}
+            for site, phases in sorted(strategy.per_site.get(server_round, {}).items())
+        }
+        federated = _federated_eval(hospitals)
+        took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(hospitals)}/{n}")
+        out.append_round(
+            round_record(server_round, took, elapsed, last_test, hospitals, federated_eval=federated, failures=strategy.failures.get(server_round, 0))
+        )
+        return MetricRecord({"accuracy": last_test["accuracy"], "loss": last_test["loss"]})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=rounds,
+        timeout=cfg.federation.round_timeout,
+        train_config=config_record(cfg),
+        evaluate_config=config_record(cfg),
+        evaluate_fn=evaluate_global,
+    )
+    final = strategy.per_site.get(rounds, {})
+    per_hospital = {
+        site: {"accuracy": phases["eval"]["eval-accuracy"], "macro_f1": phases["eval"]["eval-macro-f1"]}
+        for site, phases in sorted(final.items())
+        if "eval" in phases
+    }
+    if cfg.output.save_model:
+        out.save_model(result.arrays.to_torch_state_dict())
+    out.write_summary(summary(cfg, last_test, per_hospital, time.time() - started))
+    reporter.console.print(f"run directory: {out.path}")
+
+
+def _federated_eval(hospitals: dict) -> dict:
+    """Pooled metrics over every hospital's own test split (from summed confusion counts)."""
+    confusions = [h["eval"]["confusion"] for h in hospitals.values() if "eval" in h]
+    if not confusions:
+        return {}
+    total = np.sum([np.asarray(c).reshape(NUM_CLASSES, NUM_CLASSES) for c in confusions], axis=0)
+    return from_confusion(total)
+

@@ -1,0 +1,82 @@
+"""Run the ServerApp and ClientApp on Flower's Simulation Engine (Ray backend).
+
+`flwr run` reaches the same engine through a detached local SuperLink on a fixed
+port; fedmed calls the engine's entry point in-process instead (the function the
+SuperLink's simulation process calls), so a run needs no background service and
+the run config is passed straight to the ServerApp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from fedmed.config import FedmedConfig
+from fedmed.data.sites import ensure_data
+from fedmed.errors import FedmedError
+from fedmed.outputs import resolve_run_name
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail fast, with one clear line, when a given Ray cluster cannot be reached."""
+    if not address:
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise FedmedError(f"ray address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise FedmedError(
+            f"cannot reach a Ray cluster at {address} ({reason}): start one with "
+            "`ray start --head` or leave simulation.ray_address empty to start a local one"
+        ) from None
+
+
+def backend_config(cfg: FedmedConfig) -> dict:
+    sim = cfg.simulation
+    init_args: dict = {"address": sim.ray_address} if sim.ray_address else {"num_cpus": os.cpu_count() or 1}
+    return {
+        "client_resources": {"num_cpus": sim.cpus_per_hospital, "num_gpus": sim.gpus_per_hospital},
+        "init_args": init_args,
+    }
+
+
+def run_simulation(cfg: FedmedConfig, verbose: bool = False) -> Path:
+    """Simulate `cfg.data.hospitals` hospitals; returns the run directory."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.telemetry import EventType
+    from flwr.simulation.run_simulation import _run_simulation
+
+    from fedmed.federation import client_app, server_app
+
+    cfg = resolve_run_name(cfg)
+    check_ray_address(cfg.simulation.ray_address)
+    ensure_data(cfg)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.flat())
+    try:
+        _run_simulation(
+            num_supernodes=cfg.data.hospitals,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app.app,
+            server_app=server_app.app,
+            backend_name="ray",
+            backend_config=backend_config(cfg),
+            server_app_context=context,
+            verbose_logging=verbose,
+        )
+    except RuntimeError as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, FedmedError):
+            raise cause from None
+        raise
+    return Path(cfg.output.dir).expanduser() / cfg.output.name

@@ -1,0 +1,93 @@
+"""The run directory: config, per-round metrics, summary and final model.
+
+Only aggregates go here (metrics, counts, hospital pseudonyms): never file names,
+paths from a hospital's data, or pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+
+from fedmed.config import FedmedConfig, unflatten
+from fedmed.errors import FedmedError
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def resolve_run_name(cfg: FedmedConfig) -> FedmedConfig:
+    """Give the run a timestamped directory name unless the config names one."""
+    if cfg.output.name:
+        return cfg
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.federation.mode}"
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": name})})
+
+
+class RunDirectory:
+    """Writes one run's outputs; refuses to reuse a directory that already has a run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, cfg: FedmedConfig) -> RunDirectory:
+        path = Path(cfg.output.dir).expanduser() / cfg.output.name
+        if (path / "config.toml").exists():
+            raise FedmedError(
+                f"run directory {path} already holds a run: choose another output.name "
+                "or leave it empty for a timestamped one"
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FedmedError(f"cannot create run directory {path}: {exc.strerror}") from None
+        run = cls(path)
+        _atomic_write(path / "config.toml", tomli_w.dumps(unflatten(cfg.flat())))
+        (path / "metrics.jsonl").touch()
+        return run
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+            handle.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.path / "summary.json", json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+
+    def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
+        tmp = self.path / ".model.pt.tmp"
+        torch.save(state_dict, tmp)
+        os.replace(tmp, self.path / "model.pt")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+# Fields that measure time, and so differ between otherwise identical runs.
+TIMING_FIELDS = ("time_s", "elapsed_s", "finished_at")

@@ -1,0 +1,96 @@
+"""The two references every study needs, trained with the same model and budget.
+
+pooled: all hospitals' training data in one place; each "round" is
+`train.local_epochs` passes over it, so it takes the same number of
+sample-gradient steps as federated training with every hospital taking part.
+local: each hospital alone for the same number of rounds, judged on the global
+test set.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedmed.config import FedmedConfig
+from fedmed.data.sites import NUM_CLASSES, SiteData, Split, ensure_data, global_test, site_data
+from fedmed.models import build_model
+from fedmed.outputs import RunDirectory, resolve_run_name
+from fedmed.progress import RoundReporter
+from fedmed.reporting import round_record, summary
+from fedmed.seeds import derive_seed
+from fedmed.training.local import evaluate, train
+
+
+def _train_view(stats) -> dict:
+    return {"loss": stats.loss, "accuracy": stats.accuracy, "steps": stats.steps, "sample_gradients": stats.examples}
+
+
+def _eval_view(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("loss", "accuracy", "macro_f1", "confusion", "examples")}
+
+
+def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
+    x = torch.cat([s.train.x for s in sites])
+    y = torch.cat([s.train.y for s in sites])
+    model = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed)
+    reporter = RoundReporter(cfg.federation.rounds, f"fedmed: pooled baseline, {len(y)} images -> {out.path}")
+    metrics: dict = {}
+    for rnd in range(1, cfg.federation.rounds + 1):
+        stats = train(model, x, y, cfg.train, seed=derive_seed(cfg.seed, rnd, 10_000))
+        metrics = evaluate(model, test.x, test.y, cfg.train.device)
+        hospitals = {s.name: {"eval": _eval_view(evaluate(model, s.test.x, s.test.y, cfg.train.device))} for s in sites}
+        took, elapsed = reporter.round_done(rnd, metrics)
+        out.append_round(round_record(rnd, took, elapsed, metrics, hospitals, train=_train_view(stats)))
+    if cfg.output.save_model:
+        out.save_model(model.state_dict())
+    per_hospital = {name: {"accuracy": h["eval"]["accuracy"], "macro_f1": h["eval"]["macro_f1"]} for name, h in hospitals.items()}
+    return {"test": metrics, "per_hospital": per_hospital}
+
+
+def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
+    models = {s.name: build_model(cfg.model, NUM_CLASSES, seed=cfg.seed) for s in sites}
+    reporter = RoundReporter(cfg.federation.rounds, f"fedmed: local-only baseline, {len(sites)} hospitals -> {out.path}")
+    hospitals: dict = {}
+    for rnd in range(1, cfg.federation.rounds + 1):
+        hospitals = {}
+        for s in sites:
+            model = models[s.name]
+            stats = train(model, s.train.x, s.train.y, cfg.train, seed=derive_seed(cfg.seed, rnd, s.index))
+            hospitals[s.name] = {
+                "train": _train_view(stats),
+                "eval": _eval_view(evaluate(model, s.test.x, s.test.y, cfg.train.device)),
+                "global_test": evaluate(model, test.x, test.y, cfg.train.device),
+            }
+        mean = _mean_test(hospitals)
+        took, elapsed = reporter.round_done(rnd, mean, "  (mean over hospitals)")
+        out.append_round(round_record(rnd, took, elapsed, mean, hospitals))
+    per_hospital = {
+        name: {"accuracy": h["eval"]["accuracy"], "macro_f1": h["eval"]["macro_f1"], "global_test_accuracy": h["global_test"]["accuracy"]}
+        for name, h in hospitals.items()
+    }
+    return {"test": _mean_test(hospitals), "per_hospital": per_hospital}
+
+
+def _mean_test(hospitals: dict) -> dict:
+    """Each local model's global-test metrics, averaged over hospitals."""
+    tests = [h["global_test"] for h in hospitals.values()]
+    mean = {k: sum(t[k] for t in tests) / len(tests) for k in ("accuracy", "macro_f1", "loss")}
+    aurocs = [t["auroc"] for t in tests if t["auroc"] is not None]
+    mean["auroc"] = sum(aurocs) / len(aurocs) if aurocs else None
+    return mean
+
+
+def run_baseline(cfg: FedmedConfig) -> RunDirectory:
+    started = time.time()
+    cfg = resolve_run_name(cfg)
+    ensure_data(cfg)
+    out = RunDirectory.create(cfg)
+    sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
+    test = global_test(cfg)
+    runner = run_pooled if cfg.federation.mode == "pooled" else run_local
+    result = runner(cfg, out, sites, test)
+    out.write_summary(summary(cfg, result["test"], result["per_hospital"], time.time() - started))
+    print(f"run directory: {out.path}")
+    return out

@@ -1,0 +1,96 @@
+"""Local training and evaluation: what one hospital (or a baseline) runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedmed.config import TrainConfig
+from fedmed.training.metrics import classification_metrics
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fedmed.errors import FedmedError
+
+        raise FedmedError("train.device is `cuda` but no CUDA GPU is visible: use `cpu` or `auto`")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float  # mean training loss over the steps taken
+    accuracy: float  # running accuracy on the batches seen
+    examples: int  # sample-gradient evaluations (examples x epochs)
+    steps: int
+
+
+def _flip_half(x: torch.Tensor) -> torch.Tensor:
+    """Mirror a random half of the batch left-right (the brain is near-symmetric)."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+    epochs: int | None = None,
+) -> TrainStats:
+    """Plain SGD with momentum over `epochs` (default cfg.local_epochs) passes."""
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = make_loader(x, y, cfg.batch_size, seed)
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs or cfg.local_epochs):
+            for xb, yb in loader:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                if cfg.augment:
+                    xb = _flip_half(xb)
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += len(yb)
+                steps += 1
+    return TrainStats(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=seen, steps=steps)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device_name: str = "cpu", batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, C)."""
+    device = resolve_device(device_name)
+    model.to(device).eval()
+    out = [torch.softmax(model(x[i : i + batch_size].to(device)), dim=1).cpu() for i in range(0, len(x), batch_size)]
+    probs = torch.cat(out).double()
+    return (probs / probs.sum(dim=1, keepdim=True)).numpy()
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device_name: str = "cpu") -> dict[str, object]:
+    return classification_metrics(y.numpy(), predict(model, x, device_name))

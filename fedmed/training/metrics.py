@@ -1,0 +1,56 @@
+"""Classification metrics, computed with scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, object]:
+    """Loss, accuracy, macro-F1, per-class recall, one-vs-rest AUROC, confusion.
+
+    AUROC is None when the labels hold fewer than two classes (it is undefined).
+    """
+    num_classes = probs.shape[1]
+    classes = np.arange(num_classes)
+    y_pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred, labels=classes)
+    support = cm.sum(axis=1)
+    recall = [float(cm[k, k] / support[k]) if support[k] else None for k in classes]
+    present = np.unique(y_true)
+    auroc: float | None = None
+    if len(present) == num_classes:
+        auroc = float(roc_auc_score(y_true, probs, multi_class="ovr", labels=classes))
+    elif len(present) == 2:
+        a, b = present
+        pair = np.isin(y_true, present)
+        auroc = float(roc_auc_score(y_true[pair] == b, probs[pair, b]))
+    return {
+        "loss": float(log_loss(y_true, probs, labels=classes)),
+        "accuracy": float((y_pred == y_true).mean()),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "auroc": auroc,
+        "per_class_recall": recall,
+        "confusion": cm.tolist(),
+        "examples": int(len(y_true)),
+    }
+
+
+def from_confusion(cm: np.ndarray) -> dict[str, object]:
+    """Accuracy, macro-F1 and recall from summed confusion counts (federated evaluation)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    total = cm.sum()
+    tp = np.diag(cm).astype(float)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    present = support > 0
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    return {
+        "accuracy": float(tp.sum() / total) if total else math.nan,
+        "macro_f1": float(f1[present].mean()) if present.any() else math.nan,
+        "per_class_recall": [float(r) if p else None for r, p in zip(recall, present)],
+        "examples": int(total),
+    }

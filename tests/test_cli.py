@@ -1,0 +1,63 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import free_port
+
+
+def fedmed(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedmed.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def _assert_clean_failure(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_config_file(tmp_path):
+    _assert_clean_failure(fedmed("simulate", str(tmp_path / "missing.toml")), "config file not found", "missing.toml")
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[federation]\nroundz = 3\n")
+    _assert_clean_failure(fedmed("simulate", str(cfg)), "unknown config key `federation.roundz`")
+
+
+def test_wrong_value_type(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[federation]\nrounds = "ten"\n')
+    _assert_clean_failure(fedmed("simulate", str(cfg)), "`federation.rounds`", "valid integer")
+
+
+def test_negative_rounds():
+    _assert_clean_failure(fedmed("simulate", "--set", "federation.rounds=-2"), "`federation.rounds`", "greater than or equal to 1")
+
+
+def test_unreachable_ray_address(tmp_path):
+    port = free_port()  # nothing listens there
+    result = fedmed("simulate", "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path))
+    _assert_clean_failure(result, f"cannot reach a Ray cluster at 127.0.0.1:{port}")
+    assert not any(tmp_path.iterdir()), "nothing is written before the input is known to be good"
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path, cache_dir):
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("seed = 1\n")
+    result = fedmed("simulate", "--set", "federation.mode='pooled'", "--set", "output.name='mine'", "--out", str(tmp_path / "runs"),
+                    "--set", f"data.cache_dir={cache_dir!r}", "--set", "data.hospitals=1", "--set", "data.image_size=32")
+    _assert_clean_failure(result, "already holds a run")
+    assert (run / "config.toml").read_text() == "seed = 1\n"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["simulate", "--help"], ["data", "make-demo", "--help"]])
+def test_help_works(args):
+    assert fedmed(*args).returncode == 0

@@ -1,0 +1,64 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedmed import config as config_mod
+from fedmed.errors import FedmedError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_flower_config_lists_every_setting_with_its_default():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == config_mod.FedmedConfig().flat()
+
+
+def test_quickstart_is_the_default_config():
+    assert config_mod.load(ROOT / "simulations" / "quickstart.toml") == config_mod.FedmedConfig()
+
+
+def test_overrides_are_parsed_as_toml_values():
+    cfg = config_mod.load(None, ["federation.rounds=3", "train.lr=0.01", "model.name=resnet18", "output.save_model=false"])
+    assert (cfg.federation.rounds, cfg.train.lr, cfg.model.name, cfg.output.save_model) == (3, 0.01, "resnet18", False)
+
+
+def test_flat_round_trip():
+    cfg = config_mod.load(None, ["federation.rounds=7", "seed=3"])
+    assert config_mod.from_flat(cfg.flat()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("federation.roundz=3", "unknown config key `federation.roundz`"),
+        ("federation.rounds='ten'", "`federation.rounds`: Input should be a valid integer"),
+        ("federation.rounds=-1", "`federation.rounds`: Input should be greater than or equal to 1"),
+        ("train.lr=0", "`train.lr`: Input should be greater than 0"),
+        ("data.image_size=512", "`data.image_size`"),
+        ("nosection=1", "unknown config key `nosection`"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(FedmedError, match=None) as err:
+        config_mod.load(None, [override])
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FedmedError, match="config file not found"):
+        config_mod.load(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = 3\n")
+    with pytest.raises(FedmedError, match="not valid TOML"):
+        config_mod.load(bad)
+
+
+def test_readme_documents_every_setting_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    for key, default, _ in config_mod.reference():
+        assert f"| `{key}` | `{default}` |" in readme, key

@@ -1,0 +1,88 @@
+"""Real Flower simulations on the real Ray backend (3 hospitals, 2 rounds, tiny images)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedmed.federation.simulation import run_simulation
+from fedmed.outputs import TIMING_FIELDS, read_metrics
+from fedmed.training.baselines import run_baseline
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def test_simulation_writes_a_complete_run_directory_and_is_reproducible(tiny_config):
+    first = run_simulation(tiny_config("output.name='a'"))
+    assert {p.name for p in first.iterdir()} >= {"config.toml", "metrics.jsonl", "summary.json", "model.pt"}
+    records = read_metrics(first)
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert set(r["hospitals"]) == {"hospital-01", "hospital-02", "hospital-03"}
+        for h in r["hospitals"].values():
+            assert {"train", "eval"} <= set(h)
+            assert h["train"]["num_examples"] == 24 and h["eval"]["num_examples"] == 12
+        assert r["test"]["examples"] == 24
+    summary = json.loads((first / "summary.json").read_text())
+    for key in ("accuracy", "macro_f1", "auroc"):
+        assert key in summary["test"]
+    assert (summary["rounds"], summary["num_hospitals"]) == (2, 3)
+    assert summary["wall_seconds"] > 0
+    assert set(summary["per_hospital"]) == {"hospital-01", "hospital-02", "hospital-03"}
+
+    second = run_simulation(tiny_config("output.name='b'"))
+    assert _without_timing(read_metrics(first)) == _without_timing(read_metrics(second))
+
+
+@pytest.mark.parametrize("mode", ["pooled", "local"])
+def test_baselines_write_the_same_kind_of_run_directory(tiny_config, mode):
+    out = run_baseline(tiny_config(f"federation.mode='{mode}'"))
+    summary = json.loads((out.path / "summary.json").read_text())
+    assert summary["mode"] == mode and summary["rounds"] == 2
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+    assert set(summary["per_hospital"]) == {"hospital-01", "hospital-02", "hospital-03"}
+    assert len(read_metrics(out.path)) == 2
+
+
+def test_pooled_takes_as_many_sample_gradient_steps_as_federated(tiny_config):
+    fed = read_metrics(run_simulation(tiny_config("output.name='fed'")))
+    pooled = read_metrics(run_baseline(tiny_config("federation.mode='pooled'", "output.name='pooled'")).path)
+    for f, p in zip(fed, pooled):
+        fed_steps = sum(h["train"]["sample_gradients"] for h in f["hospitals"].values())
+        assert p["train"]["sample_gradients"] == fed_steps
+
+
+def test_simulation_attaches_to_a_running_ray_head(tiny_config, tmp_path):
+    ray = shutil.which("ray", path=str(__import__("pathlib").Path(sys.executable).parent))
+    port = free_port()
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}", "--node-ip-address=127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        from .conftest import wait_for_port
+
+        wait_for_port(port, timeout=60)
+        out = run_simulation(tiny_config(f"simulation.ray_address='127.0.0.1:{port}'"))
+        assert [r["round"] for r in read_metrics(out)] == [1, 2]
+        assert head.poll() is None, "the simulation must not stop a Ray cluster it did not start"
+    finally:
+        import os
+        import signal
+
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        time.sleep(1)

@@ -1,0 +1,43 @@
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmed.federation.strategy import RecordingFedAvg
+
+# Messages are stamped with the task that creates them; the engine sets this, here we do.
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _reply(name: str, weights: dict[str, np.ndarray], n: int, acc: float) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+            "metrics": MetricRecord({"num-examples": n, "train-accuracy": acc, "confusion": [n, 0]}),
+            "site": ConfigRecord({"name": name}),
+        }
+    )
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def test_fedavg_is_the_sample_weighted_mean():
+    rng = np.random.default_rng(0)
+    sites = [(f"hospital-0{i}", {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)}, n, a)
+             for i, n, a in ((1, 10, 0.5), (2, 30, 0.7), (3, 60, 0.9))]
+    strategy = RecordingFedAvg()
+    arrays, metrics = strategy.aggregate_train(1, [_reply(*s) for s in sites])
+    total = sum(n for _, _, n, _ in sites)
+    for key in ("w", "b"):
+        expected = sum(w[key] * n for _, w, n, _ in sites) / total
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
+    assert abs(metrics["train-accuracy"] - (0.5 * 10 + 0.7 * 30 + 0.9 * 60) / 100) < 1e-12
+    assert metrics["confusion"] == [100, 0]
+    assert set(strategy.per_site[1]) == {"hospital-01", "hospital-02", "hospital-03"}
+
+
+def test_aggregation_does_not_depend_on_reply_order():
+    rng = np.random.default_rng(1)
+    sites = [(f"hospital-{i:02d}", {"w": rng.normal(size=1000).astype(np.float32)}, int(n), 0.5) for i, n in enumerate(rng.integers(1, 100, 8))]
+    a, _ = RecordingFedAvg().aggregate_train(1, [_reply(*s) for s in sites])
+    b, _ = RecordingFedAvg().aggregate_train(1, [_reply(*s) for s in reversed(sites)])
+    assert np.array_equal(a["w"].numpy(), b["w"].numpy())

@@ -1,0 +1,62 @@
+import numpy as np
+import torch
+from torch import nn
+
+from fedmed.config import ModelConfig, TrainConfig
+from fedmed.data import demo
+from fedmed.data.sites import to_tensor
+from fedmed.models import SmallCNN, build_model
+from fedmed.training.local import evaluate, train
+from fedmed.training.metrics import classification_metrics, from_confusion
+
+
+def test_default_cnn_is_small_and_has_no_batchnorm():
+    model = build_model(ModelConfig(), 4, seed=0)
+    assert isinstance(model, SmallCNN)
+    assert 30_000 < sum(p.numel() for p in model.parameters()) < 300_000
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_resnet18_option_takes_one_channel_and_has_no_batchnorm():
+    model = build_model(ModelConfig(name="resnet18"), 4, seed=0)
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_same_seed_same_initial_weights():
+    a, b = build_model(ModelConfig(), 4, seed=1), build_model(ModelConfig(), 4, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_local_training_lowers_the_loss():
+    spec = demo.DemoSpec(seed=0, image_size=32, hospitals=1, train_per_hospital=64, test_per_hospital=4, global_test_size=4)
+    data = demo.generate(spec, workers=1).select("train", 0)
+    x, y = to_tensor(data.images), torch.from_numpy(data.labels)
+    model = build_model(ModelConfig(width=16), 4, seed=0)
+    before = evaluate(model, x, y)["loss"]
+    train(model, x, y, TrainConfig(batch_size=16), seed=0, epochs=8)
+    after = evaluate(model, x, y)["loss"]
+    assert after < 0.8 * before
+
+
+def test_training_is_reproducible_for_a_seed():
+    x, y = torch.rand(32, 1, 32, 32), torch.arange(32) % 4
+    states = []
+    for _ in range(2):
+        model = build_model(ModelConfig(width=8), 4, seed=0)
+        train(model, x, y, TrainConfig(batch_size=8), seed=3, epochs=2)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_metrics_match_hand_computed_values():
+    y = np.array([0, 0, 1, 1, 2, 3])
+    probs = np.eye(4)[[0, 1, 1, 1, 2, 2]] * 0.7 + 0.075
+    m = classification_metrics(y, probs)
+    assert m["accuracy"] == 4 / 6
+    assert m["per_class_recall"] == [0.5, 1.0, 1.0, 0.0]
+    assert m["confusion"][0] == [1, 1, 0, 0]
+    assert 0.0 <= m["auroc"] <= 1.0
+    pooled = from_confusion(np.array(m["confusion"]))
+    assert pooled["accuracy"] == m["accuracy"]
+    assert abs(pooled["macro_f1"] - m["macro_f1"]) < 1e-12
