@@ -39,18 +39,18 @@ def simulate(
     """Train across simulated hospitals (or a baseline: federation.mode = pooled | local)."""
     from fedmed import config as config_mod
 
-    overrides = list(set_)
+    values: dict[str, str] = {}
     if out is not None:
-        overrides.append(f"output.dir={str(out)!r}")
+        values["output.dir"] = str(out)
     if ray_address is not None:
-        overrides.append(f"simulation.ray_address={ray_address!r}")
-    cfg = config_mod.load(config, overrides)
+        values["simulation.ray_address"] = ray_address
+    cfg = config_mod.load(config, list(set_), values)
     if cfg.federation.mode == "federated":
         from fedmed.federation.simulation import run_simulation
 
         run_simulation(cfg, verbose=verbose)
     else:
-        from fedmed.training.baselines import run_baseline
+        from fedmed.baselines import run_baseline
 
         run_baseline(cfg)
 

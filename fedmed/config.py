@@ -28,7 +28,7 @@ class DataConfig(_Section):
     source: Literal["demo"] = Field("demo", description="Dataset: `demo` (embedded simulated hospitals).")
     image_size: int = Field(64, ge=32, le=256, description="Side of the square images in pixels (32-256).")
     hospitals: int = Field(8, ge=1, le=128, description="Number of simulated hospitals.")
-    train_per_hospital: int = Field(400, ge=4, description="Training images per hospital.")
+    train_per_hospital: int = Field(600, ge=4, description="Training images per hospital.")
     test_per_hospital: int = Field(50, ge=4, description="Test images per hospital (federated evaluation).")
     global_test_size: int = Field(800, ge=4, description="Images in the held-out global test set.")
     cache_dir: str = Field(
@@ -86,6 +86,9 @@ class OutputConfig(_Section):
     save_model: bool = Field(True, description="Write the final global model weights (`model.pt`).")
 
 
+RESULT_SECTIONS = ("seed", "data", "model", "train", "federation")
+
+
 class FedmedConfig(_Section):
     """A whole fedmed run."""
 
@@ -102,7 +105,13 @@ class FedmedConfig(_Section):
         return flatten(self.model_dump())
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.flat(), sort_keys=True).encode()).hexdigest()
+        """SHA-256 of the settings that decide the results (not where outputs go)."""
+        flat = {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS and k != "data.cache_dir"}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+    def for_hospitals(self) -> dict[str, Any]:
+        """What the server sends each hospital: training settings, not its own paths."""
+        return {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -179,8 +188,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     return name, value
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> FedmedConfig:
-    """Read a TOML config (or the defaults), apply `--set` overrides, validate."""
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> FedmedConfig:
+    """Read a TOML config (or the defaults), apply `--set` overrides and then
+    `values` (already typed, e.g. from CLI options), validate."""
     tree: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
@@ -193,10 +207,13 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             tree = tomllib.loads(file.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise FedmedError(f"config file {file} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise FedmedError(f"cannot read config file {file}: {exc.strerror}") from None
     flat = flatten(tree)
     for item in overrides or []:
         name, value = parse_override(item)
         flat[name] = value
+    flat.update(values or {})
     return from_flat(flat)
 
 

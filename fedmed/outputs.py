@@ -39,11 +39,25 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def run_path(cfg: FedmedConfig) -> Path:
+    return Path(cfg.output.dir).expanduser() / cfg.output.name
+
+
 def resolve_run_name(cfg: FedmedConfig) -> FedmedConfig:
-    """Give the run a timestamped directory name unless the config names one."""
+    """Give the run a fresh timestamped directory name unless the config names one;
+    a named directory that already holds a run is refused, never overwritten."""
     if cfg.output.name:
+        if (run_path(cfg) / "config.toml").exists():
+            raise FedmedError(
+                f"run directory {run_path(cfg)} already holds a run: choose another "
+                "output.name or leave it empty for a timestamped one"
+            )
         return cfg
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.federation.mode}"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.federation.mode}"
+    name, n = stem, 1
+    while (Path(cfg.output.dir).expanduser() / name).exists():
+        n += 1
+        name = f"{stem}-{n}"
     return cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": name})})
 
 
@@ -55,20 +69,15 @@ class RunDirectory:
 
     @classmethod
     def create(cls, cfg: FedmedConfig) -> RunDirectory:
-        path = Path(cfg.output.dir).expanduser() / cfg.output.name
-        if (path / "config.toml").exists():
-            raise FedmedError(
-                f"run directory {path} already holds a run: choose another output.name "
-                "or leave it empty for a timestamped one"
-            )
+        cfg = resolve_run_name(cfg)
+        path = run_path(cfg)
         try:
             path.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path / "config.toml", tomli_w.dumps(unflatten(cfg.flat())))
+            (path / "metrics.jsonl").touch()
         except OSError as exc:
             raise FedmedError(f"cannot create run directory {path}: {exc.strerror}") from None
-        run = cls(path)
-        _atomic_write(path / "config.toml", tomli_w.dumps(unflatten(cfg.flat())))
-        (path / "metrics.jsonl").touch()
-        return run
+        return cls(path)
 
     def append_round(self, record: dict[str, Any]) -> None:
         with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as handle:

@@ -32,7 +32,7 @@ def tiny_config(cache_dir, tmp_path):
     """3 hospitals, 32x32 images, 2 rounds; outputs under tmp_path/runs."""
 
     def make(*extra: str) -> config_mod.FedmedConfig:
-        return config_mod.load(None, [*TINY, f"data.cache_dir={cache_dir!r}", f"output.dir={str(tmp_path / 'runs')!r}", *extra])
+        return config_mod.load(None, [*TINY, *extra], {"data.cache_dir": cache_dir, "output.dir": str(tmp_path / "runs")})
 
     return make
 

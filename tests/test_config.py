@@ -23,6 +23,13 @@ def test_overrides_are_parsed_as_toml_values():
     assert (cfg.federation.rounds, cfg.train.lr, cfg.model.name, cfg.output.save_model) == (3, 0.01, "resnet18", False)
 
 
+def test_config_digest_ignores_where_outputs_go():
+    a = config_mod.load(None, [], {"output.dir": "/tmp/x", "output.name": "a", "data.cache_dir": "/c"})
+    b = config_mod.load(None, [], {"output.dir": "/tmp/y", "output.name": "b"})
+    assert a.digest() == b.digest()
+    assert a.digest() != config_mod.load(None, ["train.lr=0.01"]).digest()
+
+
 def test_flat_round_trip():
     cfg = config_mod.load(None, ["federation.rounds=7", "seed=3"])
     assert config_mod.from_flat(cfg.flat()) == cfg

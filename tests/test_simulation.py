@@ -10,7 +10,7 @@ import pytest
 
 from fedmed.federation.simulation import run_simulation
 from fedmed.outputs import TIMING_FIELDS, read_metrics
-from fedmed.training.baselines import run_baseline
+from fedmed.baselines import run_baseline
 
 from .conftest import free_port
 

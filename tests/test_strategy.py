@@ -1,12 +1,18 @@
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.federation.strategy import RecordingFedAvg
 
-# Messages are stamped with the task that creates them; the engine sets this, here we do.
-TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages are stamped with the task that creates them; the engine sets this, here we do."""
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
 
 
 def _reply(name: str, weights: dict[str, np.ndarray], n: int, acc: float) -> Message:

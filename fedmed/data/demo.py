@@ -22,6 +22,7 @@ from fedmed.config import DataConfig
 from fedmed.data.phantom import CLASSES, render
 from fedmed.data.scanners import ScannerProfile, hospital_profiles
 from fedmed.data.template import axial_stack
+from fedmed.errors import FedmedError
 
 GENERATOR_VERSION = 2
 SPLITS = ("train", "test", "global_test")
@@ -120,10 +121,12 @@ def _render_chunk(spec: DemoSpec, chunk: list[tuple[int, int, int, int]]) -> np.
 
 
 def generate(spec: DemoSpec, workers: int | None = None) -> DemoData:
-    """Render every image of the spec (no cache)."""
+    """Render every image of the spec (no cache); `workers` processes (default: the
+    machine's cores, or 1 for small sets, where starting processes costs more)."""
     plan = _plan(spec)
-    workers = workers or min(os.cpu_count() or 1, 4)
-    chunks = [plan[i::workers] for i in range(workers)] if len(plan) > 200 else [plan]
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 4) if len(plan) > 200 else 1
+    chunks = [plan[i::workers] for i in range(workers)]
     if len(chunks) == 1:
         rendered = [_render_chunk(spec, plan)]
     else:
@@ -163,15 +166,20 @@ def ensure_cached(spec: DemoSpec, cache_dir: str = "") -> Path:
     target = cache_path(spec, cache_dir)
     if (target / "meta.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    data = generate(spec)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _save(data, spec, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise FedmedError(
+            f"cannot write the data cache in {target.parent} ({exc.strerror}): "
+            "set data.cache_dir or $FEDMED_CACHE to a writable folder"
+        ) from None
+    try:
+        _save(generate(spec), spec, tmp)
         os.replace(tmp, target)  # atomic; another process may have won the race
-    except OSError:
+    except OSError as exc:
         if not (target / "meta.json").is_file():
-            raise
+            raise FedmedError(f"cannot write the data cache in {target.parent}: {exc.strerror}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -18,8 +18,8 @@ KAGGLE_SPLITS = {"train": "Training", "test": "Testing"}
 def export_demo(cfg: FedmedConfig, out_dir: Path) -> Path:
     """Write OUT/<hospital>/{Training,Testing}/<class>/*.png; returns the contact sheet path."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FedmedError(f"{out_dir} is not empty: choose a new folder so nothing there is overwritten")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FedmedError(f"{out_dir} exists and is not an empty folder: choose a new folder so nothing there is overwritten")
     spec = demo.DemoSpec.from_config(cfg.data, cfg.seed)
     data = demo.load(spec, cfg.data.cache_dir)
     try:
@@ -32,10 +32,10 @@ def export_demo(cfg: FedmedConfig, out_dir: Path) -> Path:
                     target.mkdir(parents=True, exist_ok=True)
                     for i, img in enumerate(images.images[images.labels == k]):
                         Image.fromarray(img).save(target / f"{name}_{i:04d}.png")
+        sheet = out_dir / "contact_sheet.png"
+        contact_sheet(data, spec).save(sheet)
     except OSError as exc:
         raise FedmedError(f"cannot write the demo images to {out_dir}: {exc.strerror}") from None
-    sheet = out_dir / "contact_sheet.png"
-    contact_sheet(data, spec).save(sheet)
     return sheet
 
 

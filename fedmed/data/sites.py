@@ -15,6 +15,7 @@ import torch
 from fedmed.config import FedmedConfig
 from fedmed.data import demo
 from fedmed.data.phantom import CLASSES
+from fedmed.errors import FedmedError
 
 NUM_CLASSES = len(CLASSES)
 
@@ -45,7 +46,11 @@ def _split(images: demo.ImageSet) -> Split:
     return Split(to_tensor(images.images), torch.from_numpy(images.labels.astype("int64")))
 
 
-@lru_cache(maxsize=8)
+def _spec(cfg: FedmedConfig) -> demo.DemoSpec:
+    return demo.DemoSpec.from_config(cfg.data, cfg.seed)
+
+
+@lru_cache(maxsize=None)  # one entry per hospital this process serves
 def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
     data = demo.load(spec, cache_dir)
     return SiteData(
@@ -59,12 +64,10 @@ def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
 def site_data(cfg: FedmedConfig, index: int) -> SiteData:
     """Hospital `index` of the configured dataset."""
     if not 0 <= index < cfg.data.hospitals:
-        from fedmed.errors import FedmedError
-
         raise FedmedError(
             f"hospital index {index} is outside 0..{cfg.data.hospitals - 1} (data.hospitals)"
         )
-    return _demo_site(demo.DemoSpec.from_config(cfg.data, cfg.seed), cfg.data.cache_dir, index)
+    return _demo_site(_spec(cfg), cfg.data.cache_dir, index)
 
 
 @lru_cache(maxsize=2)
@@ -74,9 +77,9 @@ def _demo_global_test(spec: demo.DemoSpec, cache_dir: str) -> Split:
 
 def global_test(cfg: FedmedConfig) -> Split:
     """The held-out test set the server evaluates the global model on."""
-    return _demo_global_test(demo.DemoSpec.from_config(cfg.data, cfg.seed), cfg.data.cache_dir)
+    return _demo_global_test(_spec(cfg), cfg.data.cache_dir)
 
 
 def ensure_data(cfg: FedmedConfig) -> None:
     """Generate and cache the dataset now, so no round ever waits for it."""
-    demo.ensure_cached(demo.DemoSpec.from_config(cfg.data, cfg.seed), cfg.data.cache_dir)
+    demo.ensure_cached(_spec(cfg), cfg.data.cache_dir)

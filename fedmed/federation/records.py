@@ -14,8 +14,8 @@ WEIGHT_KEY = "num-examples"
 
 
 def config_record(cfg: FedmedConfig, server_round: int = 0) -> ConfigRecord:
-    """The whole run config, flat, so every hospital trains with the same settings."""
-    return ConfigRecord({**cfg.flat(), "server-round": server_round})
+    """The run's training settings, flat, so every hospital trains the same way."""
+    return ConfigRecord({**cfg.for_hospitals(), "server-round": server_round})
 
 
 def config_from_record(record: ConfigRecord) -> FedmedConfig:

@@ -3,7 +3,6 @@ the run directory. The same object runs in simulation and in a real deployment."
 
 from __future__ import annotations
 
-import random
 import time
 
 import numpy as np
@@ -12,10 +11,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import FedmedConfig, from_flat
 from fedmed.data.sites import NUM_CLASSES, global_test
+from fedmed.errors import FedmedError
 from fedmed.federation.records import config_record
 from fedmed.federation.strategy import RecordingFedAvg
 from fedmed.models import build_model
-from fedmed.outputs import RunDirectory, resolve_run_name
+from fedmed.outputs import RunDirectory
 from fedmed.progress import RoundReporter
 from fedmed.reporting import round_record, strip_prefix, summary
 from fedmed.training.local import evaluate
@@ -26,13 +26,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = resolve_run_name(from_flat(dict(context.run_config)))
-    run(grid, cfg)
+    run(grid, from_flat(dict(context.run_config)))
 
 
 def run(grid: Grid, cfg: FedmedConfig) -> None:
     started = time.time()
-    random.seed(cfg.seed)  # FedAvg samples hospitals with `random`
     out = RunDirectory.create(cfg)
     test_set = global_test(cfg)
     model = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed)
@@ -52,16 +50,20 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         nonlocal last_test
         if server_round == 0:  # nothing trained yet: skip, save the time
             return None
+        if not any("train" in site for site in strategy.per_site.get(server_round, {}).values()):
+            reasons = "; ".join(sorted(set(strategy.failures.get(server_round, ["no reply in time"]))))
+            raise FedmedError(f"round {server_round}: no hospital returned an update ({reasons})")
         model.load_state_dict(arrays.to_torch_state_dict())
         last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
         hospitals = {
             site: {phase: strip_prefix(m) for phase, m in phases.items()}
             for site, phases in sorted(strategy.per_site.get(server_round, {}).items())
         }
-        federated = _federated_eval(hospitals)
+        pooled_eval = strategy.federated_eval.get(server_round)
+        federated = from_confusion(np.asarray(pooled_eval["eval-confusion"]).reshape(NUM_CLASSES, NUM_CLASSES)) if pooled_eval else {}
         took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(hospitals)}/{n}")
         out.append_round(
-            round_record(server_round, took, elapsed, last_test, hospitals, federated_eval=federated, failures=strategy.failures.get(server_round, 0))
+            round_record(server_round, took, elapsed, last_test, hospitals, federated_eval=federated, failures=len(strategy.failures.get(server_round, [])))
         )
         return MetricRecord({"accuracy": last_test["accuracy"], "loss": last_test["loss"]})
 
@@ -84,13 +86,4 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         out.save_model(result.arrays.to_torch_state_dict())
     out.write_summary(summary(cfg, last_test, per_hospital, time.time() - started))
     reporter.console.print(f"run directory: {out.path}")
-
-
-def _federated_eval(hospitals: dict) -> dict:
-    """Pooled metrics over every hospital's own test split (from summed confusion counts)."""
-    confusions = [h["eval"]["confusion"] for h in hospitals.values() if "eval" in h]
-    if not confusions:
-        return {}
-    total = np.sum([np.asarray(c).reshape(NUM_CLASSES, NUM_CLASSES) for c in confusions], axis=0)
-    return from_confusion(total)
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import ensure_data
 from fedmed.errors import FedmedError
-from fedmed.outputs import resolve_run_name
+from fedmed.data.demo import cache_root
+from fedmed.outputs import resolve_run_name, run_path
+from fedmed.training.local import resolve_device
 
 
 def check_ray_address(address: str, timeout: float = 3.0) -> None:
@@ -58,25 +60,24 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False) -> Path:
     from fedmed.federation import client_app, server_app
 
     cfg = resolve_run_name(cfg)
+    resolve_device(cfg.train.device)
     check_ray_address(cfg.simulation.ray_address)
+    # Every Ray worker must find the same cache, whatever its working directory.
+    cache = str(cache_root(cfg.data.cache_dir).resolve())
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": cache})})
     ensure_data(cfg)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.flat())
-    try:
-        _run_simulation(
-            num_supernodes=cfg.data.hospitals,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app.app,
-            server_app=server_app.app,
-            backend_name="ray",
-            backend_config=backend_config(cfg),
-            server_app_context=context,
-            verbose_logging=verbose,
-        )
-    except RuntimeError as exc:
-        cause = exc.__cause__ or exc
-        if isinstance(cause, FedmedError):
-            raise cause from None
-        raise
-    return Path(cfg.output.dir).expanduser() / cfg.output.name
+    # A ServerApp error (e.g. a FedmedError) is re-raised here as it is.
+    _run_simulation(
+        num_supernodes=cfg.data.hospitals,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app.app,
+        server_app=server_app.app,
+        backend_name="ray",
+        backend_config=backend_config(cfg),
+        server_app_context=context,
+        verbose_logging=verbose,
+    )
+    return run_path(cfg)

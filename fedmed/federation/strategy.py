@@ -28,6 +28,12 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
     return MetricRecord(out)
 
 
+def _last_line(reason: str) -> str:
+    """A remote error's last line (its message), not the traceback above it."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
 def _order(replies: Iterable[Message]) -> list[Message]:
     """Replies sorted by hospital, so float sums (and results) do not depend on arrival order."""
     replies = list(replies)
@@ -43,13 +49,15 @@ class RecordingFedAvg(FedAvg):
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.per_site: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
-        self.failures: dict[int, int] = {}
+        self.failures: dict[int, list[str]] = {}  # round -> training error reasons
+        self.federated_eval: dict[int, MetricRecord] = {}  # round -> aggregated evaluation
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         sites = self.per_site.setdefault(server_round, {})
         for msg in replies:
             if msg.has_error():
-                self.failures[server_round] = self.failures.get(server_round, 0) + 1
+                if phase == "train":
+                    self.failures.setdefault(server_round, []).append(_last_line(msg.error.reason))
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
             sites.setdefault(site_name(msg.content), {})[phase] = dict(metrics)
@@ -64,4 +72,7 @@ class RecordingFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         ordered = _order(replies)
         self._record(server_round, "eval", ordered)
-        return super().aggregate_evaluate(server_round, ordered)
+        metrics = super().aggregate_evaluate(server_round, ordered)
+        if metrics is not None:
+            self.federated_eval[server_round] = metrics
+        return metrics

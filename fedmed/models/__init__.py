@@ -12,7 +12,7 @@ from fedmed.config import ModelConfig
 class SmallCNN(nn.Module):
     """Four conv-GroupNorm-ReLU-pool blocks and a max-pooled linear head: fast on a CPU."""
 
-    def __init__(self, num_classes: int, width: int = 32, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 1) -> None:
         super().__init__()
         channels = [width, 2 * width, 4 * width, 4 * width]
         layers: list[nn.Module] = []

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmed.config import TrainConfig
+from fedmed.errors import FedmedError
 from fedmed.training.metrics import classification_metrics
 
 
@@ -17,8 +18,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from fedmed.errors import FedmedError
-
         raise FedmedError("train.device is `cuda` but no CUDA GPU is visible: use `cpu` or `auto`")
     return torch.device(name)
 
@@ -56,7 +55,7 @@ def train(
     seed: int,
     epochs: int | None = None,
 ) -> TrainStats:
-    """Plain SGD with momentum over `epochs` (default cfg.local_epochs) passes."""
+    """`epochs` (default cfg.local_epochs) passes with a fresh optimizer, as each FedAvg round does."""
     device = resolve_device(cfg.device)
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)

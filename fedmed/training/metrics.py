@@ -7,12 +7,17 @@ import math
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
+from fedmed.errors import FedmedError
+
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, object]:
     """Loss, accuracy, macro-F1, per-class recall, one-vs-rest AUROC, confusion.
 
-    AUROC is None when the labels hold fewer than two classes (it is undefined).
+    AUROC is the mean one-vs-rest AUROC over the classes present in `y_true`
+    (None with fewer than two: it is undefined).
     """
+    if not np.isfinite(probs).all():
+        raise FedmedError("training diverged (the model outputs NaN): lower train.lr")
     num_classes = probs.shape[1]
     classes = np.arange(num_classes)
     y_pred = probs.argmax(axis=1)
@@ -21,12 +26,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, o
     recall = [float(cm[k, k] / support[k]) if support[k] else None for k in classes]
     present = np.unique(y_true)
     auroc: float | None = None
-    if len(present) == num_classes:
-        auroc = float(roc_auc_score(y_true, probs, multi_class="ovr", labels=classes))
-    elif len(present) == 2:
-        a, b = present
-        pair = np.isin(y_true, present)
-        auroc = float(roc_auc_score(y_true[pair] == b, probs[pair, b]))
+    if len(present) >= 2:
+        auroc = float(np.mean([roc_auc_score(y_true == k, probs[:, k]) for k in present]))
     return {
         "loss": float(log_loss(y_true, probs, labels=classes)),
         "accuracy": float((y_pred == y_true).mean()),

@@ -20,7 +20,7 @@ from fedmed.outputs import RunDirectory, resolve_run_name
 from fedmed.progress import RoundReporter
 from fedmed.reporting import round_record, summary
 from fedmed.seeds import derive_seed
-from fedmed.training.local import evaluate, train
+from fedmed.training.local import evaluate, resolve_device, train
 
 
 def _train_view(stats) -> dict:
@@ -85,6 +85,7 @@ def _mean_test(hospitals: dict) -> dict:
 def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     started = time.time()
     cfg = resolve_run_name(cfg)
+    resolve_device(cfg.train.device)
     ensure_data(cfg)
     out = RunDirectory.create(cfg)
     sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
@@ -92,5 +93,5 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     runner = run_pooled if cfg.federation.mode == "pooled" else run_local
     result = runner(cfg, out, sites, test)
     out.write_summary(summary(cfg, result["test"], result["per_hospital"], time.time() - started))
-    print(f"run directory: {out.path}")
+    print(f"run directory: {out.path}")  # noqa: T201
     return out
