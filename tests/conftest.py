@@ -43,11 +43,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float) -> None:
+def wait_for_port(port: int, timeout: float, alive=None) -> None:
+    """Wait until something listens on the loopback port (and `alive`, a Popen, has not died)."""
     import time
 
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the process meant to listen on {port} exited with code {alive.returncode}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return

@@ -1,10 +1,13 @@
 """Real Flower simulations on the real Ray backend (3 hospitals, 2 rounds, tiny images)."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +15,7 @@ from fedmed.federation.simulation import run_simulation
 from fedmed.outputs import TIMING_FIELDS, read_metrics
 from fedmed.baselines import run_baseline
 
-from .conftest import free_port
+from .conftest import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -61,28 +64,29 @@ def test_pooled_takes_as_many_sample_gradient_steps_as_federated(tiny_config):
         assert p["train"]["sample_gradients"] == fed_steps
 
 
-def test_simulation_attaches_to_a_running_ray_head(tiny_config, tmp_path):
-    ray = shutil.which("ray", path=str(__import__("pathlib").Path(sys.executable).parent))
+def test_simulation_attaches_to_a_running_ray_head(tiny_config):
+    """A Ray head started here on loopback, as a user's cluster; fedmed must use it and leave it running."""
+    ray = str(Path(sys.executable).parent / "ray")
     port = free_port()
-    head = subprocess.Popen(
-        [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}", "--node-ip-address=127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    # Ray's unix sockets need a short path (< 108 bytes), so not pytest's tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="fedmed-ray-", dir="/tmp")
+    log = Path(temp_dir) / "head.log"
+    with log.open("w") as sink:
+        head = subprocess.Popen(
+            [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
-        from .conftest import wait_for_port
-
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=90, alive=head)
         out = run_simulation(tiny_config(f"simulation.ray_address='127.0.0.1:{port}'"))
         assert [r["round"] for r in read_metrics(out)] == [1, 2]
-        assert head.poll() is None, "the simulation must not stop a Ray cluster it did not start"
+        assert head.poll() is None, "fedmed must not stop a Ray cluster it did not start"
     finally:
-        import os
-        import signal
-
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-        time.sleep(1)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
