@@ -86,7 +86,7 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     started = time.time()
     cfg = resolve_run_name(cfg)
     resolve_device(cfg.train.device)
-    ensure_data(cfg)
+    ensure_data(cfg, announce=print)
     out = RunDirectory.create(cfg)
     sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
     test = global_test(cfg)

@@ -69,3 +69,13 @@ def test_readme_documents_every_setting_with_its_default():
     readme = (ROOT / "README.md").read_text()
     for key, default, _ in config_mod.reference():
         assert f"| `{key}` | `{default}` |" in readme, key
+
+
+def test_timestamped_run_names_never_reuse_a_directory(tmp_path):
+    from fedmed.outputs import resolve_run_name, run_path
+
+    cfg = config_mod.load(None, [], {"output.dir": str(tmp_path)})
+    first = resolve_run_name(cfg)
+    run_path(first).mkdir()
+    second = resolve_run_name(cfg)
+    assert second.output.name != first.output.name and not run_path(second).exists()

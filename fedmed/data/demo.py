@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -161,11 +162,13 @@ def cache_path(spec: DemoSpec, cache_dir: str = "") -> Path:
     return cache_root(cache_dir) / f"demo-{spec.digest()}"
 
 
-def ensure_cached(spec: DemoSpec, cache_dir: str = "") -> Path:
+def ensure_cached(spec: DemoSpec, cache_dir: str = "", announce: Callable[[str], None] | None = None) -> Path:
     """Generate the dataset into the cache unless it is already there."""
     target = cache_path(spec, cache_dir)
     if (target / "meta.json").is_file():
         return target
+    if announce:
+        announce(f"generating the demo data once: {len(_plan(spec))} images of {spec.image_size}x{spec.image_size} -> {target}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -6,6 +6,7 @@ but the Ray actor (or SuperNode) process that runs it lives across rounds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -80,6 +81,6 @@ def global_test(cfg: FedmedConfig) -> Split:
     return _demo_global_test(_spec(cfg), cfg.data.cache_dir)
 
 
-def ensure_data(cfg: FedmedConfig) -> None:
+def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None) -> None:
     """Generate and cache the dataset now, so no round ever waits for it."""
-    demo.ensure_cached(_spec(cfg), cfg.data.cache_dir)
+    demo.ensure_cached(_spec(cfg), cfg.data.cache_dir, announce)

@@ -65,7 +65,7 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False) -> Path:
     # Every Ray worker must find the same cache, whatever its working directory.
     cache = str(cache_root(cfg.data.cache_dir).resolve())
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": cache})})
-    ensure_data(cfg)
+    ensure_data(cfg, announce=print)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.flat())
