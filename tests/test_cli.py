@@ -58,6 +58,10 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, cache_dir):
     assert (run / "config.toml").read_text() == "seed = 1\n"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["simulate", "--help"], ["data", "make-demo", "--help"]])
-def test_help_works(args):
-    assert fedmed(*args).returncode == 0
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [(["--help"], "simulate"), (["simulate", "--help"], "--ray-address"), (["data", "make-demo", "--help"], "Kaggle layout")],
+)
+def test_help_describes_the_commands(args, text):
+    result = fedmed(*args)
+    assert result.returncode == 0 and text in result.stdout
