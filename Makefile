@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-# Both create the virtual environment on first use (about 2 minutes).
+# Both create the virtual environment on first use (about 3 minutes).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
