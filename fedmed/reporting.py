@@ -17,10 +17,11 @@ def test_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def strip_prefix(metrics: dict[str, Any]) -> dict[str, Any]:
-    """`eval-accuracy` -> `accuracy` (Flower's key style to the run directory's)."""
+    """`eval-accuracy` -> `accuracy`, `num-examples` -> `examples`: Flower's key style
+    to the run directory's, so federated and baseline records use the same keys."""
     out = {}
     for key, value in metrics.items():
-        for prefix in ("train-", "eval-"):
+        for prefix in ("train-", "eval-", "num-"):
             key = key.removeprefix(prefix)
         out[key.replace("-", "_")] = value
     return out

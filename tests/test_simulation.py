@@ -33,7 +33,7 @@ def test_simulation_writes_a_complete_run_directory_and_is_reproducible(tiny_con
         assert set(r["hospitals"]) == {"hospital-01", "hospital-02", "hospital-03"}
         for h in r["hospitals"].values():
             assert {"train", "eval"} <= set(h)
-            assert h["train"]["num_examples"] == 24 and h["eval"]["num_examples"] == 12
+            assert h["train"]["examples"] == 24 and h["eval"]["examples"] == 12
         assert r["test"]["examples"] == 24
     summary = json.loads((first / "summary.json").read_text())
     for key in ("accuracy", "macro_f1", "auroc"):
