@@ -14,7 +14,7 @@ import time
 import torch
 
 from fedmed.config import FedmedConfig
-from fedmed.data.sites import NUM_CLASSES, SiteData, Split, ensure_data, global_test, site_data
+from fedmed.data.sites import SiteData, Split, ensure_data, global_test, num_classes, site_data
 from fedmed.models import build_model
 from fedmed.outputs import RunDirectory, resolve_run_name
 from fedmed.progress import RoundReporter
@@ -34,7 +34,7 @@ def _eval_view(metrics: dict) -> dict:
 def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
     x = torch.cat([s.train.x for s in sites])
     y = torch.cat([s.train.y for s in sites])
-    model = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed)
+    model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     reporter = RoundReporter(cfg.federation.rounds, f"fedmed: pooled baseline, {len(y)} images -> {out.path}")
     metrics: dict = {}
     for rnd in range(1, cfg.federation.rounds + 1):
@@ -50,7 +50,7 @@ def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test
 
 
 def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
-    models = {s.name: build_model(cfg.model, NUM_CLASSES, seed=cfg.seed) for s in sites}
+    models = {s.name: build_model(cfg.model, num_classes(cfg), seed=cfg.seed) for s in sites}
     reporter = RoundReporter(cfg.federation.rounds, f"fedmed: local-only baseline, {len(sites)} hospitals -> {out.path}")
     hospitals: dict = {}
     for rnd in range(1, cfg.federation.rounds + 1):

@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Datasets: the embedded demo hospitals.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: check one on disk, or write out the embedded demo hospitals.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -68,6 +68,29 @@ def make_demo(
     cfg = config_mod.load(config, list(set_))
     sheet = export_demo(cfg, out_dir)
     typer.echo(f"wrote {out_dir} (contact sheet: {sheet})")
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[Path, typer.Argument(help="The dataset: a folder, or an .npz file.")],
+    format_: Annotated[str, typer.Option("--format", help="auto | imagefolder | nifti | dicom | npz")] = "auto",
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config whose [data] settings to use.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override one value: section.key=value.")] = [],  # noqa: B006
+    strict: Annotated[bool, typer.Option("--strict", help="Fail if any file had to be skipped.")] = False,
+) -> None:
+    """Validate a dataset before training on it: counts per class and split, image sizes,
+    intensities, duplicates, imbalance, and every file skipped with the reason.
+    Exit 0 when the data is usable, 2 (with the reason) when it is not."""
+    from rich.console import Console
+
+    from fedmed import config as config_mod
+    from fedmed.data.check import check
+
+    values = {"data.source": "disk", "data.path": str(path), "data.format": format_}
+    if strict:
+        values["data.strict"] = True
+    cfg = config_mod.load(config, list(set_), values)
+    check(cfg.data, cfg.seed, Console())
 
 
 def main() -> None:

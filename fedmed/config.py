@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmed.errors import FedmedError
 
@@ -22,18 +22,66 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class DataConfig(_Section):
-    """Where the images come from. `demo`: simulated hospitals built from the MNI template."""
+DEFAULT_CLASSES = "glioma,meningioma,no_tumour,pituitary"
 
-    source: Literal["demo"] = Field("demo", description="Dataset: `demo` (embedded simulated hospitals).")
+
+class DataConfig(_Section):
+    """Where the images come from: the embedded demo hospitals, or a dataset on disk."""
+
+    source: Literal["demo", "disk"] = Field(
+        "demo", description="`demo` (embedded simulated hospitals) or `disk` (the dataset at `data.path`)."
+    )
+    path: str = Field("", description="Dataset on disk (`source = disk`): a folder, or an `.npz` file.")
+    format: Literal["auto", "imagefolder", "nifti", "dicom", "npz"] = Field(
+        "auto", description="`auto` (from the files found), `imagefolder`, `nifti`, `dicom` or `npz`."
+    )
+    classes: str = Field(DEFAULT_CLASSES, description="Class names, comma-separated, in label order.")
+    class_map: str = Field(
+        "",
+        description="Extra folder-name aliases, `folder:class` comma-separated (built in: `notumor`, `no_tumor`, `*_tumor`).",
+    )
+    labels_csv: str = Field(
+        "", description="CSV with `volume,label` rows labelling volumes or images instead of class folders (path relative to `data.path`)."
+    )
+    partition: Literal["iid", "folders"] = Field(
+        "iid", description="Split across hospitals: `iid` (random, by patient) or `folders` (`ROOT/<hospital>/...`: one top folder per hospital)."
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of patients held out for testing when the dataset has no `Testing` split."
+    )
+    dedupe: bool = Field(True, description="Drop test images that exactly duplicate a training image (reported either way).")
+    strict: bool = Field(False, description="Fail on any unreadable file instead of skipping and reporting it.")
+    slab: float = Field(0.6, gt=0, le=1, description="Central share of each volume's brain slices used (NIfTI, DICOM).")
+    min_foreground: float = Field(
+        0.05, ge=0, lt=1, description="Skip volume slices with less than this share of non-background pixels."
+    )
+    normalise: Literal["percentile", "zscore"] = Field(
+        "percentile", description="Per-volume intensity scaling: `percentile` (clip 0.5-99.5 %) or `zscore` (clip at 3 SD)."
+    )
+    modality: str = Field("", description="Only volumes named `*_<modality>.nii[.gz]` (BraTS style, e.g. `t1ce`); empty: all.")
+    workers: int = Field(0, ge=0, le=256, description="Processes decoding images on first load; 0: one per CPU core.")
     image_size: int = Field(64, ge=32, le=256, description="Side of the square images in pixels (32-256).")
     hospitals: int = Field(8, ge=1, le=128, description="Number of simulated hospitals.")
-    train_per_hospital: int = Field(600, ge=4, description="Training images per hospital.")
-    test_per_hospital: int = Field(50, ge=4, description="Test images per hospital (federated evaluation).")
-    global_test_size: int = Field(800, ge=4, description="Images in the held-out global test set.")
+    train_per_hospital: int = Field(600, ge=4, description="Training images per hospital (demo only).")
+    test_per_hospital: int = Field(50, ge=4, description="Test images per hospital (demo only).")
+    global_test_size: int = Field(800, ge=4, description="Images in the held-out global test set (demo only).")
     cache_dir: str = Field(
-        "", description="Where generated data is cached; empty: `$FEDMED_CACHE` or `~/.cache/fedmed`."
+        "", description="Where generated and decoded data is cached; empty: `$FEDMED_CACHE` or `~/.cache/fedmed`."
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        names = self.class_names()
+        if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"data.classes needs two or more distinct names, comma-separated (got {self.classes!r})")
+        if self.source == "demo" and ",".join(names) != DEFAULT_CLASSES:
+            raise ValueError(f"the demo data has the classes {DEFAULT_CLASSES}; data.classes applies to source = disk")
+        if self.source == "disk" and not self.path:
+            raise ValueError("data.source = disk needs data.path (the dataset's folder or .npz file)")
+        return self
+
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.classes.split(","))
 
 
 class ModelConfig(_Section):
@@ -87,6 +135,10 @@ class OutputConfig(_Section):
 
 
 RESULT_SECTIONS = ("seed", "data", "model", "train", "federation")
+# Where things are on this machine: not part of what a run is, never written to a run directory.
+REDACTED = "<local, not recorded>"
+PATH_KEYS = ("data.path", "data.labels_csv", "data.cache_dir")
+LOCAL_KEYS = (*PATH_KEYS, "data.workers")
 
 
 class FedmedConfig(_Section):
@@ -106,8 +158,12 @@ class FedmedConfig(_Section):
 
     def digest(self) -> str:
         """SHA-256 of the settings that decide the results (not where outputs go)."""
-        flat = {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS and k != "data.cache_dir"}
+        flat = {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS and k not in LOCAL_KEYS}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+    def shareable(self) -> dict[str, Any]:
+        """The flat config with local paths replaced: what a run directory records."""
+        return {k: (REDACTED if k in PATH_KEYS and v else v) for k, v in self.flat().items()}
 
     def for_hospitals(self) -> dict[str, Any]:
         """What the server sends each hospital: training settings, not its own paths."""

@@ -73,7 +73,7 @@ class RunDirectory:
         path = run_path(cfg)
         try:
             path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path / "config.toml", tomli_w.dumps(unflatten(cfg.flat())))
+            _atomic_write(path / "config.toml", tomli_w.dumps(unflatten(cfg.shareable())))
             (path / "metrics.jsonl").touch()
         except OSError as exc:
             raise FedmedError(f"cannot create run directory {path}: {exc.strerror}") from None

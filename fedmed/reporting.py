@@ -7,7 +7,7 @@ from typing import Any
 
 from fedmed import __version__
 from fedmed.config import FedmedConfig
-from fedmed.data.phantom import CLASSES
+from fedmed.data.sites import describe
 
 TEST_KEYS = ("accuracy", "macro_f1", "auroc", "loss", "per_class_recall", "confusion", "examples")
 
@@ -44,7 +44,8 @@ def summary(cfg: FedmedConfig, test: dict[str, Any], per_hospital: dict[str, Any
         "mode": cfg.federation.mode,
         "rounds": cfg.federation.rounds,
         "num_hospitals": cfg.data.hospitals,
-        "classes": list(CLASSES),
+        "classes": list(cfg.data.class_names()),
+        "data": describe(cfg),
         "test": test_metrics(test),
         "per_hospital": per_hospital,
         "wall_seconds": round(wall_seconds, 3),

@@ -13,12 +13,15 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedmed.config import FedmedConfig
+from fedmed.config import DataConfig, FedmedConfig
 from fedmed.data import demo
-from fedmed.data.phantom import CLASSES
+from fedmed.data.dataset import Dataset, load_dataset, usable
+from fedmed.data.partition import TEST, TRAIN, Assignment, assign
 from fedmed.errors import FedmedError
 
-NUM_CLASSES = len(CLASSES)
+
+def num_classes(cfg: FedmedConfig) -> int:
+    return len(cfg.data.class_names())
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,36 @@ def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
     )
 
 
+@lru_cache(maxsize=2)
+def _disk(data: DataConfig, seed: int) -> tuple[Dataset, Assignment, tuple[str, ...]]:
+    dataset = load_dataset(data)
+    warnings = usable(dataset, data)
+    return dataset, assign(dataset, data, seed), tuple(warnings)
+
+
+def _take(dataset: Dataset, index: np.ndarray) -> Split:
+    return Split(to_tensor(dataset.images[index]), torch.from_numpy(dataset.labels[index]))
+
+
+@lru_cache(maxsize=None)  # one entry per hospital this process serves
+def _disk_site(data: DataConfig, seed: int, index: int) -> SiteData:
+    dataset, parts, _ = _disk(data, seed)
+    return SiteData(
+        name=demo.hospital_name(index),
+        index=index,
+        train=_take(dataset, parts.indices(TRAIN, index)),
+        test=_take(dataset, parts.indices(TEST, index)),
+    )
+
+
 def site_data(cfg: FedmedConfig, index: int) -> SiteData:
     """Hospital `index` of the configured dataset."""
     if not 0 <= index < cfg.data.hospitals:
         raise FedmedError(
             f"hospital index {index} is outside 0..{cfg.data.hospitals - 1} (data.hospitals)"
         )
+    if cfg.data.source == "disk":
+        return _disk_site(cfg.data, cfg.seed, index)
     return _demo_site(_spec(cfg), cfg.data.cache_dir, index)
 
 
@@ -77,10 +104,40 @@ def _demo_global_test(spec: demo.DemoSpec, cache_dir: str) -> Split:
 
 
 def global_test(cfg: FedmedConfig) -> Split:
-    """The held-out test set the server evaluates the global model on."""
+    """The held-out test set the server evaluates the global model on (on disk data:
+    every hospital's test images together)."""
+    if cfg.data.source == "disk":
+        dataset, parts, _ = _disk(cfg.data, cfg.seed)
+        return _take(dataset, parts.indices(TEST))
     return _demo_global_test(_spec(cfg), cfg.data.cache_dir)
 
 
 def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None) -> None:
-    """Generate and cache the dataset now, so no round ever waits for it."""
+    """Generate (or decode) and cache the dataset now, and check it can be split across
+    the hospitals, so no round ever waits for it or fails on it."""
+    if cfg.data.source == "disk":
+        load_dataset(cfg.data, announce)  # announces a first-time decode
+        _, parts, warnings = _disk(cfg.data, cfg.seed)
+        for line in warnings:
+            (announce or print)(f"warning: {line}")
+        if parts.duplicates["left_out"]:
+            (announce or print)(f"note: {parts.duplicates['left_out']} test images duplicate training images and are left out (data.dedupe)")
+        return
     demo.ensure_cached(_spec(cfg), cfg.data.cache_dir, announce)
+
+
+def describe(cfg: FedmedConfig) -> dict:
+    """What a run's summary says about its data: counts and a digest, never names or paths."""
+    if cfg.data.source != "disk":
+        return {"source": "demo", "digest": _spec(cfg).digest()}
+    dataset, parts, _ = _disk(cfg.data, cfg.seed)
+    return {
+        "source": "disk",
+        "format": dataset.manifest["format"],
+        "digest": dataset.manifest["digest"],
+        "images": len(dataset),
+        "train": int((parts.split == TRAIN).sum()),
+        "test": int((parts.split == TEST).sum()),
+        "duplicates": parts.duplicates,
+        "skipped_files": sum(dataset.skip_counts(include_system=False).values()),
+    }

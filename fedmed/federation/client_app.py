@@ -7,12 +7,14 @@ about individual images (names, paths, pixels, per-image losses) leaves.
 
 from __future__ import annotations
 
+import sys
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedmed.config import FedmedConfig
-from fedmed.data.sites import NUM_CLASSES, SiteData, site_data
+from fedmed.data.sites import SiteData, num_classes, site_data
 from fedmed.errors import FedmedError
 from fedmed.federation.records import SITE_KEY, WEIGHT_KEY, config_from_record, metric_record
 from fedmed.models import build_model
@@ -28,14 +30,20 @@ def _site(context: Context, cfg: FedmedConfig) -> SiteData:
     engine, or by `flower-supernode --node-config`)."""
     if "partition-id" not in context.node_config:
         raise FedmedError("this node has no `partition-id` in its node config: it cannot find its data")
-    return site_data(cfg, int(context.node_config["partition-id"]))
+    try:
+        return site_data(cfg, int(context.node_config["partition-id"]))
+    except FedmedError as exc:
+        # The reason may name local files; it stays in this node's log, and the
+        # server (which sees this exception's text) learns only that the data failed.
+        print(f"fedmed: this hospital's data cannot be used: {exc}", file=sys.stderr)
+        raise FedmedError("this hospital's data cannot be used (the reason is in the hospital's own log)") from None
 
 
 def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteData, nn.Module]:
     config = msg.content["config"]
     cfg = config_from_record(config)
     site = _site(context, cfg)
-    model = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed)
+    model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return cfg, int(config["server-round"]), site, model
 

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import FedmedConfig, from_flat
-from fedmed.data.sites import NUM_CLASSES, global_test
+from fedmed.data.sites import global_test, num_classes
 from fedmed.errors import FedmedError
 from fedmed.federation.records import config_record
 from fedmed.federation.strategy import RecordingFedAvg
@@ -33,7 +33,7 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
     started = time.time()
     out = RunDirectory.create(cfg)
     test_set = global_test(cfg)
-    model = build_model(cfg.model, NUM_CLASSES, seed=cfg.seed)
+    model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     rounds = cfg.federation.rounds
     reporter = RoundReporter(rounds, f"fedmed: FedAvg over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}")
     n = cfg.data.hospitals
@@ -60,7 +60,7 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
             for site, phases in sorted(strategy.per_site.get(server_round, {}).items())
         }
         pooled_eval = strategy.federated_eval.get(server_round)
-        federated = from_confusion(np.asarray(pooled_eval["eval-confusion"]).reshape(NUM_CLASSES, NUM_CLASSES)) if pooled_eval else {}
+        federated = from_confusion(np.asarray(pooled_eval["eval-confusion"]).reshape(num_classes(cfg), num_classes(cfg))) if pooled_eval else {}
         took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(hospitals)}/{n}")
         out.append_round(
             round_record(server_round, took, elapsed, last_test, hospitals, federated_eval=federated, failures=len(strategy.failures.get(server_round, [])))

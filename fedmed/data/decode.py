@@ -1,0 +1,202 @@
+"""Decode one unit of a dataset (an image file, a NIfTI volume, a DICOM series) into
+square uint8 slices at the training size.
+
+Runs in worker processes on first load, so it imports no torch. Problems with a
+file raise `Skip` with a reason that names no path: the caller knows the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# 16-bit PNGs and TIFFs: rescaled by their own range rather than truncated.
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+class Skip(Exception):
+    """This file (or series) cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    slab: float
+    min_foreground: float
+    normalise: str
+
+
+@dataclass
+class Decoded:
+    images: np.ndarray  # (k, S, S) uint8
+    width: int = 0  # source size, for the data report
+    height: int = 0
+    mode: str = ""
+    low: float = 0.0  # source intensity range
+    high: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative file, reason)
+
+
+def to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square (keeping the aspect ratio) and resize; uint8 in, uint8 out."""
+    h, w = image.shape
+    side = max(h, w)
+    if h != w:
+        padded = np.zeros((side, side), dtype=np.uint8)
+        padded[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = image
+        image = padded
+    if side == size:
+        return np.ascontiguousarray(image)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def image_hash(image: np.ndarray) -> int:
+    """64-bit digest of an image's pixels: equal images, equal hashes."""
+    return int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=8).digest(), "little", signed=True)
+
+
+def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return (np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+# ---- image files ----------------------------------------------------------------
+
+
+def decode_image(path: Path, size: int) -> Decoded:
+    try:
+        with Image.open(path) as img:
+            width, height, mode = img.width, img.height, img.mode
+            if img.format == "JPEG":
+                img.draft("L", (size, size))  # decode at a reduced scale: much faster
+            img.load()
+            if img.mode in _WIDE_MODES:
+                values = np.asarray(img, dtype=np.float32)
+                low, high = float(values.min()), float(values.max())
+                gray = _rescale(values, low, high)
+            else:
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA").convert("RGB")
+                gray = np.asarray(img.convert("L"), dtype=np.uint8)
+                low, high = float(gray.min()), float(gray.max())
+    except FileNotFoundError:
+        raise Skip("unreadable file (missing or a broken link)") from None
+    except PermissionError:
+        raise Skip("unreadable file (permission denied)") from None
+    except Image.DecompressionBombError:
+        raise Skip("image too large to decode safely") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        text = str(exc)
+        if "truncated" in text:
+            raise Skip("truncated image") from None
+        if "cannot identify image file" in text:
+            raise Skip("not a readable image") from None
+        raise Skip("corrupt image") from None
+    return Decoded(to_square(gray, size)[None], width, height, mode, low, high)
+
+
+# ---- volumes (NIfTI, DICOM series) ------------------------------------------------
+
+
+def volume_slices(volume: np.ndarray, size: int, settings: VolumeSettings) -> np.ndarray:
+    """(Z, H, W) intensities -> the slab's non-empty slices, normalised per volume, (k, S, S) uint8."""
+    volume = np.nan_to_num(volume.astype(np.float32, copy=False))
+    lo, hi = float(volume.min()), float(volume.max())
+    if hi <= lo:
+        raise Skip("volume is blank (constant intensity)")
+    foreground = volume > lo + 0.02 * (hi - lo)
+    values = volume[foreground]
+    if settings.normalise == "percentile":
+        p_lo, p_hi = np.percentile(values, [0.5, 99.5])
+        scaled = _rescale(volume, float(p_lo), float(p_hi))
+    else:
+        mean, std = float(values.mean()), float(values.std()) or 1.0
+        scaled = _rescale((volume - mean) / std, -3.0, 3.0)
+    scaled[~foreground] = 0
+    share = foreground.reshape(len(volume), -1).mean(axis=1)
+    occupied = np.flatnonzero(share > 0)
+    first, last = occupied[0], occupied[-1] + 1
+    margin = int(round((last - first) * (1.0 - settings.slab) / 2))
+    keep = [z for z in range(first + margin, last - margin) if share[z] >= settings.min_foreground]
+    if not keep:
+        raise Skip("no slice in the slab has enough foreground (see data.slab, data.min_foreground)")
+    return np.stack([to_square(scaled[z], size) for z in keep])
+
+
+def decode_nifti(path: Path, size: int, settings: VolumeSettings) -> Decoded:
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(str(path)))  # RAS: axial slices along the last axis
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except FileNotFoundError:
+        raise Skip("unreadable file (missing or a broken link)") from None
+    except PermissionError:
+        raise Skip("unreadable file (permission denied)") from None
+    except Exception:  # nibabel raises many types for a damaged file (EOFError, zlib, ImageFileError)
+        raise Skip("corrupt or truncated NIfTI volume") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise Skip(f"NIfTI volume is {data.ndim}-D, expected 3-D")
+    # (x, y, z) -> (z, rows, cols) with anterior at the top, as a viewer shows axial slices.
+    stack = np.rot90(data, k=1, axes=(0, 1)).transpose(2, 0, 1)
+    out = Decoded(volume_slices(stack, size, settings), data.shape[0], data.shape[1], "nifti")
+    out.low, out.high = float(data.min()), float(data.max())
+    return out
+
+
+def _slice_position(ds) -> float:
+    """Position along the slice normal (ImagePositionPatient . row x col), else InstanceNumber."""
+    try:
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        return float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal))
+    except (AttributeError, ValueError, TypeError):
+        return float(getattr(ds, "InstanceNumber", 0) or 0)
+
+
+def decode_dicom_series(root: Path, files: tuple[str, ...], size: int, settings: VolumeSettings) -> Decoded:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    slices, skipped = [], []
+    for rel in files:
+        try:
+            ds = pydicom.dcmread(root / rel)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            skipped.append((rel, "corrupt or truncated DICOM file"))
+            continue
+        if "PixelData" not in ds:
+            skipped.append((rel, "DICOM file has no pixel data"))
+            continue
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        try:
+            pixels = ds.pixel_array.astype(np.float32)
+        except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError when no decoder handles it
+            if syntax is not None and syntax.is_compressed:
+                skipped.append((rel, f"compressed transfer syntax '{syntax.name}' ({syntax}) cannot be decoded: "
+                                     "install pylibjpeg[all] or decompress the series (gdcmconv --raw)"))
+            else:
+                skipped.append((rel, f"DICOM pixel data cannot be read ({type(exc).__name__})"))
+            continue
+        if pixels.ndim != 2:
+            skipped.append((rel, "DICOM file is not a single 2-D slice"))
+            continue
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        slices.append((_slice_position(ds), pixels * slope + intercept))
+    if not slices:
+        raise Skip(skipped[0][1] if skipped else "DICOM series has no readable slice")
+    shapes = {s.shape for _, s in slices}
+    if len(shapes) > 1:
+        raise Skip("DICOM series mixes slice sizes")
+    slices.sort(key=lambda item: item[0])
+    volume = np.stack([s for _, s in slices])
+    out = Decoded(volume_slices(volume, size, settings), volume.shape[2], volume.shape[1], "dicom", skipped=skipped)
+    out.low, out.high = float(volume.min()), float(volume.max())
+    return out

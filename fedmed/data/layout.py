@@ -1,0 +1,286 @@
+"""Find what a dataset folder holds: its format, and the units to decode (image files,
+volumes, DICOM series) with their class, split, hospital folder and patient.
+
+Layouts (any of the levels in brackets may be absent):
+    ROOT/[<hospital>/][Training|Testing/]<class>/[<patient>/...]<file>
+A `labels_csv` replaces the class level. Reading headers is the only I/O here;
+decoding pixels is `decode.py`'s job.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmed.config import DataConfig
+from fedmed.errors import FedmedError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
+# Folder names that mark a split; validation data joins the training side.
+SPLITS = {"training": 0, "train": 0, "validation": 0, "val": 0, "testing": 1, "test": 1}
+# Folder names other datasets use for the canonical classes (the Kaggle set's among them).
+BUILTIN_ALIASES = {
+    "notumor": "no_tumour",
+    "no_tumor": "no_tumour",
+    "no tumor": "no_tumour",
+    "no tumour": "no_tumour",
+    "normal": "no_tumour",
+    "glioma_tumor": "glioma",
+    "meningioma_tumor": "meningioma",
+    "pituitary_tumor": "pituitary",
+}
+FORMATS = ("imagefolder", "nifti", "dicom", "npz")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What decodes together: one image or volume file, or the files of one DICOM series."""
+
+    files: tuple[str, ...]  # paths relative to the root (local only)
+    label: int
+    split: int  # -1: the layout says nothing, 0: train, 1: test
+    site: str  # hospital folder, "" when the layout has none
+    patient: str  # slices of one patient never straddle train and test
+
+
+@dataclass
+class Layout:
+    format: str
+    units: list[Unit]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    class_folders: dict[str, str] = field(default_factory=dict)  # folder name -> class
+
+
+class ClassMap:
+    """Folder names (or CSV labels) -> class indices."""
+
+    def __init__(self, data: DataConfig) -> None:
+        self.names = data.class_names()
+        self.aliases = {name.lower(): name for name in self.names}
+        for alias, target in BUILTIN_ALIASES.items():
+            if target in self.names:
+                self.aliases.setdefault(alias, target)
+        for item in filter(None, (p.strip() for p in data.class_map.split(","))):
+            alias, sep, target = item.partition(":")
+            if not sep or target.strip() not in self.names:
+                raise FedmedError(
+                    f"data.class_map entry {item!r} must be `folder:class` with class one of {', '.join(self.names)}"
+                )
+            self.aliases[alias.strip().lower()] = target.strip()
+
+    def get(self, name: str) -> int | None:
+        target = self.aliases.get(name.strip().lower())
+        return None if target is None else self.names.index(target)
+
+
+def list_files(root: Path) -> list[str]:
+    """Every file under root (relative POSIX paths, sorted), links not followed into folders."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        base = Path(folder).relative_to(root)
+        found.extend((base / name).as_posix() for name in sorted(files))
+    return found
+
+
+def _suffix(rel: str) -> str:
+    lower = rel.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else Path(lower).suffix
+
+
+def _is_system(rel: str) -> bool:
+    name = Path(rel).name
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def detect_format(root: Path, files: list[str]) -> str:
+    counts = Counter()
+    for rel in files:
+        suffix = _suffix(rel)
+        if _is_system(rel):
+            continue
+        if suffix in IMAGE_SUFFIXES:
+            counts["imagefolder"] += 1
+        elif suffix in NIFTI_SUFFIXES:
+            counts["nifti"] += 1
+        elif suffix == ".npz":
+            counts["npz"] += 1
+        elif suffix == ".dcm" or _is_dicom(root / rel):
+            counts["dicom"] += 1
+    if not counts:
+        raise FedmedError(
+            "no images found (looked for .jpg/.png image folders, .nii/.nii.gz volumes, DICOM files and .npz): "
+            "check data.path"
+        )
+    return counts.most_common(1)[0][0]
+
+
+def _wants(fmt: str, root: Path, rel: str) -> bool:
+    suffix = _suffix(rel)
+    if fmt == "imagefolder":
+        return suffix in IMAGE_SUFFIXES
+    if fmt == "nifti":
+        return suffix in NIFTI_SUFFIXES
+    if fmt == "dicom":
+        return suffix == ".dcm" or (suffix not in IMAGE_SUFFIXES | {".npz", ".txt", ".csv", ".json"} and _is_dicom(root / rel))
+    return suffix == ".npz"
+
+
+def _labels_from_csv(root: Path, data: DataConfig, classes: ClassMap) -> dict[str, int]:
+    path = Path(data.labels_csv)
+    path = path if path.is_absolute() else root / path
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as exc:
+        raise FedmedError(f"cannot read data.labels_csv ({exc.strerror}): give a CSV of `volume,label` rows") from None
+    labels: dict[str, int] = {}
+    unknown = set()
+    for row in rows:
+        if len(row) < 2 or not row[0].strip() or row[0].strip().lower() in ("volume", "file", "image"):
+            continue
+        index = classes.get(row[1])
+        if index is None:
+            unknown.add(row[1].strip())
+            continue
+        labels[row[0].strip()] = index
+    if unknown:
+        raise FedmedError(
+            f"data.labels_csv has labels that are not classes: {', '.join(sorted(unknown)[:5])} "
+            f"(classes: {', '.join(classes.names)}; map them with data.class_map = \"label:class\")"
+        )
+    if not labels:
+        raise FedmedError("data.labels_csv has no `volume,label` rows")
+    return labels
+
+
+def _has_site_level(dirs: list[tuple[str, ...]], classes: ClassMap) -> bool:
+    """The top folders are hospitals when none of them is a split or a class."""
+    tops = {parts[0] for parts in dirs if parts}
+    return bool(tops) and all(t.lower() not in SPLITS and classes.get(t) is None for t in tops) and any(
+        len(parts) >= 2 for parts in dirs
+    )
+
+
+def _stem(rel: str) -> str:
+    name = Path(rel).name
+    return name[: -len(_suffix(rel))] if _suffix(rel) else name
+
+
+def _volume_patient(rel: str, modality: str) -> str:
+    """BraTS-style `<case>_<modality>.nii.gz`: the case is the patient."""
+    stem = _stem(rel)
+    if modality and stem.lower().endswith(f"_{modality.lower()}"):
+        stem = stem[: -len(modality) - 1]
+    return (Path(rel).parent / stem).as_posix()
+
+
+def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
+    """Assign every wanted file to a unit, or to the skipped list with a reason."""
+    classes = ClassMap(data)
+    csv_labels = _labels_from_csv(root, data, classes) if data.labels_csv else None
+    layout = Layout(format=fmt, units=[])
+    wanted = []
+    csv_path = Path(data.labels_csv).as_posix() if data.labels_csv else None
+    for rel in files:
+        if _is_system(rel):
+            layout.skipped.append((rel, "system or hidden file"))
+        elif rel == csv_path:
+            continue
+        elif fmt == "nifti" and data.modality and _suffix(rel) in NIFTI_SUFFIXES and not _stem(rel).lower().endswith(
+            f"_{data.modality.lower()}"
+        ):
+            continue  # another modality of the same case: not wanted, not an error
+        elif _wants(fmt, root, rel):
+            wanted.append(rel)
+        else:
+            layout.skipped.append((rel, f"not a {fmt} file"))
+    dirs = [Path(rel).parent.parts for rel in wanted]
+    sited = _has_site_level(dirs, classes)
+    unknown: Counter[str] = Counter()
+    placed: list[tuple[str, int, int, str, str]] = []  # rel, label, split, site, patient
+    for rel in wanted:
+        parts = list(Path(rel).parent.parts)
+        site = parts.pop(0) if sited and parts else ""
+        split = SPLITS.get(parts[0].lower(), -1) if parts else -1
+        if split >= 0:
+            parts.pop(0)
+        if csv_labels is not None:
+            label = csv_labels.get(rel, csv_labels.get(Path(rel).name))
+            if label is None:
+                layout.skipped.append((rel, "not listed in data.labels_csv"))
+                continue
+            below = parts
+        else:
+            if not parts:
+                layout.skipped.append((rel, "not inside a class folder"))
+                continue
+            label = classes.get(parts[0])
+            if label is None:
+                unknown[parts[0]] += 1
+                continue
+            layout.class_folders[parts[0]] = classes.names[label]
+            below = parts[1:]
+        # A folder below the class folder is a patient (or study); otherwise the file is.
+        patient = "/".join([site, *below[:1]]) if below else (
+            _volume_patient(rel, data.modality) if fmt == "nifti" else rel
+        )
+        placed.append((rel, label, split, site, patient))
+    if unknown:
+        names = ", ".join(f"'{n}'" for n in sorted(unknown)[:6])
+        raise FedmedError(
+            f"unknown class folder(s) {names}: the classes are {', '.join(classes.names)}; "
+            f"map a folder with data.class_map = \"folder:class\" or list the classes in data.classes"
+        )
+    if fmt == "dicom":
+        layout.units = _dicom_series(root, placed, layout.skipped)
+    else:
+        layout.units = [Unit((rel, ), label, split, site, patient) for rel, label, split, site, patient in placed]
+    layout.sites = sorted({u.site for u in layout.units if u.site})
+    return layout
+
+
+def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> list[Unit]:
+    """Group DICOM files by SeriesInstanceUID; the patient is the PatientID (hashed here,
+    never stored), or the series when there is none."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    series: dict[str, list] = {}
+    for rel, label, split, site, patient in placed:
+        try:
+            ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
+            uid = str(ds.SeriesInstanceUID)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            skipped.append((rel, "corrupt or truncated DICOM file"))
+            continue
+        except AttributeError:
+            skipped.append((rel, "DICOM file has no SeriesInstanceUID"))
+            continue
+        who = str(getattr(ds, "PatientID", "") or "")
+        key = hashlib.sha256(f"{site}|{who or uid}".encode()).hexdigest()[:16]
+        series.setdefault(uid, []).append((rel, label, split, site, key))
+    units = []
+    for uid, members in sorted(series.items(), key=lambda item: item[1][0][0]):
+        if len({(m[1], m[2], m[3]) for m in members}) > 1:
+            skipped.extend((m[0], "DICOM series spans several class, split or hospital folders") for m in members)
+            continue
+        _, label, split, site, key = members[0]
+        units.append(Unit(tuple(m[0] for m in members), label, split, site, key))
+    return units

@@ -1,0 +1,125 @@
+"""Who gets which image: the train/test split and the hospitals, by patient.
+
+A patient's slices (one volume, one DICOM series, one patient folder) always stay
+together: in one split and at one hospital. Identical images count as one patient,
+so a copy can never sit on both sides of the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmed.config import DataConfig
+from fedmed.data.dataset import Dataset
+from fedmed.errors import FedmedError
+
+TRAIN, TEST, LEFT_OUT = 0, 1, -1
+
+
+@dataclass(frozen=True)
+class Assignment:
+    split: np.ndarray  # (N,) int8: TRAIN, TEST, or LEFT_OUT (a test copy of a training image)
+    site: np.ndarray  # (N,) int16 hospital index
+    duplicates: dict[str, int]
+
+    def indices(self, split: int, site: int | None = None) -> np.ndarray:
+        mask = self.split == split
+        if site is not None:
+            mask &= self.site == site
+        return np.flatnonzero(mask)
+
+
+def merged_patients(ds: Dataset) -> np.ndarray:
+    """Patient group per image, where patients sharing an identical image are one group."""
+    _, group = np.unique(ds.patient, return_inverse=True)
+    parent = np.arange(group.max() + 1 if len(group) else 0)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    order = np.argsort(ds.hashes, kind="stable")
+    same = np.flatnonzero(ds.hashes[order][1:] == ds.hashes[order][:-1])
+    for k in same:
+        a, b = root(group[order[k]]), root(group[order[k + 1]])
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.asarray([root(g) for g in group], dtype=np.int64)
+
+
+def _random_split(groups: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """TEST for whole groups holding about `fraction` of the images, else TRAIN."""
+    unique, sizes = np.unique(groups, return_counts=True)
+    order = rng.permutation(len(unique))
+    taken = np.cumsum(sizes[order])
+    n_test = int(np.searchsorted(taken, fraction * len(groups))) + 1
+    test_groups = unique[order[: min(n_test, len(unique) - 1)]]
+    return np.where(np.isin(groups, test_groups), TEST, TRAIN).astype(np.int8)
+
+
+def _deal(groups: np.ndarray, hospitals: int, rng: np.random.Generator) -> np.ndarray:
+    """Whole groups to hospitals in random order, each to the one holding fewest images."""
+    unique, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    owner = np.empty(len(unique), dtype=np.int16)
+    load = np.zeros(hospitals, dtype=np.int64)
+    for g in rng.permutation(len(unique)):
+        owner[g] = int(np.argmin(load))
+        load[owner[g]] += sizes[g]
+    return owner[inverse]
+
+
+def split_by_patient(ds: Dataset, data: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(split, patient group, duplicate counts): the layout's split where it gives one,
+    otherwise whole patients drawn at random for the test side."""
+    groups = merged_patients(ds)
+    split = ds.split.copy()
+    unsplit = split < 0
+    if unsplit.any():
+        split[unsplit] = _random_split(groups[unsplit], data.test_fraction, np.random.default_rng([seed, 11]))
+    train_hashes = set(ds.hashes[split == TRAIN].tolist())
+    test_idx = np.flatnonzero(split == TEST)
+    copies = np.asarray([h in train_hashes for h in ds.hashes[test_idx].tolist()], dtype=bool)
+    duplicates = {
+        "train_test": int(copies.sum()),
+        "within_train": int((split == TRAIN).sum() - len(train_hashes)),
+        "within_test": int(len(test_idx) - len(set(ds.hashes[test_idx].tolist()))),
+        "left_out": 0,
+    }
+    if data.dedupe and copies.any():
+        split[test_idx[copies]] = LEFT_OUT
+        duplicates["left_out"] = int(copies.sum())
+    return split, groups, duplicates
+
+
+def assign(ds: Dataset, data: DataConfig, seed: int) -> Assignment:
+    split, groups, duplicates = split_by_patient(ds, data, seed)
+    if data.partition == "folders":
+        sites = ds.manifest.get("sites", [])
+        if not sites:
+            raise FedmedError(
+                "data.partition = folders needs one top folder per hospital (ROOT/<hospital>/<class>/...), "
+                "but the top folders are classes or splits: use data.partition = iid"
+            )
+        if len(sites) != data.hospitals:
+            raise FedmedError(f"data.path has {len(sites)} hospital folders but data.hospitals = {data.hospitals}: set data.hospitals = {len(sites)}")
+        site = ds.site.copy()
+    else:
+        site = np.zeros(len(ds), dtype=np.int16)
+        for part in (TRAIN, TEST):
+            mask = split == part
+            if mask.any():
+                site[mask] = _deal(groups[mask], data.hospitals, np.random.default_rng([seed, 12, part]))
+    result = Assignment(split, site, duplicates)
+    for h in range(data.hospitals):
+        for part, name in ((TRAIN, "training"), (TEST, "test")):
+            if len(result.indices(part, h)) == 0:
+                raise FedmedError(
+                    f"hospital {h + 1} of {data.hospitals} would get no {name} images "
+                    f"({len(result.indices(part))} {name} images, split by patient): "
+                    "lower data.hospitals or raise data.test_fraction"
+                )
+    return result
