@@ -65,3 +65,30 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, cache_dir):
 def test_help_describes_the_commands(args, text):
     result = fedmed(*args)
     assert result.returncode == 0 and text in result.stdout
+
+
+def test_data_check_reports_a_usable_dataset_and_names_skipped_files_locally(tmp_path):
+    from tests import mri_fixtures as fx
+
+    root = tmp_path / "kaggle"
+    fx.image_folder(root, dict.fromkeys(fx.KAGGLE, 4), split="Training", suffix=".jpg")
+    fx.image_folder(root, dict.fromkeys(fx.KAGGLE, 2), seed=1, split="Testing", suffix=".jpg")
+    (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    result = fedmed("data", "check", str(root), "--set", f"data.cache_dir='{tmp_path / 'cache'}'")
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    for needle in ("format imagefolder", "no_tumour", "broken.jpg", "usable: 24 images", "exact duplicates: 0"):
+        assert needle in out
+    assert fedmed("data", "check", str(root), "--strict", "--set", f"data.cache_dir='{tmp_path / 'cache'}'").returncode == 2
+
+
+def test_data_check_on_an_unusable_dataset_is_one_line(tmp_path):
+    (tmp_path / "d" / "glioma").mkdir(parents=True)
+    (tmp_path / "d" / "glioma" / "notes.txt").write_text("x")
+    _assert_clean_failure(fedmed("data", "check", str(tmp_path / "d")), "no images found")
+    _assert_clean_failure(fedmed("data", "check", str(tmp_path / "missing")), "data.path does not exist")
+    _assert_clean_failure(fedmed("data", "check", str(tmp_path / "d"), "--format", "tiff"), "data.format")
+
+
+def test_simulate_on_disk_needs_a_path():
+    _assert_clean_failure(fedmed("simulate", "--set", "data.source=disk"), "data.path")

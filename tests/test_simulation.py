@@ -90,3 +90,38 @@ def test_simulation_attaches_to_a_running_ray_head(tiny_config):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _run_files_text(run: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in run.iterdir() if p.suffix in (".toml", ".json", ".jsonl"))
+
+
+def test_simulation_on_an_image_folder_written_by_make_demo(tiny_config, tmp_path):
+    from fedmed.data.export import export_demo
+
+    export_demo(tiny_config(), tmp_path / "hospitals")
+    run = run_simulation(tiny_config("data.source=disk", f"data.path='{tmp_path / 'hospitals'}'", "data.partition=folders"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["format"] == "imagefolder"
+    assert (summary["data"]["train"], summary["data"]["test"]) == (72, 36)
+    records = read_metrics(run)
+    assert all(h["train"]["examples"] == 24 for h in records[-1]["hospitals"].values())
+    text = _run_files_text(run)
+    assert str(tmp_path / "hospitals") not in text and ".png" not in text and "Training" not in text
+
+
+def test_simulation_on_nifti_volumes_split_by_patient(tiny_config, tmp_path):
+    import numpy as np
+
+    from tests import mri_fixtures as fx
+
+    rng = np.random.default_rng(0)
+    classes = ("glioma", "meningioma", "no_tumour", "pituitary")
+    for i in range(16):
+        fx.nifti(tmp_path / "vols" / classes[i % 4] / f"patient{i:02d}.nii.gz", fx.brain_volume(rng, shape=(40, 40, 24), brain_slices=(2, 22)))
+    run = run_simulation(tiny_config("data.source=disk", f"data.path='{tmp_path / 'vols'}'", "data.test_fraction=0.25"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["format"] == "nifti" and summary["data"]["images"] == 16 * 12
+    assert summary["data"]["test"] == 4 * 12  # whole volumes: 4 of 16 patients
+    text = _run_files_text(run)
+    assert "patient" not in text and str(tmp_path / "vols") not in text

@@ -119,9 +119,10 @@ def volume_slices(volume: np.ndarray, size: int, settings: VolumeSettings) -> np
     scaled[~foreground] = 0
     share = foreground.reshape(len(volume), -1).mean(axis=1)
     occupied = np.flatnonzero(share > 0)
-    first, last = occupied[0], occupied[-1] + 1
-    margin = int(round((last - first) * (1.0 - settings.slab) / 2))
-    keep = [z for z in range(first + margin, last - margin) if share[z] >= settings.min_foreground]
+    first, extent = occupied[0], occupied[-1] + 1 - occupied[0]
+    kept = max(1, int(extent * settings.slab + 0.5))
+    start = first + (extent - kept) // 2
+    keep = [z for z in range(start, start + kept) if share[z] >= settings.min_foreground]
     if not keep:
         raise Skip("no slice in the slab has enough foreground (see data.slab, data.min_foreground)")
     return np.stack([to_square(scaled[z], size) for z in keep])
@@ -160,7 +161,9 @@ def _slice_position(ds) -> float:
         return float(getattr(ds, "InstanceNumber", 0) or 0)
 
 
-def decode_dicom_series(root: Path, files: tuple[str, ...], size: int, settings: VolumeSettings) -> Decoded:
+def read_dicom_series(root: Path, files: tuple[str, ...]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """(Z, H, W) values in physical units (RescaleSlope/Intercept applied), ordered along
+    the slice normal, and the files that had to be skipped."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -196,7 +199,11 @@ def decode_dicom_series(root: Path, files: tuple[str, ...], size: int, settings:
     if len(shapes) > 1:
         raise Skip("DICOM series mixes slice sizes")
     slices.sort(key=lambda item: item[0])
-    volume = np.stack([s for _, s in slices])
+    return np.stack([s for _, s in slices]), skipped
+
+
+def decode_dicom_series(root: Path, files: tuple[str, ...], size: int, settings: VolumeSettings) -> Decoded:
+    volume, skipped = read_dicom_series(root, files)
     out = Decoded(volume_slices(volume, size, settings), volume.shape[2], volume.shape[1], "dicom", skipped=skipped)
     out.low, out.high = float(volume.min()), float(volume.max())
     return out

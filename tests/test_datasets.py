@@ -1,0 +1,296 @@
+"""Reading datasets from disk: every format, the patient-level split, duplicates,
+the cache, and each kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedmed import config as config_mod
+from fedmed.data.dataset import load_dataset, usable
+from fedmed.data.decode import read_dicom_series
+from fedmed.data.partition import TEST, TRAIN, assign, split_by_patient
+from fedmed.errors import FedmedError
+from tests import mri_fixtures as fx
+
+CLASSES = ("glioma", "meningioma", "no_tumour", "pituitary")
+
+
+@pytest.fixture
+def data_config(tmp_path):
+    def make(path: Path, *extra: str):
+        values = {"data.source": "disk", "data.path": str(path), "data.cache_dir": str(tmp_path / "cache")}
+        return config_mod.load(None, ["data.image_size=32", "data.workers=1", *extra], values).data
+
+    return make
+
+
+def kaggle(root: Path, train: int = 6, test: int = 3) -> Path:
+    fx.image_folder(root, dict.fromkeys(fx.KAGGLE, train), seed=1, split="Training", suffix=".jpg")
+    fx.image_folder(root, dict.fromkeys(fx.KAGGLE, test), seed=2, split="Testing", suffix=".jpg")
+    return root
+
+
+def per_class(ds, split: int) -> list[int]:
+    return np.bincount(ds.labels[ds.split == split], minlength=4).tolist()
+
+
+# ---- formats ------------------------------------------------------------------
+
+
+def test_kaggle_layout_counts_each_class_and_split(tmp_path, data_config):
+    data = data_config(kaggle(tmp_path / "kaggle"))
+    ds = load_dataset(data)
+    assert ds.manifest["format"] == "imagefolder"
+    assert per_class(ds, TRAIN) == [6, 6, 6, 6]
+    assert per_class(ds, TEST) == [3, 3, 3, 3]
+    assert ds.images.shape == (36, 32, 32) and ds.images.dtype == np.uint8
+    assert ds.manifest["class_folders"]["notumor"] == "no_tumour"
+    assert set(ds.manifest["source_modes"]) == {"L", "RGB"}
+
+
+def test_class_map_maps_other_folder_names(tmp_path, data_config):
+    fx.image_folder(tmp_path / "d", {"tumour": 4, "healthy": 4})
+    data = data_config(tmp_path / "d", 'data.classes="healthy,tumour"')
+    assert np.bincount(load_dataset(data).labels).tolist() == [4, 4]
+    fx.image_folder(tmp_path / "e", {"glioma_tumor": 3, "normal": 3, "lesion": 3})
+    data = data_config(tmp_path / "e", 'data.class_map="lesion:meningioma"')
+    assert np.bincount(load_dataset(data).labels, minlength=4).tolist() == [3, 3, 3, 0]
+
+
+def test_nifti_slab_keeps_the_central_brain_slices(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    fx.nifti(tmp_path / "vols" / "glioma" / "case1.nii.gz", fx.brain_volume(rng, brain_slices=(5, 25)))
+    fx.nifti(tmp_path / "vols" / "pituitary" / "case2.nii", fx.brain_volume(rng, brain_slices=(0, 30)))
+    ds = load_dataset(data_config(tmp_path / "vols", "data.slab=0.5"))
+    assert ds.manifest["format"] == "nifti"
+    # 20 brain slices -> central 10; 30 -> central 15 (empty slices 0-4 and 25-29 never count)
+    assert np.bincount(ds.labels, minlength=4).tolist() == [10, 0, 0, 15]
+    assert len(load_dataset(data_config(tmp_path / "vols", "data.slab=1.0"))) == 50
+
+
+def test_nifti_skips_slices_with_too_little_foreground(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    volume = fx.brain_volume(rng, brain_slices=(0, 20))
+    volume[:, :, 10:] = 0
+    volume[20:24, 20:24, 10:] = 800  # a speck: 16 of 2304 pixels, under 5 %
+    fx.nifti(tmp_path / "v" / "glioma" / "a.nii.gz", volume)
+    fx.nifti(tmp_path / "v" / "meningioma" / "b.nii.gz", fx.brain_volume(rng, brain_slices=(0, 20)))
+    ds = load_dataset(data_config(tmp_path / "v", "data.slab=1.0"))
+    assert np.bincount(ds.labels, minlength=4).tolist() == [10, 20, 0, 0]
+
+
+def test_nifti_labels_from_csv_and_brats_modality(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "brats"
+    for case, label in (("c1", "glioma"), ("c2", "meningioma")):
+        for modality in ("t1", "flair", "seg"):
+            fx.nifti(root / case / f"{case}_{modality}.nii.gz", fx.brain_volume(rng))
+        (root / "labels.csv").open("a").write(f"{case}/{case}_flair.nii.gz,{label}\n")
+    (root / "labels.csv").write_text("volume,label\n" + (root / "labels.csv").read_text())
+    ds = load_dataset(data_config(root, "data.labels_csv=labels.csv", "data.modality=flair", "data.slab=1.0"))
+    assert np.bincount(ds.labels, minlength=4).tolist() == [20, 20, 0, 0]
+    assert len(np.unique(ds.patient)) == 2
+
+
+def test_dicom_series_is_ordered_along_the_normal_with_rescale_applied(tmp_path):
+    rng = np.random.default_rng(0)
+    volume = fx.dicom_volume(rng, slices=10)
+    fx.dicom_series(tmp_path / "s", volume, slope=2.0, intercept=-1024.0, seed=3, extension="")
+    files = tuple(sorted(p.name for p in (tmp_path / "s").iterdir()))
+    read, skipped = read_dicom_series(tmp_path / "s", files)
+    assert not skipped
+    np.testing.assert_allclose(read, np.rint((volume + 1024.0) / 2.0) * 2.0 - 1024.0)
+
+
+def test_dicom_folder_groups_series_by_uid_and_labels_by_folder(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    fx.dicom_series(tmp_path / "d" / "glioma" / "study1", fx.dicom_volume(rng), patient="A", seed=1)
+    fx.dicom_series(tmp_path / "d" / "glioma" / "study1", fx.dicom_volume(rng), patient="A", seed=2)  # 2nd series, same folder
+    fx.dicom_series(tmp_path / "d" / "pituitary" / "x", fx.dicom_volume(rng), patient="B", seed=3, extension="")
+    ds = load_dataset(data_config(tmp_path / "d", "data.slab=1.0", "data.min_foreground=0"))
+    assert ds.manifest["format"] == "dicom"
+    assert np.bincount(ds.labels, minlength=4).tolist() == [24, 0, 0, 12]
+    assert len(np.unique(ds.patient)) == 2  # two series of patient A are one patient
+    brightness = ds.images[ds.labels == 3].reshape(12, -1).mean(1)
+    assert np.all(np.diff(brightness) > 0)  # written shuffled, read back in slice order
+
+
+def test_npz_medmnist_layout(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 8)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 4).reshape(n, 1)
+    np.savez(tmp_path / "brainmnist.npz", **arrays)
+    ds = load_dataset(data_config(tmp_path / "brainmnist.npz"))
+    assert per_class(ds, TRAIN) == [4, 4, 4, 4] and per_class(ds, TEST) == [2, 2, 2, 2]
+    arrays["test_labels"][0] = 7
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(FedmedError, match="test_labels run 0..7"):
+        load_dataset(data_config(tmp_path / "bad.npz"))
+
+
+# ---- patient-level integrity ----------------------------------------------------
+
+
+def test_slices_of_one_volume_never_straddle_split_or_hospitals(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        fx.nifti(tmp_path / "v" / CLASSES[i % 4] / f"case{i}.nii.gz", fx.brain_volume(rng))
+    data = data_config(tmp_path / "v", "data.hospitals=2", "data.test_fraction=0.25")
+    ds = load_dataset(data)
+    parts = assign(ds, data, seed=0)
+    for patient in np.unique(ds.patient):
+        mine = ds.patient == patient
+        assert len(set(parts.split[mine].tolist())) == 1
+        assert len(set(parts.site[mine].tolist())) == 1
+    assert 0 < (parts.split == TEST).sum() < len(ds)
+    np.testing.assert_array_equal(parts.site, assign(ds, data, seed=0).site)  # seeded
+
+
+def test_duplicates_across_train_and_test_are_found_and_left_out(tmp_path, data_config):
+    root = kaggle(tmp_path / "k")
+    for i in range(3):
+        shutil.copy(root / "Training" / "glioma" / f"img_00{i}.jpg", root / "Testing" / "glioma" / f"copy_{i}.jpg")
+    ds = load_dataset(data_config(root))
+    split, _, dups = split_by_patient(ds, data_config(root), seed=0)
+    assert dups["train_test"] == 3 and dups["left_out"] == 3
+    assert (split == -1).sum() == 3
+    _, _, kept = split_by_patient(ds, data_config(root, "data.dedupe=false"), seed=0)
+    assert kept["train_test"] == 3 and kept["left_out"] == 0
+
+
+def test_duplicates_without_a_split_land_on_the_same_side(tmp_path, data_config):
+    fx.image_folder(tmp_path / "d", dict.fromkeys(CLASSES, 10))
+    for i in range(10):
+        shutil.copy(tmp_path / "d" / "glioma" / f"img_00{i}.png", tmp_path / "d" / "glioma" / f"dup_{i}.png")
+    data = data_config(tmp_path / "d", "data.test_fraction=0.5")
+    ds = load_dataset(data)
+    split, _, dups = split_by_patient(ds, data, seed=0)
+    assert dups["train_test"] == 0 and dups["within_train"] + dups["within_test"] == 10
+
+
+# ---- the cache --------------------------------------------------------------------
+
+
+def test_second_load_reads_the_cache_and_an_edit_invalidates_it(tmp_path, data_config):
+    root = kaggle(tmp_path / "k", train=2, test=1)
+    data = data_config(root)
+    first = load_dataset(data)
+    assert isinstance(first.images, np.memmap)
+    again = load_dataset(data)
+    assert again.manifest["digest"] == first.manifest["digest"]
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(first.images))
+    Image.fromarray(fx.picture(np.random.default_rng(9), 50, 50)).save(root / "Training" / "glioma" / "new.png")
+    changed = load_dataset(data)
+    assert changed.manifest["digest"] != first.manifest["digest"] and len(changed) == len(first) + 1
+
+
+# ---- bad input --------------------------------------------------------------------
+
+
+def bad_files(root: Path) -> None:
+    """One of each: truncated, corrupt, stray, unreadable, odd modes."""
+    good = root / "Training" / "glioma" / "img_001.jpg"
+    data = good.read_bytes()
+    (root / "Training" / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "Training" / "glioma" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
+    (root / "Training" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "Training" / "meningioma" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "Training" / "meningioma" / "notes.txt").write_text("scanner notes")
+    (root / "Training" / "meningioma" / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    rng = np.random.default_rng(5)
+    Image.fromarray(fx.picture(rng, 40, 40)).convert("RGBA").save(root / "Training" / "pituitary" / "rgba.png")
+    Image.fromarray(fx.picture(rng, 40, 40)).convert("P").save(root / "Training" / "pituitary" / "palette.png")
+    Image.fromarray(fx.picture(rng, 40, 40).astype(np.uint16) * 200).save(root / "Training" / "pituitary" / "wide.png")
+    (root / "Testing" / "pituitary" / "empty_dir").mkdir()
+
+
+def test_bad_files_are_skipped_counted_and_reported(tmp_path, data_config):
+    root = kaggle(tmp_path / "k")
+    bad_files(root)
+    data = data_config(root)
+    ds = load_dataset(data)
+    reasons = dict(ds.skipped)
+    assert reasons["Training/glioma/truncated.jpg"] == "truncated image"
+    assert reasons["Training/glioma/corrupt.png"] in ("not a readable image", "corrupt image")
+    assert reasons["Training/meningioma/gone.jpg"].startswith("unreadable file")
+    assert reasons["Training/.DS_Store"] == reasons["Training/meningioma/Thumbs.db"] == "system or hidden file"
+    assert reasons["Training/meningioma/notes.txt"] == "not a imagefolder file"
+    assert per_class(ds, TRAIN) == [6, 6, 6, 9]  # RGBA, palette and 16-bit images are read
+    assert ds.skip_counts(include_system=False).total() == 4
+    warnings = usable(ds, data)
+    assert any("4 files skipped" in w for w in warnings)
+    with pytest.raises(FedmedError, match="4 files could not be used .* data.strict"):
+        usable(ds, data_config(root, "data.strict=true"))
+
+
+def test_unknown_class_folder_is_an_error_naming_it(tmp_path, data_config):
+    root = kaggle(tmp_path / "k", train=2, test=1)
+    fx.image_folder(root / "Training", {"astrocytoma": 2})
+    with pytest.raises(FedmedError, match="unknown class folder.*'astrocytoma'.*data.class_map"):
+        load_dataset(data_config(root))
+
+
+@pytest.mark.parametrize("case", ["empty", "only_junk", "one_class"])
+def test_unusable_datasets_fail_with_the_reason(tmp_path, data_config, case):
+    root = tmp_path / case
+    root.mkdir()
+    if case == "only_junk":
+        (root / "glioma").mkdir()
+        (root / "glioma" / "a.jpg").write_bytes(b"not a jpeg")
+        (root / "glioma" / "b.jpg").write_bytes(b"")
+    if case == "one_class":
+        fx.image_folder(root, {"glioma": 5})
+    match = {"empty": "no images found", "only_junk": "no usable images .*2 files skipped", "one_class": "fewer than two classes"}[case]
+    with pytest.raises(FedmedError, match=match):
+        data = data_config(root)
+        usable(load_dataset(data), data)
+
+
+def test_dicom_without_pixels_or_with_undecodable_compression_is_skipped_with_reason(tmp_path, data_config):
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    rng = np.random.default_rng(0)
+    ok = fx.dicom_series(tmp_path / "d" / "glioma" / "s1", fx.dicom_volume(rng), seed=1)
+    fx.dicom_series(tmp_path / "d" / "meningioma" / "s2", fx.dicom_volume(rng), patient="B", seed=2)
+    no_pixels = pydicom.dcmread(ok[0])
+    del no_pixels.PixelData
+    no_pixels.save_as(ok[0])
+    jp2 = fx.dicom_series(tmp_path / "d" / "pituitary" / "s3", fx.dicom_volume(rng, slices=3), patient="C", seed=3)
+    for path in jp2:
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not really jpeg 2000"])
+        ds.save_as(path)
+    ds = load_dataset(data_config(tmp_path / "d", "data.slab=1.0", "data.min_foreground=0"))
+    reasons = ds.skip_counts()
+    assert reasons["DICOM file has no pixel data"] == 1
+    compressed = [r for r in reasons if r.startswith("compressed transfer syntax")]
+    assert compressed and "JPEG 2000" in compressed[0] and reasons[compressed[0]] == 3
+    assert np.bincount(ds.labels, minlength=4).tolist() == [11, 12, 0, 0]
+
+
+def test_truncated_nifti_is_skipped(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(("glioma", "meningioma")):
+        fx.nifti(tmp_path / "v" / name / f"c{i}.nii.gz", fx.brain_volume(rng))
+    whole = fx.nifti(tmp_path / "v" / "glioma" / "broken.nii.gz", fx.brain_volume(rng)).read_bytes()
+    (tmp_path / "v" / "glioma" / "broken.nii.gz").write_bytes(whole[: len(whole) // 3])
+    (tmp_path / "v" / "glioma" / "notgz.nii.gz").write_bytes(gzip.compress(b"\x00" * 100))
+    ds = load_dataset(data_config(tmp_path / "v"))
+    assert ds.skip_counts() == {"corrupt or truncated NIfTI volume": 2}
+    assert len(np.unique(ds.patient)) == 2
+
+
+def test_missing_path_is_one_clear_error(tmp_path, data_config):
+    with pytest.raises(FedmedError, match="data.path does not exist"):
+        load_dataset(data_config(tmp_path / "nowhere"))
