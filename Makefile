@@ -22,6 +22,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/data_load.py
 
 clean:
 	rm -rf $(VENV) runs

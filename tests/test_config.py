@@ -79,3 +79,22 @@ def test_timestamped_run_names_never_reuse_a_directory(tmp_path):
     run_path(first).mkdir()
     second = resolve_run_name(cfg)
     assert second.output.name != first.output.name and not run_path(second).exists()
+
+
+def test_site_configs_use_the_one_schema_and_load_their_data(tmp_path):
+    from fedmed.data.sites import site_data
+    from tests import mri_fixtures as fx
+
+    fx.image_folder(tmp_path / "site", dict.fromkeys(fx.KAGGLE, 5))
+    sites = sorted((ROOT / "sites").glob("*.toml"))
+    assert sites
+    for path in sites:
+        cfg = config_mod.load(path, [f"data.path='{tmp_path / 'site'}'", f"data.cache_dir='{tmp_path / 'cache'}'", "data.image_size=32"])
+        assert cfg.data.source == "disk"
+        hospital = site_data(cfg, 0)
+        assert len(hospital.train) + len(hospital.test) == 20
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "simulations").glob("*.toml")), ids=lambda p: p.name)
+def test_every_study_config_is_valid(path):
+    config_mod.load(path)

@@ -335,7 +335,7 @@ def usable(ds: Dataset, data: DataConfig) -> list[str]:
         raise FedmedError("the dataset holds images of fewer than two classes: nothing to learn to tell apart")
     warnings = []
     if counts:
-        warnings.append(f"{sum(counts.values())} files skipped ({reasons}); `fedmed data check` lists them")
+        warnings.append(f"{sum(counts.values())} files skipped ({reasons})")
     missing = [name for name, n in zip(data.class_names(), present) if n == 0]
     if missing:
         warnings.append(f"no images of class {', '.join(missing)}")

@@ -119,7 +119,7 @@ def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None
         load_dataset(cfg.data, announce)  # announces a first-time decode
         _, parts, warnings = _disk(cfg.data, cfg.seed)
         for line in warnings:
-            (announce or print)(f"warning: {line}")
+            (announce or print)(f"warning: {line}; `fedmed data check {cfg.data.path}` shows the details")
         if parts.duplicates["left_out"]:
             (announce or print)(f"note: {parts.duplicates['left_out']} test images duplicate training images and are left out (data.dedupe)")
         return

@@ -62,9 +62,11 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False) -> Path:
     cfg = resolve_run_name(cfg)
     resolve_device(cfg.train.device)
     check_ray_address(cfg.simulation.ray_address)
-    # Every Ray worker must find the same cache, whatever its working directory.
-    cache = str(cache_root(cfg.data.cache_dir).resolve())
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": cache})})
+    # Every Ray worker must find the same data and cache, whatever its working directory.
+    local = {"cache_dir": str(cache_root(cfg.data.cache_dir).resolve())}
+    if cfg.data.path:
+        local["path"] = str(Path(cfg.data.path).expanduser().resolve())
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=local)})
     ensure_data(cfg, announce=print)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
