@@ -210,6 +210,8 @@ def bad_files(root: Path) -> None:
     Image.fromarray(fx.picture(rng, 40, 40)).convert("P").save(root / "Training" / "pituitary" / "palette.png")
     Image.fromarray(fx.picture(rng, 40, 40).astype(np.uint16) * 200).save(root / "Training" / "pituitary" / "wide.png")
     (root / "Testing" / "pituitary" / "empty_dir").mkdir()
+    for path in (root / "Testing" / "meningioma").iterdir():
+        path.unlink()
 
 
 def test_bad_files_are_skipped_counted_and_reported(tmp_path, data_config):
@@ -227,6 +229,7 @@ def test_bad_files_are_skipped_counted_and_reported(tmp_path, data_config):
     assert ds.skip_counts(include_system=False).total() == 4
     warnings = usable(ds, data)
     assert any("4 files skipped" in w for w in warnings)
+    assert "1 class folder(s) hold no usable image: Testing/meningioma" in warnings
     with pytest.raises(FedmedError, match="4 files could not be used .* data.strict"):
         usable(ds, data_config(root, "data.strict=true"))
 

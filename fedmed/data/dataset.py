@@ -171,7 +171,12 @@ def _build(cache: Path, root: Path, files: list[str], fmt: str, data: DataConfig
             arrays, manifest = _empty(data), {"skipped": layout.skipped}
         else:
             arrays, manifest = _assemble(layout.units, _decode_all(root, layout.units, fmt, data), layout.skipped)
-        manifest.update(sites=layout.sites, class_folders=layout.class_folders)
+        used = {u.folder for u, n in zip(layout.units, manifest.pop("decoded", [])) if n}
+        manifest.update(
+            sites=layout.sites,
+            class_folders=layout.class_folders,
+            empty_class_folders=sorted(set(layout.class_dirs) - used),
+        )
     manifest.update(format=fmt, classes=list(data.class_names()), files=len(files), settings=_decode_settings(data), digest=cache.name)
     manifest.setdefault("sites", [])
     images = arrays.pop("images")
@@ -204,8 +209,9 @@ def _empty(data: DataConfig) -> dict[str, np.ndarray]:
 def _assemble(units: list[Unit], results: list[Decoded | str], skipped: list) -> tuple[dict, dict]:
     sites = sorted({u.site for u in units if u.site})
     images, labels, split, site, patient = [], [], [], [], []
-    sizes, modes, lows, highs = [], Counter(), [], []
+    sizes, modes, lows, highs, decoded = [], Counter(), [], [], []
     for unit, result in zip(units, results):
+        decoded.append(not isinstance(result, str))
         if isinstance(result, str):
             skipped.extend((f, result) for f in unit.files)
             continue
@@ -229,7 +235,7 @@ def _assemble(units: list[Unit], results: list[Decoded | str], skipped: list) ->
         "patient": np.asarray(patient, np.int64),
         "hashes": np.asarray([image_hash(img) for img in stacked], np.int64),
     }
-    manifest = {"skipped": sorted(skipped), **_describe_sources(sizes, modes, lows, highs)}
+    manifest = {"skipped": sorted(skipped), "decoded": decoded, **_describe_sources(sizes, modes, lows, highs)}
     return arrays, manifest
 
 
@@ -336,6 +342,10 @@ def usable(ds: Dataset, data: DataConfig) -> list[str]:
     warnings = []
     if counts:
         warnings.append(f"{sum(counts.values())} files skipped ({reasons})")
+    empty = ds.manifest.get("empty_class_folders", [])
+    if empty:
+        shown = ", ".join(empty[:4]) + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
+        warnings.append(f"{len(empty)} class folder(s) hold no usable image: {shown}")
     missing = [name for name, n in zip(data.class_names(), present) if n == 0]
     if missing:
         warnings.append(f"no images of class {', '.join(missing)}")

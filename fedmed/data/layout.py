@@ -47,6 +47,7 @@ class Unit:
     split: int  # -1: the layout says nothing, 0: train, 1: test
     site: str  # hospital folder, "" when the layout has none
     patient: str  # slices of one patient never straddle train and test
+    folder: str = ""  # the class folder it sits in ("" when a CSV gives the label)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Layout:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     class_folders: dict[str, str] = field(default_factory=dict)  # folder name -> class
+    class_dirs: list[str] = field(default_factory=list)  # every class folder, empty or not
 
 
 class ClassMap:
@@ -214,7 +216,7 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
     dirs = [Path(rel).parent.parts for rel in wanted]
     sited = _has_site_level(dirs, classes)
     unknown: Counter[str] = Counter()
-    placed: list[tuple[str, int, int, str, str]] = []  # rel, label, split, site, patient
+    placed: list[tuple[str, int, int, str, str, str]] = []  # rel, label, split, site, patient, class folder
     for rel in wanted:
         parts = list(Path(rel).parent.parts)
         site = parts.pop(0) if sited and parts else ""
@@ -226,7 +228,7 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
             if label is None:
                 layout.skipped.append((rel, "not listed in data.labels_csv"))
                 continue
-            below = parts
+            folder, below = "", parts
         else:
             if not parts:
                 layout.skipped.append((rel, "not inside a class folder"))
@@ -236,12 +238,13 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
                 unknown[parts[0]] += 1
                 continue
             layout.class_folders[parts[0]] = classes.names[label]
+            folder = "/".join(Path(rel).parent.parts[: len(Path(rel).parent.parts) - len(parts) + 1])
             below = parts[1:]
         # A folder below the class folder is a patient (or study); otherwise the file is.
         patient = "/".join([site, *below[:1]]) if below else (
             _volume_patient(rel, data.modality) if fmt == "nifti" else rel
         )
-        placed.append((rel, label, split, site, patient))
+        placed.append((rel, label, split, site, patient, folder))
     if unknown:
         names = ", ".join(f"'{n}'" for n in sorted(unknown)[:6])
         raise FedmedError(
@@ -251,9 +254,25 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
     if fmt == "dicom":
         layout.units = _dicom_series(root, placed, layout.skipped)
     else:
-        layout.units = [Unit((rel, ), label, split, site, patient) for rel, label, split, site, patient in placed]
+        layout.units = [Unit((rel,), label, split, site, patient, folder) for rel, label, split, site, patient, folder in placed]
     layout.sites = sorted({u.site for u in layout.units if u.site})
+    if csv_labels is None:
+        layout.class_dirs = _class_dirs(root, sited, classes)
     return layout
+
+
+def _class_dirs(root: Path, sited: bool, classes: ClassMap) -> list[str]:
+    """Folders standing where a class folder stands, whether or not they hold images."""
+    found = []
+    for folder, dirs, _ in os.walk(root):
+        dirs.sort()
+        parts = list(Path(folder).relative_to(root).parts)
+        rest = parts[1:] if sited else parts
+        if rest and rest[0].lower() in SPLITS:
+            rest = rest[1:]
+        if len(rest) == 1 and classes.get(rest[0]) is not None:
+            found.append("/".join(parts))
+    return found
 
 
 def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> list[Unit]:
@@ -263,7 +282,7 @@ def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> l
     from pydicom.errors import InvalidDicomError
 
     series: dict[str, list] = {}
-    for rel, label, split, site, patient in placed:
+    for rel, label, split, site, patient, folder in placed:
         try:
             ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
             uid = str(ds.SeriesInstanceUID)
@@ -275,12 +294,12 @@ def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> l
             continue
         who = str(getattr(ds, "PatientID", "") or "")
         key = hashlib.sha256(f"{site}|{who or uid}".encode()).hexdigest()[:16]
-        series.setdefault(uid, []).append((rel, label, split, site, key))
+        series.setdefault(uid, []).append((rel, label, split, site, key, folder))
     units = []
     for uid, members in sorted(series.items(), key=lambda item: item[1][0][0]):
         if len({(m[1], m[2], m[3]) for m in members}) > 1:
             skipped.extend((m[0], "DICOM series spans several class, split or hospital folders") for m in members)
             continue
-        _, label, split, site, key = members[0]
-        units.append(Unit(tuple(m[0] for m in members), label, split, site, key))
+        _, label, split, site, key, folder = members[0]
+        units.append(Unit(tuple(m[0] for m in members), label, split, site, key, folder))
     return units
