@@ -47,7 +47,7 @@ class DataConfig(_Section):
         "iid", description="Split across hospitals: `iid` (random, by patient) or `folders` (`ROOT/<hospital>/...`: one top folder per hospital)."
     )
     test_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of patients held out for testing when the dataset has no `Testing` split."
+        0.2, gt=0, lt=1, description="Share of each class's patients held out for testing when the dataset has no `Testing` split."
     )
     dedupe: bool = Field(True, description="Drop test images that exactly duplicate a training image (reported either way).")
     strict: bool = Field(False, description="Fail on any unreadable file instead of skipping and reporting it.")

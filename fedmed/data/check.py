@@ -60,7 +60,7 @@ def _sources(console: Console, dataset: Dataset) -> None:
 def _counts(console: Console, dataset: Dataset, data: DataConfig, split: np.ndarray) -> None:
     names = data.class_names()
     given = (dataset.split >= 0).any()
-    table = Table(title="images per class" + ("" if given else f" (no Training/Testing folders: {data.test_fraction:.0%} of patients drawn for test)"))
+    table = Table(title="images per class" + ("" if given else f" (no Training/Testing folders: {data.test_fraction:.0%} of each class drawn for test, by patient)"))
     for column in ("class", "train", "test", "total"):
         table.add_column(column, justify="left" if column == "class" else "right")
     totals = np.bincount(dataset.labels, minlength=len(names))

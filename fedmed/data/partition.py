@@ -51,13 +51,17 @@ def merged_patients(ds: Dataset) -> np.ndarray:
     return np.asarray([root(g) for g in group], dtype=np.int64)
 
 
-def _random_split(groups: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """TEST for whole groups holding about `fraction` of the images, else TRAIN."""
-    unique, sizes = np.unique(groups, return_counts=True)
-    order = rng.permutation(len(unique))
-    taken = np.cumsum(sizes[order])
-    n_test = int(np.searchsorted(taken, fraction * len(groups))) + 1
-    test_groups = unique[order[: min(n_test, len(unique) - 1)]]
+def _random_split(groups: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """TEST for whole groups holding about `fraction` of each class's images, else TRAIN.
+    A group counts under the label of its first image; every class keeps a training group."""
+    unique, first, sizes = np.unique(groups, return_index=True, return_counts=True)
+    test_groups = []
+    for label in np.unique(labels[first]):
+        mine = np.flatnonzero(labels[first] == label)
+        order = mine[rng.permutation(len(mine))]
+        taken = np.cumsum(sizes[order])
+        n_test = int(np.searchsorted(taken, fraction * taken[-1])) + 1
+        test_groups.extend(unique[order[: min(n_test, len(order) - 1)]])
     return np.where(np.isin(groups, test_groups), TEST, TRAIN).astype(np.int8)
 
 
@@ -79,7 +83,7 @@ def split_by_patient(ds: Dataset, data: DataConfig, seed: int) -> tuple[np.ndarr
     split = ds.split.copy()
     unsplit = split < 0
     if unsplit.any():
-        split[unsplit] = _random_split(groups[unsplit], data.test_fraction, np.random.default_rng([seed, 11]))
+        split[unsplit] = _random_split(groups[unsplit], ds.labels[unsplit], data.test_fraction, np.random.default_rng([seed, 11]))
     train_hashes = set(ds.hashes[split == TRAIN].tolist())
     test_idx = np.flatnonzero(split == TEST)
     copies = np.asarray([h in train_hashes for h in ds.hashes[test_idx].tolist()], dtype=bool)
