@@ -166,7 +166,8 @@ class FedmedConfig(_Section):
         return {k: (REDACTED if k in PATH_KEYS and v else v) for k, v in self.flat().items()}
 
     def for_hospitals(self) -> dict[str, Any]:
-        """What the server sends each hospital: training settings, not its own paths."""
+        """What the server sends each hospital: the settings that decide results. Simulated
+        hospitals also find their data through it (data.path is the researcher's own)."""
         return {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS}
 
 

@@ -92,3 +92,13 @@ def test_data_check_on_an_unusable_dataset_is_one_line(tmp_path):
 
 def test_simulate_on_disk_needs_a_path():
     _assert_clean_failure(fedmed("simulate", "--set", "data.source=disk"), "data.path")
+
+
+def test_data_check_refuses_data_too_small_for_the_hospitals(tmp_path):
+    from tests import mri_fixtures as fx
+
+    fx.image_folder(tmp_path / "d", {"glioma": 3, "pituitary": 3})
+    args = ("data", "check", str(tmp_path / "d"), "--set", f"data.cache_dir='{tmp_path / 'cache'}'")
+    result = fedmed(*args, "--set", "data.hospitals=8")
+    assert result.returncode == 2 and "would get no test images" in result.stderr
+    assert fedmed(*args, "--set", "data.hospitals=1").returncode == 0

@@ -224,7 +224,7 @@ def test_bad_files_are_skipped_counted_and_reported(tmp_path, data_config):
     assert reasons["Training/glioma/corrupt.png"] in ("not a readable image", "corrupt image")
     assert reasons["Training/meningioma/gone.jpg"].startswith("unreadable file")
     assert reasons["Training/.DS_Store"] == reasons["Training/meningioma/Thumbs.db"] == "system or hidden file"
-    assert reasons["Training/meningioma/notes.txt"] == "not a imagefolder file"
+    assert reasons["Training/meningioma/notes.txt"] == "not an image"
     assert per_class(ds, TRAIN) == [6, 6, 6, 9]  # RGBA, palette and 16-bit images are read
     assert ds.skip_counts(include_system=False).total() == 4
     warnings = usable(ds, data)
@@ -277,7 +277,7 @@ def test_dicom_without_pixels_or_with_undecodable_compression_is_skipped_with_re
     ds = load_dataset(data_config(tmp_path / "d", "data.slab=1.0", "data.min_foreground=0"))
     reasons = ds.skip_counts()
     assert reasons["DICOM file has no pixel data"] == 1
-    compressed = [r for r in reasons if r.startswith("compressed transfer syntax")]
+    compressed = [r for r in reasons if r.startswith("transfer syntax")]
     assert compressed and "JPEG 2000" in compressed[0] and reasons[compressed[0]] == 3
     assert np.bincount(ds.labels, minlength=4).tolist() == [11, 12, 0, 0]
 
@@ -297,3 +297,138 @@ def test_truncated_nifti_is_skipped(tmp_path, data_config):
 def test_missing_path_is_one_clear_error(tmp_path, data_config):
     with pytest.raises(FedmedError, match="data.path does not exist"):
         load_dataset(data_config(tmp_path / "nowhere"))
+
+
+# ---- harder cases -------------------------------------------------------------------
+
+
+def test_damaged_dicom_files_are_skipped_not_fatal(tmp_path, data_config):
+    import pydicom
+
+    rng = np.random.default_rng(0)
+    files = fx.dicom_series(tmp_path / "d" / "glioma" / "p1", fx.dicom_volume(rng), patient="A", seed=1)
+    fx.dicom_series(tmp_path / "d" / "meningioma" / "p2", fx.dicom_volume(rng), patient="B", seed=2)
+    files[0].write_bytes(files[0].read_bytes()[:154])  # cut inside the header
+    raw = bytearray(files[1].read_bytes())
+    raw[140:160] = b"\xff" * 20  # garbage where the meta group length sits
+    files[1].write_bytes(bytes(raw))
+    private = pydicom.dcmread(files[2])
+    private.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"  # a vendor's private syntax
+    private.save_as(files[2])
+    ds = load_dataset(data_config(tmp_path / "d", "data.slab=1.0", "data.min_foreground=0"))
+    reasons = ds.skip_counts()
+    assert sum(reasons.values()) == 3
+    assert any("1.2.840.113619.5.2" in r for r in reasons)
+    assert np.bincount(ds.labels, minlength=4).tolist() == [9, 12, 0, 0]
+
+
+def test_anonymised_dicom_patients_are_told_apart_by_folder(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        for k, name in enumerate(("glioma", "pituitary")):
+            fx.dicom_series(tmp_path / "d" / name / f"case{i}", fx.dicom_volume(rng), patient="ANONYMOUS", seed=10 * i + k)
+    ds = load_dataset(data_config(tmp_path / "d", "data.slab=1.0", "data.min_foreground=0"))
+    assert len(np.unique(ds.patient)) == 8
+
+
+def test_damaged_npz_and_labels_csv_are_clear_errors(tmp_path, data_config):
+    np.savez(tmp_path / "ok.npz", train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.arange(4))
+    whole = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(FedmedError, match="cannot read the .npz archive"):
+        load_dataset(data_config(tmp_path / "cut.npz"))
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "renamed.npz")
+    with pytest.raises(FedmedError, match="cannot read the .npz archive"):
+        load_dataset(data_config(tmp_path / "renamed.npz"))
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "vols"
+    for i in range(4):
+        fx.nifti(root / "scans" / f"c{i}.nii.gz", fx.brain_volume(rng))
+    (root / "bom.csv").write_bytes("\ufeffvolume,label\n".encode() + b"".join(f"scans/c{i}.nii.gz,{CLASSES[i]}\n".encode() for i in range(4)))
+    ds = load_dataset(data_config(root, "data.labels_csv=bom.csv"))
+    assert len(np.unique(ds.patient)) == 4  # volumes in one folder are still four patients
+    (root / "latin1.csv").write_bytes("scans/c0.nii.gz,tumeur à droite\n".encode("latin-1"))
+    with pytest.raises(FedmedError, match="not a UTF-8 CSV"):
+        load_dataset(data_config(root, "data.labels_csv=latin1.csv"))
+    (root / "twice.csv").write_text("scans/c0.nii.gz,glioma\nscans/c0.nii.gz,pituitary\n")
+    with pytest.raises(FedmedError, match="two different labels"):
+        load_dataset(data_config(root, "data.labels_csv=twice.csv"))
+
+
+def test_modalities_of_one_case_are_one_patient_and_masks_are_not_images(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        for modality in ("t1", "t2", "flair", "seg"):
+            fx.nifti(tmp_path / "v" / CLASSES[i % 2] / f"case{i}_{modality}.nii.gz", fx.brain_volume(rng))
+    data = data_config(tmp_path / "v", "data.hospitals=2", "data.test_fraction=0.34")
+    ds = load_dataset(data)
+    assert len(np.unique(ds.patient)) == 6
+    assert ds.skip_counts() == {"segmentation mask, not an image": 6}
+    parts = assign(ds, data, seed=0)
+    for patient in np.unique(ds.patient):
+        assert len(set(parts.split[ds.patient == patient].tolist())) == 1
+
+
+def test_blank_images_do_not_tie_patients_together(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = tmp_path / "d" / CLASSES[i % 2] / f"patient{i:02d}"
+        folder.mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(fx.picture(rng, 40, 40)).save(folder / f"{k}.png")
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "blank.png")
+    data = data_config(tmp_path / "d", "data.test_fraction=0.34")
+    split, groups, dups = split_by_patient(load_dataset(data), data, seed=0)
+    assert len(np.unique(groups)) == 12 and (split == TEST).sum() == 16
+    assert dups["train_test"] == 0
+
+
+def test_hospital_folders_each_keep_a_test_split(tmp_path, data_config):
+    for h, n in (("big", 20), ("small", 2)):
+        fx.image_folder(tmp_path / "d" / h, {"glioma": n, "pituitary": n}, seed=len(h))
+    data = data_config(tmp_path / "d", "data.partition=folders", "data.hospitals=2")
+    ds = load_dataset(data)
+    assert ds.manifest["sites"] == ["big", "small"]
+    for seed in range(5):
+        parts = assign(ds, data, seed)
+        assert [len(parts.indices(TEST, h)) for h in (0, 1)] == [8, 2]
+
+
+def test_linked_folders_are_read_and_hidden_folders_ignored(tmp_path, data_config):
+    fx.image_folder(tmp_path / "elsewhere", {"pituitary": 3})
+    fx.image_folder(tmp_path / "d", {"glioma": 3, ".ipynb_checkpoints": 2})
+    (tmp_path / "d" / "pituitary").symlink_to(tmp_path / "elsewhere" / "pituitary")
+    (tmp_path / "d" / "glioma" / "loop").symlink_to(tmp_path / "d")
+    ds = load_dataset(data_config(tmp_path / "d"))
+    assert np.bincount(ds.labels, minlength=4).tolist() == [3, 0, 0, 3]
+    reasons = dict(ds.skipped)
+    assert reasons[".ipynb_checkpoints/"] == "system or hidden file"
+    assert reasons["glioma/loop/"] == "folder reached twice through a link"
+
+
+def test_thin_images_are_skipped(tmp_path, data_config):
+    fx.image_folder(tmp_path / "d", {"glioma": 2, "pituitary": 2})
+    Image.new("L", (20000, 1)).save(tmp_path / "d" / "glioma" / "line.png")
+    assert dict(load_dataset(data_config(tmp_path / "d")).skipped)["glioma/line.png"] == "image is 20000x1 pixels: not a slice"
+
+
+def test_zscore_normalisation_and_signed_volumes(tmp_path, data_config):
+    rng = np.random.default_rng(0)
+    volume = fx.brain_volume(rng, brain_slices=(5, 25)) - 1000.0  # background at -1000, like CT-ish units
+    fx.nifti(tmp_path / "v" / "glioma" / "a.nii.gz", volume)
+    fx.nifti(tmp_path / "v" / "pituitary" / "b.nii.gz", fx.brain_volume(rng, brain_slices=(5, 25)))
+    ds = load_dataset(data_config(tmp_path / "v", "data.normalise=zscore", "data.slab=1.0"))
+    assert np.bincount(ds.labels, minlength=4).tolist() == [20, 0, 0, 20]  # empty slices still found
+    brain = ds.images[ds.images > 0]
+    assert 100 < brain.mean() < 160  # z-scores centred in the 0-255 range
+
+
+def test_an_interrupted_cache_is_rebuilt(tmp_path, data_config):
+    root = kaggle(tmp_path / "k", train=2, test=1)
+    data = data_config(root)
+    first = load_dataset(data)
+    cache = tmp_path / "cache" / "datasets" / first.manifest["digest"]
+    (cache / "index.npz").unlink()
+    assert len(load_dataset(data)) == len(first)

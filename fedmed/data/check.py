@@ -12,7 +12,8 @@ from rich.table import Table
 
 from fedmed.config import DataConfig
 from fedmed.data.dataset import Dataset, load_dataset, resolve_root, usable
-from fedmed.data.partition import TEST, TRAIN, split_by_patient
+from fedmed.data.demo import hospital_name
+from fedmed.data.partition import TEST, TRAIN, Assignment, assign, split_by_patient
 
 SHOW_SKIPPED = 30
 
@@ -24,16 +25,19 @@ def check(data: DataConfig, seed: int, console: Console) -> None:
     _overview(console, root, dataset)
     if len(dataset):
         _sources(console, dataset)
-        split, groups, duplicates = split_by_patient(dataset, data, seed)
+        split, _, duplicates = split_by_patient(dataset, data, seed)
         _counts(console, dataset, data, split)
-        if dataset.manifest.get("sites"):
-            _sites(console, dataset, split)
-        _patients(console, dataset, groups, split, duplicates)
+        _patients(console, dataset, duplicates)
     _skipped(console, dataset)
     warnings = usable(dataset, data)  # raises with the reason when unusable
+    parts = assign(dataset, data, seed)  # raises if the hospitals cannot all get data
+    _hospitals(console, dataset, data, parts)
     for line in warnings:
         console.print(f"[yellow]warning:[/yellow] {line}")
-    console.print(f"[green]usable:[/green] {len(dataset)} images of {len(data.class_names())} classes")
+    console.print(
+        f"[green]usable:[/green] {len(dataset)} images of {len(data.class_names())} classes, "
+        f"for {data.hospitals} hospital(s) (data.partition = {data.partition})"
+    )
 
 
 def _overview(console: Console, root, dataset: Dataset) -> None:
@@ -75,22 +79,20 @@ def _counts(console: Console, dataset: Dataset, data: DataConfig, split: np.ndar
     console.print(f"class imbalance: largest/smallest class = {ratio:.2f}" + ("  [yellow](imbalanced)[/yellow]" if ratio > 3 else ""))
 
 
-def _sites(console: Console, dataset: Dataset, split: np.ndarray) -> None:
-    table = Table(title="hospital folders")
-    for column in ("hospital", "train", "test"):
-        table.add_column(column, justify="left" if column == "hospital" else "right")
-    for i, name in enumerate(dataset.manifest["sites"]):
-        here = dataset.site == i
-        table.add_row(name, str(int((here & (split == TRAIN)).sum())), str(int((here & (split == TEST)).sum())))
+def _hospitals(console: Console, dataset: Dataset, data: DataConfig, parts: Assignment) -> None:
+    table = Table(title=f"split across {data.hospitals} hospital(s), by patient (data.partition = {data.partition})")
+    for column in ("hospital", "folder", "train", "test"):
+        table.add_column(column, justify="right" if column in ("train", "test") else "left")
+    folders = dataset.manifest.get("sites", []) if data.partition == "folders" else []
+    for h in range(data.hospitals):
+        table.add_row(
+            hospital_name(h), folders[h] if folders else "-", str(len(parts.indices(TRAIN, h))), str(len(parts.indices(TEST, h)))
+        )
     console.print(table)
 
 
-def _patients(console: Console, dataset: Dataset, groups: np.ndarray, split: np.ndarray, duplicates: dict) -> None:
-    both = np.intersect1d(dataset.patient[dataset.split == TRAIN], dataset.patient[dataset.split == TEST])
-    line = f"patients (volumes, series, patient folders or single images): {len(np.unique(dataset.patient))}"
-    if len(both):
-        line += f"; [yellow]{len(both)} appear in both the Training and Testing folders[/yellow]"
-    console.print(line)
+def _patients(console: Console, dataset: Dataset, duplicates: dict) -> None:
+    console.print(f"patients (volumes, series, patient folders or single images): {len(np.unique(dataset.patient))}")
     console.print(
         f"exact duplicates: {duplicates['train_test']} test images copy a training image"
         + (f" ({duplicates['left_out']} left out: data.dedupe)" if duplicates["left_out"] else "")

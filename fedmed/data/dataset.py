@@ -2,8 +2,8 @@
 
 The cache key is a digest of the file list (names, sizes, modification times) and
 every setting that changes the decoded pixels, so an edited dataset or a new image
-size decodes afresh and anything else starts in seconds. The cache lives on this
-machine, next to the data it came from.
+size decodes afresh and anything else starts in seconds. The cache lives on the
+machine that holds the data (`data.cache_dir`, by default ~/.cache/fedmed/datasets).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -26,11 +27,11 @@ import numpy as np
 from fedmed.config import DataConfig
 from fedmed.data.decode import Decoded, Skip, VolumeSettings, decode_dicom_series, decode_image, decode_nifti, image_hash, to_square
 from fedmed.data.demo import cache_root
-from fedmed.data.layout import SPLITS, Unit, detect_format, list_files, scan
+from fedmed.data.layout import SPLITS, SYSTEM_REASON, Unit, detect_format, list_files, scan
 from fedmed.errors import FedmedError
 
-DECODER_VERSION = 1  # bump when decoding changes what a cached dataset holds
-SYSTEM_REASON = "system or hidden file"
+DECODER_VERSION = 2  # bump when decoding changes what a cached dataset holds
+CACHE_FILES = ("images.npy", "index.npz", "manifest.json")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,22 @@ def _decode_settings(data: DataConfig) -> dict[str, Any]:
         "min_foreground": data.min_foreground,
         "normalise": data.normalise,
         "modality": data.modality,
+        "decoders": _decoders(),
     }
+
+
+def _decoders() -> dict[str, str]:
+    """Reader versions, and which optional DICOM decoders are installed: installing one
+    can turn a skipped series into a readable one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("pillow", "nibabel", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "python-gdcm"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def _fingerprint(root: Path, files: list[str], fmt: str, data: DataConfig) -> str:
@@ -89,9 +105,9 @@ def _fingerprint(root: Path, files: list[str], fmt: str, data: DataConfig) -> st
     for rel in files:
         try:
             st = os.stat(base / rel)
-            stats.append((rel, st.st_size, st.st_mtime_ns))
+            stats.append((rel, st.st_size, st.st_mtime_ns, st.st_mode))  # mode: a chmod can make a file readable
         except OSError:
-            stats.append((rel, -1, -1))
+            stats.append((rel, -1, -1, -1))
     labels = b""
     if data.labels_csv:
         csv_path = Path(data.labels_csv) if Path(data.labels_csv).is_absolute() else base / data.labels_csv
@@ -103,12 +119,13 @@ def _fingerprint(root: Path, files: list[str], fmt: str, data: DataConfig) -> st
 def load_dataset(data: DataConfig, announce: Callable[[str], None] | None = None) -> Dataset:
     """The dataset at `data.path`, decoded (first time) or read from the cache."""
     root = resolve_root(data)
+    passed: list[tuple[str, str]] = []
     if root.is_file():
         files, fmt = [root.name], "npz"
         if data.format not in ("auto", "npz"):
             raise FedmedError(f"data.path is an .npz file but data.format = {data.format}: set data.format = npz")
     else:
-        files = list_files(root)
+        files, passed = list_files(root)
         fmt = data.format if data.format != "auto" else detect_format(root, files)
         if fmt == "npz":
             archives = [f for f in files if f.lower().endswith(".npz")]
@@ -116,10 +133,10 @@ def load_dataset(data: DataConfig, announce: Callable[[str], None] | None = None
                 raise FedmedError(f"data.format = npz needs exactly one .npz file in data.path (found {len(archives)})")
             root, files = root / archives[0], [Path(archives[0]).name]
     cache = cache_root(data.cache_dir) / "datasets" / _fingerprint(root, files, fmt, data)
-    if not (cache / "manifest.json").exists():
+    if not all((cache / name).is_file() for name in CACHE_FILES):
         if announce:
             announce(f"decoding the {fmt} dataset (first use; later runs read the cache in {cache.parent})")
-        _build(cache, root, files, fmt, data)
+        _build(cache, root, files, passed, fmt, data)
     return _read(cache)
 
 
@@ -162,11 +179,11 @@ def _decode_all(root: Path, units: list[Unit], fmt: str, data: DataConfig) -> li
             return results
 
 
-def _build(cache: Path, root: Path, files: list[str], fmt: str, data: DataConfig) -> None:
+def _build(cache: Path, root: Path, files: list[str], passed: list[tuple[str, str]], fmt: str, data: DataConfig) -> None:
     if fmt == "npz":
         arrays, manifest = _from_npz(root, data)
     else:
-        layout = scan(root, files, fmt, data)
+        layout = scan(root, files, fmt, data, passed)
         if not layout.units:
             arrays, manifest = _empty(data), {"skipped": layout.skipped}
         else:
@@ -180,18 +197,36 @@ def _build(cache: Path, root: Path, files: list[str], fmt: str, data: DataConfig
     manifest.update(format=fmt, classes=list(data.class_names()), files=len(files), settings=_decode_settings(data), digest=cache.name)
     manifest.setdefault("sites", [])
     images = arrays.pop("images")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache.parent))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(cache.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache.parent))
+    except OSError as exc:
+        raise FedmedError(f"cannot write the dataset cache in {cache.parent} ({exc.strerror}): set data.cache_dir") from None
     try:
         np.save(tmp / "images.npy", images)
         np.savez(tmp / "index.npz", **arrays)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if cache.exists():  # an incomplete cache from an interrupted run
+            shutil.rmtree(cache, ignore_errors=True)
         try:
             os.replace(tmp, cache)
         except OSError:  # another process built it first: theirs is as good
             pass
+    except OSError as exc:
+        raise FedmedError(f"cannot write the dataset cache in {cache.parent} ({exc.strerror}): free space or set data.cache_dir") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(folder: Path, age_s: float = 3600.0) -> None:
+    """Half-built caches of runs that were killed, once they are clearly abandoned."""
+    for old in folder.glob(".building-*"):
+        try:
+            if time.time() - old.stat().st_mtime > age_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _empty(data: DataConfig) -> dict[str, np.ndarray]:
@@ -233,10 +268,16 @@ def _assemble(units: list[Unit], results: list[Decoded | str], skipped: list) ->
         "split": np.asarray(split, np.int8),
         "site": np.asarray(site, np.int16),
         "patient": np.asarray(patient, np.int64),
-        "hashes": np.asarray([image_hash(img) for img in stacked], np.int64),
+        "hashes": _hashes(stacked),
     }
     manifest = {"skipped": sorted(skipped), "decoded": decoded, **_describe_sources(sizes, modes, lows, highs)}
     return arrays, manifest
+
+
+def _hashes(images: np.ndarray) -> np.ndarray:
+    """Pixel digests for duplicate detection; 0 for constant (blank) images, which are
+    alike without being copies and must not tie patients together."""
+    return np.asarray([image_hash(img) if img.min() != img.max() else 0 for img in images], np.int64)
 
 
 def _describe_sources(sizes: list[tuple[int, int]], modes: Counter, lows: list[float], highs: list[float]) -> dict:
@@ -257,18 +298,18 @@ def _describe_sources(sizes: list[tuple[int, int]], modes: Counter, lows: list[f
 def _from_npz(path: Path, data: DataConfig) -> tuple[dict, dict]:
     """MedMNIST style: `{train,val,test}_images` with `{train,val,test}_labels` ((N,) or (N, 1))."""
     try:
-        archive = np.load(path, allow_pickle=False)
-        present = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise FedmedError(f"cannot read the .npz archive: {type(exc).__name__} (is it a complete NumPy .npz file?)") from None
+        with np.load(path, allow_pickle=False) as archive:
+            present = {k: archive[k] for k in archive.files}
+    except Exception as exc:  # truncated zip, CRC error, an .npy under an .npz name, object arrays...
+        raise FedmedError(f"cannot read the .npz archive ({type(exc).__name__}): is it a complete NumPy .npz file?") from None
     n_classes = len(data.class_names())
     parts, sizes, modes, lows, highs = [], [], Counter(), [], []
     for name in ("train", "val", "test"):
         if f"{name}_images" not in present:
             continue
         images, labels = present[f"{name}_images"], present.get(f"{name}_labels")
-        if labels is None or len(labels) != len(images):
-            raise FedmedError(f"the .npz has {name}_images but no {name}_labels of the same length")
+        if images.ndim < 3 or not np.issubdtype(images.dtype, np.number) or labels is None or labels.ndim < 1 or len(labels) != len(images):
+            raise FedmedError(f"the .npz needs {name}_images (N, H, W[, C]) and {name}_labels of the same length N")
         labels = np.asarray(labels).reshape(len(labels), -1)
         if labels.shape[1] != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise FedmedError(f"{name}_labels must be one integer class per image (multi-label arrays are not supported)")
@@ -305,7 +346,7 @@ def _from_npz(path: Path, data: DataConfig) -> tuple[dict, dict]:
         "split": np.concatenate([np.full(len(p[1]), p[2], np.int8) for p in parts]),
         "site": np.full(len(stacked), -1, np.int16),
         "patient": np.arange(len(stacked), dtype=np.int64),  # one image, one patient: the archive says no more
-        "hashes": np.asarray([image_hash(img) for img in stacked], np.int64),
+        "hashes": _hashes(stacked),
     }
     return arrays, {"skipped": [], **_describe_sources(sizes, modes, lows, highs)}
 

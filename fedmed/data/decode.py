@@ -8,6 +8,7 @@ file raise `Skip` with a reason that names no path: the caller knows the file.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def decode_image(path: Path, size: int) -> Decoded:
     try:
         with Image.open(path) as img:
             width, height, mode = img.width, img.height, img.mode
+            if min(width, height) < 8 or max(width, height) > 16 * min(width, height):
+                raise Skip(f"image is {width}x{height} pixels: not a slice")
             if img.format == "JPEG":
                 img.draft("L", (size, size))  # decode at a reduced scale: much faster
             img.load()
@@ -83,11 +86,12 @@ def decode_image(path: Path, size: int) -> Decoded:
                     img = img.convert("RGBA").convert("RGB")
                 gray = np.asarray(img.convert("L"), dtype=np.uint8)
                 low, high = float(gray.min()), float(gray.max())
+        square = to_square(gray, size)
     except FileNotFoundError:
         raise Skip("unreadable file (missing or a broken link)") from None
     except PermissionError:
         raise Skip("unreadable file (permission denied)") from None
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, MemoryError):
         raise Skip("image too large to decode safely") from None
     except (OSError, SyntaxError, ValueError) as exc:
         text = str(exc)
@@ -96,7 +100,7 @@ def decode_image(path: Path, size: int) -> Decoded:
         if "cannot identify image file" in text:
             raise Skip("not a readable image") from None
         raise Skip("corrupt image") from None
-    return Decoded(to_square(gray, size)[None], width, height, mode, low, high)
+    return Decoded(square[None], width, height, mode, low, high)
 
 
 # ---- volumes (NIfTI, DICOM series) ------------------------------------------------
@@ -108,10 +112,17 @@ def volume_slices(volume: np.ndarray, size: int, settings: VolumeSettings) -> np
     lo, hi = float(volume.min()), float(volume.max())
     if hi <= lo:
         raise Skip("volume is blank (constant intensity)")
-    foreground = volume > lo + 0.02 * (hi - lo)
+    # Background is what fills the borders of the slices (zero in most scans, but not
+    # in signed or already-normalised volumes).
+    border = np.concatenate([volume[:, [0, -1], :].ravel(), volume[:, :, [0, -1]].ravel()])
+    foreground = np.abs(volume - float(np.median(border))) > 0.02 * (hi - lo)
     values = volume[foreground]
+    if values.size == 0:
+        raise Skip("volume holds nothing but background")
     if settings.normalise == "percentile":
         p_lo, p_hi = np.percentile(values, [0.5, 99.5])
+        if p_hi <= p_lo:  # a few distinct values (a mask, a phantom): use the whole range
+            p_lo, p_hi = float(values.min()), float(values.max())
         scaled = _rescale(volume, float(p_lo), float(p_hi))
     else:
         mean, std = float(values.mean()), float(values.std()) or 1.0
@@ -140,7 +151,7 @@ def decode_nifti(path: Path, size: int, settings: VolumeSettings) -> Decoded:
         raise Skip("unreadable file (permission denied)") from None
     except Exception:  # nibabel raises many types for a damaged file (EOFError, zlib, ImageFileError)
         raise Skip("corrupt or truncated NIfTI volume") from None
-    if data.ndim == 4 and data.shape[3] == 1:
+    while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise Skip(f"NIfTI volume is {data.ndim}-D, expected 3-D")
@@ -151,55 +162,90 @@ def decode_nifti(path: Path, size: int, settings: VolumeSettings) -> Decoded:
     return out
 
 
-def _slice_position(ds) -> float:
-    """Position along the slice normal (ImagePositionPatient . row x col), else InstanceNumber."""
+def read_dicom(path: Path, header_only: bool = False):
+    """pydicom's reader without its warnings, which name the file: a damaged file is
+    reported by the caller, as a count and a reason."""
+    import logging
+
+    import pydicom
+
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, stop_before_pixels=header_only)
+
+
+def _normal_position(ds) -> float | None:
+    """Position along the slice normal (ImagePositionPatient . row x col), if the file says."""
     try:
         orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
         normal = np.cross(orientation[:3], orientation[3:])
         return float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal))
-    except (AttributeError, ValueError, TypeError):
-        return float(getattr(ds, "InstanceNumber", 0) or 0)
+    except Exception:  # absent or malformed tags
+        return None
+
+
+def _instance_number(ds) -> float:
+    try:
+        return float(ds.get("InstanceNumber", 0) or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _undecodable(ds) -> str:
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+    if syntax is None:
+        return "DICOM pixel data cannot be read"
+    try:
+        name = syntax.name
+    except Exception:
+        name = "unknown"
+    return (
+        f"transfer syntax '{name}' ({syntax}) cannot be decoded here: decompress the series "
+        "(e.g. gdcmconv --raw) or install a pydicom decoder plugin (pylibjpeg)"
+    )
 
 
 def read_dicom_series(root: Path, files: tuple[str, ...]) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """(Z, H, W) values in physical units (RescaleSlope/Intercept applied), ordered along
-    the slice normal, and the files that had to be skipped."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+    the slice normal (or by InstanceNumber if any slice lacks its position), and the
+    files that had to be skipped."""
     slices, skipped = [], []
     for rel in files:
         try:
-            ds = pydicom.dcmread(root / rel)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            ds = read_dicom(root / rel)
+        except Exception:  # a damaged file raises almost anything (struct.error, NotImplementedError, ...)
             skipped.append((rel, "corrupt or truncated DICOM file"))
             continue
         if "PixelData" not in ds:
             skipped.append((rel, "DICOM file has no pixel data"))
             continue
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         try:
-            pixels = ds.pixel_array.astype(np.float32)
-        except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError when no decoder handles it
-            if syntax is not None and syntax.is_compressed:
-                skipped.append((rel, f"compressed transfer syntax '{syntax.name}' ({syntax}) cannot be decoded: "
-                                     "install pylibjpeg[all] or decompress the series (gdcmconv --raw)"))
-            else:
-                skipped.append((rel, f"DICOM pixel data cannot be read ({type(exc).__name__})"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pixels = ds.pixel_array.astype(np.float32)
+        except Exception:  # no decoder for the transfer syntax, or damaged pixel data
+            skipped.append((rel, _undecodable(ds)))
             continue
         if pixels.ndim != 2:
-            skipped.append((rel, "DICOM file is not a single 2-D slice"))
+            skipped.append((rel, "DICOM file is not a single 2-D grayscale slice (multi-frame or colour)"))
             continue
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        slices.append((_slice_position(ds), pixels * slope + intercept))
+        try:
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        except (TypeError, ValueError):
+            skipped.append((rel, "DICOM RescaleSlope/RescaleIntercept is not one number"))
+            continue
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":  # white is low
+            pixels = pixels.max() - pixels
+        slices.append((_normal_position(ds), _instance_number(ds), pixels * slope + intercept))
     if not slices:
         raise Skip(skipped[0][1] if skipped else "DICOM series has no readable slice")
-    shapes = {s.shape for _, s in slices}
-    if len(shapes) > 1:
+    if len({s.shape for _, _, s in slices}) > 1:
         raise Skip("DICOM series mixes slice sizes")
-    slices.sort(key=lambda item: item[0])
-    return np.stack([s for _, s in slices]), skipped
+    by_position = all(position is not None for position, _, _ in slices)
+    slices.sort(key=lambda item: item[0] if by_position else item[1])
+    return np.stack([s for _, _, s in slices]), skipped
 
 
 def decode_dicom_series(root: Path, files: tuple[str, ...], size: int, settings: VolumeSettings) -> Decoded:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ from fedmed.errors import FedmedError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
+SYSTEM_FOLDERS = {"__macosx", "$recycle.bin", "system volume information"}
+SYSTEM_REASON = "system or hidden file"
+# BraTS and similar name each modality of a case `<case>_<modality>.nii.gz`.
+MODALITY_SUFFIX = re.compile(r"_(t1|t1ce|t1c|t1n|t1gd|t1w|t2|t2w|t2f|flair|pd|dwi|adc|seg|mask|label)$", re.IGNORECASE)
+MASK_SUFFIX = re.compile(r"_(seg|mask|label)$", re.IGNORECASE)
 # Folder names that mark a split; validation data joins the training side.
 SPLITS = {"training": 0, "train": 0, "validation": 0, "val": 0, "testing": 1, "test": 1}
 # Folder names other datasets use for the canonical classes (the Kaggle set's among them).
@@ -82,14 +88,32 @@ class ClassMap:
         return None if target is None else self.names.index(target)
 
 
-def list_files(root: Path) -> list[str]:
-    """Every file under root (relative POSIX paths, sorted), links not followed into folders."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
+def list_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every file under root (relative POSIX paths, sorted), following linked folders
+    once each; and the folders passed over, with the reason."""
+    found: list[str] = []
+    passed: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def unreadable(error: OSError) -> None:
+        where = Path(error.filename).relative_to(root).as_posix() if error.filename else "."
+        passed.append((f"{where}/", "unreadable folder"))
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(folder)
         base = Path(folder).relative_to(root)
+        if real in seen:  # a link back into the tree
+            passed.append((f"{base.as_posix()}/", "folder reached twice through a link"))
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in sorted(dirs):
+            if name.startswith(".") or name.lower() in SYSTEM_FOLDERS:
+                passed.append((f"{(base / name).as_posix()}/", SYSTEM_REASON))
+                dirs.remove(name)
+        dirs.sort()
         found.extend((base / name).as_posix() for name in sorted(files))
-    return found
+    return found, passed
 
 
 def _suffix(rel: str) -> str:
@@ -148,36 +172,44 @@ def _labels_from_csv(root: Path, data: DataConfig, classes: ClassMap) -> dict[st
     path = Path(data.labels_csv)
     path = path if path.is_absolute() else root / path
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: the BOM spreadsheets write
             rows = list(csv.reader(handle))
     except OSError as exc:
         raise FedmedError(f"cannot read data.labels_csv ({exc.strerror}): give a CSV of `volume,label` rows") from None
+    except (UnicodeDecodeError, csv.Error):
+        raise FedmedError("data.labels_csv is not a UTF-8 CSV file: save it as CSV (UTF-8)") from None
     labels: dict[str, int] = {}
-    unknown = set()
+    unknown, conflicting = set(), set()
     for row in rows:
-        if len(row) < 2 or not row[0].strip() or row[0].strip().lower() in ("volume", "file", "image"):
+        if len(row) < 2 or not row[0].strip() or row[0].strip().lower() in ("volume", "file", "image", "path"):
             continue
-        index = classes.get(row[1])
+        name, label = row[0].strip(), row[1].strip()
+        index = classes.get(label)
         if index is None:
-            unknown.add(row[1].strip())
-            continue
-        labels[row[0].strip()] = index
+            unknown.add(label or "(empty)")
+        elif labels.setdefault(name, index) != index:
+            conflicting.add(name)
     if unknown:
         raise FedmedError(
             f"data.labels_csv has labels that are not classes: {', '.join(sorted(unknown)[:5])} "
             f"(classes: {', '.join(classes.names)}; map them with data.class_map = \"label:class\")"
         )
+    if conflicting:
+        raise FedmedError(f"data.labels_csv gives {len(conflicting)} volume(s) two different labels: keep one row per volume")
     if not labels:
         raise FedmedError("data.labels_csv has no `volume,label` rows")
     return labels
 
 
 def _has_site_level(dirs: list[tuple[str, ...]], classes: ClassMap) -> bool:
-    """The top folders are hospitals when none of them is a split or a class."""
+    """The top folders are hospitals when none of them is a split or a class, and
+    the folders below them are."""
+
+    def known(name: str) -> bool:
+        return name.lower() in SPLITS or classes.get(name) is not None
+
     tops = {parts[0] for parts in dirs if parts}
-    return bool(tops) and all(t.lower() not in SPLITS and classes.get(t) is None for t in tops) and any(
-        len(parts) >= 2 for parts in dirs
-    )
+    return bool(tops) and not any(known(t) for t in tops) and any(len(p) >= 2 and known(p[1]) for p in dirs)
 
 
 def _stem(rel: str) -> str:
@@ -185,34 +217,36 @@ def _stem(rel: str) -> str:
     return name[: -len(_suffix(rel))] if _suffix(rel) else name
 
 
-def _volume_patient(rel: str, modality: str) -> str:
-    """BraTS-style `<case>_<modality>.nii.gz`: the case is the patient."""
-    stem = _stem(rel)
-    if modality and stem.lower().endswith(f"_{modality.lower()}"):
-        stem = stem[: -len(modality) - 1]
-    return (Path(rel).parent / stem).as_posix()
+def _volume_patient(rel: str) -> str:
+    """BraTS-style `<case>_<modality>.nii.gz`: every modality of a case is one patient."""
+    return (Path(rel).parent / MODALITY_SUFFIX.sub("", _stem(rel))).as_posix()
 
 
-def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
+FORMAT_NOUNS = {"imagefolder": "an image", "nifti": "a NIfTI volume", "dicom": "a DICOM file", "npz": "an .npz archive"}
+
+
+def scan(root: Path, files: list[str], fmt: str, data: DataConfig, passed: list[tuple[str, str]] = ()) -> Layout:
     """Assign every wanted file to a unit, or to the skipped list with a reason."""
     classes = ClassMap(data)
     csv_labels = _labels_from_csv(root, data, classes) if data.labels_csv else None
-    layout = Layout(format=fmt, units=[])
+    layout = Layout(format=fmt, units=[], skipped=list(passed))
     wanted = []
     csv_path = Path(data.labels_csv).as_posix() if data.labels_csv else None
     for rel in files:
         if _is_system(rel):
-            layout.skipped.append((rel, "system or hidden file"))
+            layout.skipped.append((rel, SYSTEM_REASON))
         elif rel == csv_path:
             continue
         elif fmt == "nifti" and data.modality and _suffix(rel) in NIFTI_SUFFIXES and not _stem(rel).lower().endswith(
             f"_{data.modality.lower()}"
         ):
             continue  # another modality of the same case: not wanted, not an error
+        elif fmt == "nifti" and MASK_SUFFIX.search(_stem(rel)):
+            layout.skipped.append((rel, "segmentation mask, not an image"))
         elif _wants(fmt, root, rel):
             wanted.append(rel)
         else:
-            layout.skipped.append((rel, f"not a {fmt} file"))
+            layout.skipped.append((rel, f"not {FORMAT_NOUNS[fmt]}"))
     dirs = [Path(rel).parent.parts for rel in wanted]
     sited = _has_site_level(dirs, classes)
     unknown: Counter[str] = Counter()
@@ -228,7 +262,7 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
             if label is None:
                 layout.skipped.append((rel, "not listed in data.labels_csv"))
                 continue
-            folder, below = "", parts
+            folder, below = "", []  # the CSV names volumes: each is its own patient
         else:
             if not parts:
                 layout.skipped.append((rel, "not inside a class folder"))
@@ -240,10 +274,14 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig) -> Layout:
             layout.class_folders[parts[0]] = classes.names[label]
             folder = "/".join(Path(rel).parent.parts[: len(Path(rel).parent.parts) - len(parts) + 1])
             below = parts[1:]
-        # A folder below the class folder is a patient (or study); otherwise the file is.
-        patient = "/".join([site, *below[:1]]) if below else (
-            _volume_patient(rel, data.modality) if fmt == "nifti" else rel
-        )
+        # A folder below the class folder is a patient (or study); otherwise the file
+        # (a volume: its case) is. DICOM adds the PatientID (see _dicom_series).
+        if below:
+            patient = f"{folder}/{below[0]}"
+        elif fmt == "dicom":
+            patient = ""
+        else:
+            patient = _volume_patient(rel) if fmt == "nifti" else rel
         placed.append((rel, label, split, site, patient, folder))
     if unknown:
         names = ", ".join(f"'{n}'" for n in sorted(unknown)[:6])
@@ -278,22 +316,24 @@ def _class_dirs(root: Path, sited: bool, classes: ClassMap) -> list[str]:
 def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> list[Unit]:
     """Group DICOM files by SeriesInstanceUID; the patient is the PatientID (hashed here,
     never stored), or the series when there is none."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    from fedmed.data.decode import read_dicom
 
     series: dict[str, list] = {}
     for rel, label, split, site, patient, folder in placed:
         try:
-            ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
-            uid = str(ds.SeriesInstanceUID)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            ds = read_dicom(root / rel, header_only=True)
+            uid = str(ds.get("SeriesInstanceUID", "") or "")
+            who = str(ds.get("PatientID", "") or "")
+        except Exception:  # a damaged file raises almost anything (struct.error, NotImplementedError, ...)
             skipped.append((rel, "corrupt or truncated DICOM file"))
             continue
-        except AttributeError:
+        if not uid:
             skipped.append((rel, "DICOM file has no SeriesInstanceUID"))
             continue
-        who = str(getattr(ds, "PatientID", "") or "")
-        key = hashlib.sha256(f"{site}|{who or uid}".encode()).hexdigest()[:16]
+        # The patient folder and the PatientID must both agree (anonymised exports often
+        # share one PatientID); with neither, each series is a patient.
+        key = f"{patient or folder}|{who or ('' if patient else uid)}"
+        key = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         series.setdefault(uid, []).append((rel, label, split, site, key, folder))
     units = []
     for uid, members in sorted(series.items(), key=lambda item: item[1][0][0]):

@@ -43,7 +43,8 @@ def merged_patients(ds: Dataset) -> np.ndarray:
         return i
 
     order = np.argsort(ds.hashes, kind="stable")
-    same = np.flatnonzero(ds.hashes[order][1:] == ds.hashes[order][:-1])
+    ordered = ds.hashes[order]
+    same = np.flatnonzero((ordered[1:] == ordered[:-1]) & (ordered[1:] != 0))  # 0: a blank image
     for k in same:
         a, b = root(group[order[k]]), root(group[order[k + 1]])
         if a != b:
@@ -51,16 +52,17 @@ def merged_patients(ds: Dataset) -> np.ndarray:
     return np.asarray([root(g) for g in group], dtype=np.int64)
 
 
-def _random_split(groups: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """TEST for whole groups holding about `fraction` of each class's images, else TRAIN.
-    A group counts under the label of its first image; every class keeps a training group."""
+def _random_split(groups: np.ndarray, strata: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """TEST for whole groups holding about `fraction` of each stratum's images (a class,
+    at a hospital), else TRAIN. A group counts in the stratum of its first image; every
+    stratum keeps a training group."""
     unique, first, sizes = np.unique(groups, return_index=True, return_counts=True)
     test_groups = []
-    for label in np.unique(labels[first]):
-        mine = np.flatnonzero(labels[first] == label)
+    for stratum in np.unique(strata[first]):
+        mine = np.flatnonzero(strata[first] == stratum)
         order = mine[rng.permutation(len(mine))]
         taken = np.cumsum(sizes[order])
-        n_test = int(np.searchsorted(taken, fraction * taken[-1])) + 1
+        n_test = int(np.argmin(np.abs(taken - fraction * taken[-1]))) + 1  # the closest to the share
         test_groups.extend(unique[order[: min(n_test, len(order) - 1)]])
     return np.where(np.isin(groups, test_groups), TEST, TRAIN).astype(np.int8)
 
@@ -83,13 +85,15 @@ def split_by_patient(ds: Dataset, data: DataConfig, seed: int) -> tuple[np.ndarr
     split = ds.split.copy()
     unsplit = split < 0
     if unsplit.any():
-        split[unsplit] = _random_split(groups[unsplit], ds.labels[unsplit], data.test_fraction, np.random.default_rng([seed, 11]))
-    train_hashes = set(ds.hashes[split == TRAIN].tolist())
-    test_idx = np.flatnonzero(split == TEST)
+        strata = (ds.site[unsplit].astype(np.int64) + 1) * 1000 + ds.labels[unsplit]
+        split[unsplit] = _random_split(groups[unsplit], strata, data.test_fraction, np.random.default_rng([seed, 11]))
+    hashed = ds.hashes != 0  # blank images are not copies of anything
+    train_hashes = set(ds.hashes[(split == TRAIN) & hashed].tolist())
+    test_idx = np.flatnonzero((split == TEST) & hashed)
     copies = np.asarray([h in train_hashes for h in ds.hashes[test_idx].tolist()], dtype=bool)
     duplicates = {
         "train_test": int(copies.sum()),
-        "within_train": int((split == TRAIN).sum() - len(train_hashes)),
+        "within_train": int(((split == TRAIN) & hashed).sum() - len(train_hashes)),
         "within_test": int(len(test_idx) - len(set(ds.hashes[test_idx].tolist()))),
         "left_out": 0,
     }

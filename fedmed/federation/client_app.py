@@ -32,10 +32,10 @@ def _site(context: Context, cfg: FedmedConfig) -> SiteData:
         raise FedmedError("this node has no `partition-id` in its node config: it cannot find its data")
     try:
         return site_data(cfg, int(context.node_config["partition-id"]))
-    except FedmedError as exc:
+    except Exception as exc:
         # The reason may name local files; it stays in this node's log, and the
         # server (which sees this exception's text) learns only that the data failed.
-        print(f"fedmed: this hospital's data cannot be used: {exc}", file=sys.stderr)
+        print(f"fedmed: this hospital's data cannot be used: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise FedmedError("this hospital's data cannot be used (the reason is in the hospital's own log)") from None
 
 
