@@ -90,7 +90,7 @@ def data_check(
     if strict:
         values["data.strict"] = True
     cfg = config_mod.load(config, list(set_), values)
-    check(cfg.data, cfg.seed, Console())
+    check(cfg.data, cfg.skew, cfg.seed, Console())
 
 
 def main() -> None:

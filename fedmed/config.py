@@ -43,8 +43,9 @@ class DataConfig(_Section):
     labels_csv: str = Field(
         "", description="CSV with `volume,label` rows labelling volumes or images instead of class folders (path relative to `data.path`)."
     )
-    partition: Literal["iid", "folders"] = Field(
-        "iid", description="Split across hospitals: `iid` (random, by patient) or `folders` (`ROOT/<hospital>/...`: one top folder per hospital)."
+    partition: Literal["pool", "folders"] = Field(
+        "pool",
+        description="Where hospitals come from: `pool` (one pool shared out by patient, as `[skew]` says) or `folders` (`ROOT/<hospital>/...`: one top folder per hospital, the natural split).",
     )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of each class's patients held out for testing when the dataset has no `Testing` split."
@@ -82,6 +83,28 @@ class DataConfig(_Section):
 
     def class_names(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.classes.split(","))
+
+
+class SkewConfig(_Section):
+    """How different the hospitals are: label skew and quantity skew (composable), and
+    scanner shift. Applies to the demo data and to `data.partition = pool`."""
+
+    labels: Literal["iid", "dirichlet", "classes"] = Field(
+        "iid",
+        description="`iid`, `dirichlet` (each class spread over hospitals by Dirichlet(`beta`)) or `classes` (each hospital holds exactly `classes_per_hospital` classes).",
+    )
+    beta: float = Field(0.5, gt=0, description="Dirichlet concentration for `labels = dirichlet` (small: more skew).")
+    classes_per_hospital: int = Field(2, ge=1, description="Classes each hospital holds for `labels = classes` (#C=k).")
+    quantity: Literal["equal", "dirichlet", "power"] = Field(
+        "equal", description="Hospital sizes: `equal`, `dirichlet` (by Dirichlet(`quantity_beta`)) or `power` (rank^-`power`)."
+    )
+    quantity_beta: float = Field(1.0, gt=0, description="Dirichlet concentration of hospital sizes (`quantity = dirichlet`).")
+    power: float = Field(1.0, gt=0, le=5, description="Exponent of the power law of hospital sizes (`quantity = power`).")
+    min_size: int = Field(8, ge=1, description="Fewest training images a skewed hospital may get; skews are redrawn until it holds.")
+    scanners: Literal["native", "shared", "simulated"] = Field(
+        "native",
+        description="Scanner shift: `native` (demo hospitals each have their own scanner; images on disk stay as they are), `shared` (demo: one scanner for all) or `simulated` (images on disk re-acquired with a simulated scanner per hospital).",
+    )
 
 
 class ModelConfig(_Section):
@@ -134,7 +157,7 @@ class OutputConfig(_Section):
     save_model: bool = Field(True, description="Write the final global model weights (`model.pt`).")
 
 
-RESULT_SECTIONS = ("seed", "data", "model", "train", "federation")
+RESULT_SECTIONS = ("seed", "data", "skew", "model", "train", "federation")
 # Where things are on this machine: not part of what a run is, never written to a run directory.
 REDACTED = "<local, not recorded>"
 PATH_KEYS = ("data.path", "data.labels_csv", "data.cache_dir")
@@ -146,6 +169,7 @@ class FedmedConfig(_Section):
 
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data, initialisation and training order.")
     data: DataConfig = DataConfig()
+    skew: SkewConfig = SkewConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()

@@ -74,7 +74,7 @@ def test_data_check_reports_a_usable_dataset_and_names_skipped_files_locally(tmp
     fx.image_folder(root, dict.fromkeys(fx.KAGGLE, 4), split="Training", suffix=".jpg")
     fx.image_folder(root, dict.fromkeys(fx.KAGGLE, 2), seed=1, split="Testing", suffix=".jpg")
     (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    result = fedmed("data", "check", str(root), "--set", f"data.cache_dir='{tmp_path / 'cache'}'")
+    result = fedmed("data", "check", str(root), "--set", "data.hospitals=2", "--set", f"data.cache_dir='{tmp_path / 'cache'}'")
     assert result.returncode == 0, result.stderr
     out = " ".join(result.stdout.split())
     for needle in ("format imagefolder", "no_tumour", "broken.jpg", "usable: 24 images", "exact duplicates: 0"):
@@ -100,5 +100,27 @@ def test_data_check_refuses_data_too_small_for_the_hospitals(tmp_path):
     fx.image_folder(tmp_path / "d", {"glioma": 3, "pituitary": 3})
     args = ("data", "check", str(tmp_path / "d"), "--set", f"data.cache_dir='{tmp_path / 'cache'}'")
     result = fedmed(*args, "--set", "data.hospitals=8")
-    assert result.returncode == 2 and "would get no test images" in result.stderr
+    assert result.returncode == 2 and "would get no" in result.stderr, result.stderr
     assert fedmed(*args, "--set", "data.hospitals=1").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("skew.beta=0", "`skew.beta`"),
+        ("skew.quantity_beta=-1", "`skew.quantity_beta`"),
+        ("skew.classes_per_hospital=5", "only 4 classes"),
+        ("data.test_fraction=1.5", "`data.test_fraction`"),
+    ],
+)
+def test_impossible_skew_settings_are_one_line(setting, needle):
+    _assert_clean_failure(fedmed("simulate", "--set", "skew.labels=classes", "--set", setting), needle)
+
+
+def test_more_hospitals_than_images_is_one_line(tmp_path):
+    from tests import mri_fixtures as fx
+
+    fx.image_folder(tmp_path / "d", {"glioma": 3, "pituitary": 3})
+    result = fedmed("simulate", "--set", "data.source=disk", "--set", f"data.path='{tmp_path / 'd'}'", "--set", "data.hospitals=20",
+                    "--set", f"data.cache_dir='{tmp_path / 'cache'}'", "--set", "skew.labels=dirichlet")
+    _assert_clean_failure(result, "cannot give 20 hospitals")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fedmed import config as config_mod
+from fedmed.config import SkewConfig
 from fedmed.data.dataset import load_dataset, usable
 from fedmed.data.decode import read_dicom_series
 from fedmed.data.partition import TEST, TRAIN, assign, split_by_patient
@@ -145,13 +146,13 @@ def test_slices_of_one_volume_never_straddle_split_or_hospitals(tmp_path, data_c
         fx.nifti(tmp_path / "v" / CLASSES[i % 4] / f"case{i}.nii.gz", fx.brain_volume(rng))
     data = data_config(tmp_path / "v", "data.hospitals=2", "data.test_fraction=0.25")
     ds = load_dataset(data)
-    parts = assign(ds, data, seed=0)
+    parts = assign(ds, data, SkewConfig(), seed=0)
     for patient in np.unique(ds.patient):
         mine = ds.patient == patient
         assert len(set(parts.split[mine].tolist())) == 1
         assert len(set(parts.site[mine].tolist())) == 1
     assert 0 < (parts.split == TEST).sum() < len(ds)
-    np.testing.assert_array_equal(parts.site, assign(ds, data, seed=0).site)  # seeded
+    np.testing.assert_array_equal(parts.site, assign(ds, data, SkewConfig(), seed=0).site)  # seeded
 
 
 def test_duplicates_across_train_and_test_are_found_and_left_out(tmp_path, data_config):
@@ -366,7 +367,7 @@ def test_modalities_of_one_case_are_one_patient_and_masks_are_not_images(tmp_pat
     ds = load_dataset(data)
     assert len(np.unique(ds.patient)) == 6
     assert ds.skip_counts() == {"segmentation mask, not an image": 6}
-    parts = assign(ds, data, seed=0)
+    parts = assign(ds, data, SkewConfig(), seed=0)
     for patient in np.unique(ds.patient):
         assert len(set(parts.split[ds.patient == patient].tolist())) == 1
 
@@ -392,7 +393,7 @@ def test_hospital_folders_each_keep_a_test_split(tmp_path, data_config):
     ds = load_dataset(data)
     assert ds.manifest["sites"] == ["big", "small"]
     for seed in range(5):
-        parts = assign(ds, data, seed)
+        parts = assign(ds, data, SkewConfig(), seed)
         assert [len(parts.indices(TEST, h)) for h in (0, 1)] == [8, 2]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fedmed.config import DataConfig
+from fedmed.config import DataConfig, SkewConfig
 from fedmed.data.dataset import Dataset, load_dataset, resolve_root, usable
 from fedmed.data.demo import hospital_name
 from fedmed.data.partition import TEST, TRAIN, Assignment, assign, split_by_patient
@@ -18,7 +18,7 @@ from fedmed.data.partition import TEST, TRAIN, Assignment, assign, split_by_pati
 SHOW_SKIPPED = 30
 
 
-def check(data: DataConfig, seed: int, console: Console) -> None:
+def check(data: DataConfig, skew: SkewConfig, seed: int, console: Console) -> None:
     """Print the report; raises FedmedError (after printing what it can) if unusable."""
     root = resolve_root(data)
     dataset = load_dataset(data, announce=lambda line: console.print(f"[dim]{line}[/dim]"))
@@ -30,7 +30,7 @@ def check(data: DataConfig, seed: int, console: Console) -> None:
         _patients(console, dataset, duplicates)
     _skipped(console, dataset)
     warnings = usable(dataset, data)  # raises with the reason when unusable
-    parts = assign(dataset, data, seed)  # raises if the hospitals cannot all get data
+    parts = assign(dataset, data, skew, seed)  # raises if the hospitals cannot all get data
     _hospitals(console, dataset, data, parts)
     for line in warnings:
         console.print(f"[yellow]warning:[/yellow] {line}")

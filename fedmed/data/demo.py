@@ -13,13 +13,14 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from fedmed.config import DataConfig
+from fedmed.config import DataConfig, SkewConfig
 from fedmed.data.phantom import CLASSES, render
 from fedmed.data.scanners import ScannerProfile, hospital_profiles
 from fedmed.data.template import axial_stack
@@ -39,21 +40,49 @@ class DemoSpec:
     train_per_hospital: int
     test_per_hospital: int
     global_test_size: int
+    # Skewed hospitals: images per hospital and class (None: balanced, train_per_hospital each).
+    train_counts: tuple[tuple[int, ...], ...] | None = None
+    test_counts: tuple[tuple[int, ...], ...] | None = None
+    shared_scanner: bool = False
 
     @classmethod
-    def from_config(cls, data: DataConfig, seed: int) -> DemoSpec:
-        return cls(
+    def from_config(cls, data: DataConfig, seed: int, skew: SkewConfig | None = None) -> DemoSpec:
+        spec = cls(
             seed=seed,
             image_size=data.image_size,
             hospitals=data.hospitals,
             train_per_hospital=data.train_per_hospital,
             test_per_hospital=data.test_per_hospital,
             global_test_size=data.global_test_size,
+            shared_scanner=skew is not None and skew.scanners == "shared",
         )
+        if skew is None or (skew.labels, skew.quantity) == ("iid", "equal"):
+            return spec
+        from fedmed.data.skew import counts, share_matrix
+
+        def balanced(total: int) -> np.ndarray:
+            return np.bincount(np.arange(total) % len(CLASSES), minlength=len(CLASSES))
+
+        supply = balanced(data.hospitals * data.train_per_hospital)
+        shares = share_matrix(skew, data.hospitals, supply, seed)
+        train = counts(shares, supply)
+        test = counts(shares, balanced(data.hospitals * data.test_per_hospital))
+        short = np.flatnonzero(test.sum(axis=1) == 0)
+        if len(short):
+            raise FedmedError(
+                f"hospital {short[0] + 1} would get no test images with these skew settings: raise data.test_per_hospital"
+            )
+        as_tuple = lambda m: tuple(tuple(int(v) for v in row) for row in m)  # noqa: E731
+        return dataclasses.replace(spec, train_counts=as_tuple(train), test_counts=as_tuple(test))
 
     def digest(self) -> str:
-        payload = json.dumps({"v": GENERATOR_VERSION, **self.__dict__}, sort_keys=True)
+        fields = {k: v for k, v in self.__dict__.items() if v is not None and v is not False}  # unskewed: the old keys
+        payload = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def profiles(self) -> list[ScannerProfile]:
+        profiles = hospital_profiles(self.hospitals, self.seed)
+        return [profiles[0]] * self.hospitals if self.shared_scanner else profiles
 
 
 @dataclass(frozen=True)
@@ -103,8 +132,12 @@ def _plan(spec: DemoSpec) -> list[tuple[int, int, int, int]]:
     """(hospital, split, index, label) for every image, in storage order."""
     plan = []
     for h in range(spec.hospitals):
-        for split, n in ((0, spec.train_per_hospital), (1, spec.test_per_hospital)):
-            labels = _balanced_labels(n, np.random.default_rng([spec.seed, h, split]))
+        for split, n, skewed in ((0, spec.train_per_hospital, spec.train_counts), (1, spec.test_per_hospital, spec.test_counts)):
+            rng = np.random.default_rng([spec.seed, h, split])
+            if skewed is None:
+                labels = _balanced_labels(n, rng)
+            else:
+                labels = rng.permutation(np.repeat(np.arange(len(CLASSES)), skewed[h]))
             plan += [(h, split, i, int(y)) for i, y in enumerate(labels)]
     labels = _balanced_labels(spec.global_test_size, np.random.default_rng([spec.seed, 2]))
     plan += [(i % spec.hospitals, 2, i, int(y)) for i, y in enumerate(labels)]
@@ -113,7 +146,7 @@ def _plan(spec: DemoSpec) -> list[tuple[int, int, int, int]]:
 
 def _render_chunk(spec: DemoSpec, chunk: list[tuple[int, int, int, int]]) -> np.ndarray:
     stack = axial_stack(min(2 * spec.image_size, 256))
-    profiles = hospital_profiles(spec.hospitals, spec.seed)
+    profiles = spec.profiles()
     out = np.empty((len(chunk), spec.image_size, spec.image_size), dtype=np.uint8)
     for k, (h, split, i, label) in enumerate(chunk):
         rng = np.random.default_rng([spec.seed, h, split, i, 1])
@@ -142,7 +175,7 @@ def generate(spec: DemoSpec, workers: int | None = None) -> DemoData:
         labels=table[:, 2],
         hospital=table[:, 0],
         split=table[:, 1],
-        profiles=tuple(hospital_profiles(spec.hospitals, spec.seed)),
+        profiles=tuple(spec.profiles()),
     )
 
 
@@ -198,5 +231,5 @@ def load(spec: DemoSpec, cache_dir: str = "") -> DemoData:
         labels=np.asarray(arrays["labels"]),
         hospital=np.asarray(arrays["hospital"]),
         split=np.asarray(arrays["split"]),
-        profiles=tuple(hospital_profiles(spec.hospitals, spec.seed)),
+        profiles=tuple(spec.profiles()),
     )

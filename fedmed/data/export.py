@@ -20,7 +20,7 @@ def export_demo(cfg: FedmedConfig, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FedmedError(f"{out_dir} exists and is not an empty folder: choose a new folder so nothing there is overwritten")
-    spec = demo.DemoSpec.from_config(cfg.data, cfg.seed)
+    spec = demo.DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew)
     data = demo.load(spec, cfg.data.cache_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

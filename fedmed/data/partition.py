@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmed.config import DataConfig
+from fedmed.config import DataConfig, SkewConfig
 from fedmed.data.dataset import Dataset
+from fedmed.data.skew import deal, share_matrix
 from fedmed.errors import FedmedError
 
 TRAIN, TEST, LEFT_OUT = 0, 1, -1
@@ -67,17 +68,6 @@ def _random_split(groups: np.ndarray, strata: np.ndarray, fraction: float, rng: 
     return np.where(np.isin(groups, test_groups), TEST, TRAIN).astype(np.int8)
 
 
-def _deal(groups: np.ndarray, hospitals: int, rng: np.random.Generator) -> np.ndarray:
-    """Whole groups to hospitals in random order, each to the one holding fewest images."""
-    unique, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
-    owner = np.empty(len(unique), dtype=np.int16)
-    load = np.zeros(hospitals, dtype=np.int64)
-    for g in rng.permutation(len(unique)):
-        owner[g] = int(np.argmin(load))
-        load[owner[g]] += sizes[g]
-    return owner[inverse]
-
-
 def split_by_patient(ds: Dataset, data: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """(split, patient group, duplicate counts): the layout's split where it gives one,
     otherwise whole patients drawn at random for the test side."""
@@ -103,31 +93,34 @@ def split_by_patient(ds: Dataset, data: DataConfig, seed: int) -> tuple[np.ndarr
     return split, groups, duplicates
 
 
-def assign(ds: Dataset, data: DataConfig, seed: int) -> Assignment:
+def assign(ds: Dataset, data: DataConfig, skew: SkewConfig, seed: int) -> Assignment:
     split, groups, duplicates = split_by_patient(ds, data, seed)
     if data.partition == "folders":
+        if (skew.labels, skew.quantity) != ("iid", "equal"):
+            raise FedmedError("skew.labels and skew.quantity share out a pool: they need data.partition = pool, not folders")
         sites = ds.manifest.get("sites", [])
         if not sites:
             raise FedmedError(
                 "data.partition = folders needs one top folder per hospital (ROOT/<hospital>/<class>/...), "
-                "but the top folders are classes or splits: use data.partition = iid"
+                "but the top folders are classes or splits: use data.partition = pool"
             )
         if len(sites) != data.hospitals:
             raise FedmedError(f"data.path has {len(sites)} hospital folders but data.hospitals = {data.hospitals}: set data.hospitals = {len(sites)}")
         site = ds.site.copy()
     else:
-        site = np.zeros(len(ds), dtype=np.int16)
+        supply = np.bincount(ds.labels[split == TRAIN], minlength=len(data.class_names()))
+        shares = share_matrix(skew, data.hospitals, supply, seed)
+        site = np.full(len(ds), -1, dtype=np.int16)  # -1: a class no hospital holds (still in the global test)
         for part in (TRAIN, TEST):
             mask = split == part
             if mask.any():
-                site[mask] = _deal(groups[mask], data.hospitals, np.random.default_rng([seed, 12, part]))
+                site[mask] = deal(groups[mask], ds.labels[mask], shares, np.random.default_rng([seed, 12, part]))
     result = Assignment(split, site, duplicates)
     for h in range(data.hospitals):
-        for part, name in ((TRAIN, "training"), (TEST, "test")):
+        for part, name, fix in ((TRAIN, "training", ""), (TEST, "test", " or raise data.test_fraction")):
             if len(result.indices(part, h)) == 0:
                 raise FedmedError(
                     f"hospital {h + 1} of {data.hospitals} would get no {name} images "
-                    f"({len(result.indices(part))} {name} images, split by patient): "
-                    "lower data.hospitals or raise data.test_fraction"
+                    f"({len(result.indices(part))} {name} images, shared out by patient): lower data.hospitals{fix}"
                 )
     return result

@@ -115,7 +115,7 @@ def _warp(img: np.ndarray, rng: np.random.Generator, rows, cols) -> np.ndarray:
     return ndimage.map_coordinates(img, [src_r, src_c], order=1, mode="constant")
 
 
-def _scan(img: np.ndarray, out_size: int, profile: ScannerProfile, rng) -> np.ndarray:
+def acquire(img: np.ndarray, out_size: int, profile: ScannerProfile, rng) -> np.ndarray:
     """Acquire the anatomy with one hospital's scanner; returns uint8."""
     size = img.shape[0]
     jitter = lambda v, s=0.1: v * rng.uniform(1.0 - s, 1.0 + s)  # noqa: E731
@@ -164,4 +164,4 @@ def render(
         img = healthy + rng.uniform(0.25, 0.6) * (img - healthy)
     img = img * rng.uniform(0.9, 1.1)  # per-subject intensity
     img = _warp(img, rng, rows, cols)
-    return _scan(img, out_size, profile, rng)
+    return acquire(img, out_size, profile, rng)

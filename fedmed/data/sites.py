@@ -13,10 +13,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedmed.config import DataConfig, FedmedConfig
+from fedmed.config import DataConfig, FedmedConfig, SkewConfig
 from fedmed.data import demo
 from fedmed.data.dataset import Dataset, load_dataset, usable
 from fedmed.data.partition import TEST, TRAIN, Assignment, assign
+from fedmed.data.phantom import acquire
+from fedmed.data.scanners import hospital_profiles
 from fedmed.errors import FedmedError
 
 
@@ -51,7 +53,7 @@ def _split(images: demo.ImageSet) -> Split:
 
 
 def _spec(cfg: FedmedConfig) -> demo.DemoSpec:
-    return demo.DemoSpec.from_config(cfg.data, cfg.seed)
+    return demo.DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew)
 
 
 @lru_cache(maxsize=None)  # one entry per hospital this process serves
@@ -66,25 +68,45 @@ def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
 
 
 @lru_cache(maxsize=2)
-def _disk(data: DataConfig, seed: int) -> tuple[Dataset, Assignment, tuple[str, ...]]:
+def _disk(data: DataConfig, skew: SkewConfig, seed: int) -> tuple[Dataset, Assignment, tuple[str, ...]]:
     dataset = load_dataset(data)
     warnings = usable(dataset, data)
-    return dataset, assign(dataset, data, seed), tuple(warnings)
+    return dataset, assign(dataset, data, skew, seed), tuple(warnings)
 
 
-def _take(dataset: Dataset, index: np.ndarray) -> Split:
-    return Split(to_tensor(dataset.images[index]), torch.from_numpy(dataset.labels[index]))
+@lru_cache(maxsize=2)
+def _disk_global_test(data: DataConfig, skew: SkewConfig, seed: int) -> Split:
+    """Every test image; with simulated scanners, spread over all hospitals' scanners."""
+    dataset, parts, _ = _disk(data, skew, seed)
+    idx = parts.indices(TEST)
+    images = np.array(dataset.images[idx])
+    if skew.scanners == "simulated":
+        for h in range(data.hospitals):
+            images[h :: data.hospitals] = _rescan(images[h :: data.hospitals], data, seed + 1, h)
+    return Split(to_tensor(images), torch.from_numpy(dataset.labels[idx]))
+
+
+def _rescan(images: np.ndarray, data: DataConfig, seed: int, index: int) -> np.ndarray:
+    """Images re-acquired with hospital `index`'s simulated scanner (skew.scanners = simulated)."""
+    profile = hospital_profiles(data.hospitals, seed)[index]
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        out[i] = acquire(image.astype(np.float32) / 255.0, data.image_size, profile, np.random.default_rng([seed, index, i, 5]))
+    return out
 
 
 @lru_cache(maxsize=None)  # one entry per hospital this process serves
-def _disk_site(data: DataConfig, seed: int, index: int) -> SiteData:
-    dataset, parts, _ = _disk(data, seed)
-    return SiteData(
-        name=demo.hospital_name(index),
-        index=index,
-        train=_take(dataset, parts.indices(TRAIN, index)),
-        test=_take(dataset, parts.indices(TEST, index)),
-    )
+def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> SiteData:
+    dataset, parts, _ = _disk(data, skew, seed)
+
+    def take(split: int) -> Split:
+        idx = parts.indices(split, index)
+        images = np.asarray(dataset.images[idx])
+        if skew.scanners == "simulated":
+            images = _rescan(images, data, seed, index)
+        return Split(to_tensor(images), torch.from_numpy(dataset.labels[idx]))
+
+    return SiteData(name=demo.hospital_name(index), index=index, train=take(TRAIN), test=take(TEST))
 
 
 def site_data(cfg: FedmedConfig, index: int) -> SiteData:
@@ -94,7 +116,7 @@ def site_data(cfg: FedmedConfig, index: int) -> SiteData:
             f"hospital index {index} is outside 0..{cfg.data.hospitals - 1} (data.hospitals)"
         )
     if cfg.data.source == "disk":
-        return _disk_site(cfg.data, cfg.seed, index)
+        return _disk_site(cfg.data, cfg.skew, cfg.seed, index)
     return _demo_site(_spec(cfg), cfg.data.cache_dir, index)
 
 
@@ -107,8 +129,7 @@ def global_test(cfg: FedmedConfig) -> Split:
     """The held-out test set the server evaluates the global model on (on disk data:
     every hospital's test images together)."""
     if cfg.data.source == "disk":
-        dataset, parts, _ = _disk(cfg.data, cfg.seed)
-        return _take(dataset, parts.indices(TEST))
+        return _disk_global_test(cfg.data, cfg.skew, cfg.seed)
     return _demo_global_test(_spec(cfg), cfg.data.cache_dir)
 
 
@@ -117,7 +138,7 @@ def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None
     the hospitals, so no round ever waits for it or fails on it."""
     if cfg.data.source == "disk":
         load_dataset(cfg.data, announce)  # announces a first-time decode
-        _, parts, warnings = _disk(cfg.data, cfg.seed)
+        _, parts, warnings = _disk(cfg.data, cfg.skew, cfg.seed)
         for line in warnings:
             (announce or print)(f"warning: {line}; `fedmed data check {cfg.data.path}` shows the details")
         if parts.duplicates["left_out"]:
@@ -130,7 +151,7 @@ def describe(cfg: FedmedConfig) -> dict:
     """What a run's summary says about its data: counts and a digest, never names or paths."""
     if cfg.data.source != "disk":
         return {"source": "demo", "digest": _spec(cfg).digest()}
-    dataset, parts, _ = _disk(cfg.data, cfg.seed)
+    dataset, parts, _ = _disk(cfg.data, cfg.skew, cfg.seed)
     return {
         "source": "disk",
         "format": dataset.manifest["format"],
