@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
+from fedmed import heterogeneity
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, Split, ensure_data, global_test, num_classes, site_data
 from fedmed.models import build_model
@@ -89,6 +91,9 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     ensure_data(cfg, announce=print)
     out = RunDirectory.create(cfg)
     sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
+    counts = {s.name: np.bincount(s.train.y.numpy(), minlength=num_classes(cfg)).tolist() for s in sites}
+    rep = heterogeneity.report(counts, cfg.data.class_names())
+    heterogeneity.write(out.path, rep)
     test = global_test(cfg)
     runner = run_pooled if cfg.federation.mode == "pooled" else run_local
     result = runner(cfg, out, sites, test)

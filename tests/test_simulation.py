@@ -42,6 +42,10 @@ def test_simulation_writes_a_complete_run_directory_and_is_reproducible(tiny_con
     assert summary["wall_seconds"] > 0
     assert set(summary["per_hospital"]) == {"hospital-01", "hospital-02", "hospital-03"}
 
+    hetero = json.loads((first / "heterogeneity.json").read_text())
+    assert hetero["label_counts"] == [[6, 6, 6, 6]] * 3 and hetero["index"] == 0.0
+    assert (first / "heterogeneity.png").stat().st_size > 1000
+
     second = run_simulation(tiny_config("output.name='b'"))
     assert _without_timing(read_metrics(first)) == _without_timing(read_metrics(second))
 
@@ -125,3 +129,14 @@ def test_simulation_on_nifti_volumes_split_by_patient(tiny_config, tmp_path):
     assert summary["data"]["test"] == 4 * 12  # whole volumes: 4 of 16 patients
     text = _run_files_text(run)
     assert "patient" not in text and str(tmp_path / "vols") not in text
+
+
+def test_skewed_hospitals_report_their_heterogeneity(tiny_config):
+    from fedmed.data.demo import DemoSpec
+
+    cfg = tiny_config("skew.labels=classes", "skew.classes_per_hospital=2", "skew.quantity=power", "skew.min_size=4", "federation.rounds=1")
+    run = run_simulation(cfg)
+    hetero = json.loads((run / "heterogeneity.json").read_text())
+    assert hetero["label_counts"] == [list(row) for row in DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew).train_counts]
+    assert all(sum(1 for v in row if v) == 2 for row in hetero["label_counts"])
+    assert hetero["index"] > 0.2

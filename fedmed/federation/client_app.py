@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -64,6 +65,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-accuracy": stats.accuracy,
         "train-steps": stats.steps,
         "sample-gradients": stats.examples,
+        "label-counts": np.bincount(site.train.y.numpy(), minlength=num_classes(cfg)).tolist(),
         WEIGHT_KEY: len(site.train),
     }
     return _reply(msg, site, metrics, model.cpu())

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import FedmedConfig, from_flat
 from fedmed.data.sites import global_test, num_classes
+from fedmed import heterogeneity
 from fedmed.errors import FedmedError
 from fedmed.federation.records import config_record
 from fedmed.federation.strategy import RecordingFedAvg
@@ -45,6 +46,21 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         min_available_nodes=n,
     )
     last_test: dict = {}
+    label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
+
+    def note_hospitals(server_round: int) -> None:
+        """(Re)write the heterogeneity report when hospitals report for the first time."""
+        new = {
+            site: phases["train"]["label-counts"]
+            for site, phases in strategy.per_site.get(server_round, {}).items()
+            if "train" in phases and site not in label_counts
+        }
+        if new:
+            label_counts.update(new)
+            rep = heterogeneity.report(label_counts, cfg.data.class_names())
+            heterogeneity.write(out.path, rep)
+            if server_round == 1:
+                heterogeneity.print_table(reporter.console, rep)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal last_test
@@ -53,6 +69,7 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         if not any("train" in site for site in strategy.per_site.get(server_round, {}).values()):
             reasons = "; ".join(sorted(set(strategy.failures.get(server_round, ["no reply in time"]))))
             raise FedmedError(f"round {server_round}: no hospital returned an update ({reasons})")
+        note_hospitals(server_round)
         model.load_state_dict(arrays.to_torch_state_dict())
         last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
         hospitals = {
