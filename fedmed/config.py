@@ -135,7 +135,12 @@ class FederationConfig(_Section):
         description="`federated` (FedAvg), `pooled` (all data centralised) or `local` (each hospital alone).",
     )
     rounds: int = Field(10, ge=1, le=100_000, description="Federated rounds (baselines train the same number of sample-gradient steps).")
-    strategy: Literal["fedavg"] = Field("fedavg", description="Aggregation strategy.")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"] = Field(
+        "fedavg",
+        description="`fedavg`, `fedprox` (proximal term `proximal_mu`), `fedadam` / `fedyogi` (server optimiser, `server_lr`) or `fedbn` (FedAvg; normalisation layers stay at each hospital).",
+    )
+    proximal_mu: float = Field(0.01, ge=0, le=100, description="FedProx: weight of the proximal term mu/2 ||w - w_global||^2.")
+    server_lr: float = Field(0.01, gt=0, le=10, description="FedAdam / FedYogi: the server optimiser's learning rate.")
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of hospitals that train each round.")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of hospitals that evaluate each round.")
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for hospitals' replies in a round.")

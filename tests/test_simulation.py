@@ -140,3 +140,27 @@ def test_skewed_hospitals_report_their_heterogeneity(tiny_config):
     assert hetero["label_counts"] == [list(row) for row in DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew).train_counts]
     assert all(sum(1 for v in row if v) == 2 for row in hetero["label_counts"])
     assert hetero["index"] > 0.2
+
+
+def test_fedbn_keeps_normalisation_layers_at_each_hospital(tiny_config):
+    import torch
+
+    from fedmed.models import build_model, norm_keys
+
+    cfg = tiny_config("federation.strategy=fedbn")
+    run = run_simulation(cfg)
+    initial = build_model(cfg.model, 4, seed=cfg.seed).state_dict()
+    final = torch.load(run / "model.pt")
+    local = norm_keys(build_model(cfg.model, 4, seed=0))
+    assert local and all(torch.equal(final[k], initial[k]) for k in local)  # never sent, never averaged
+    assert any(not torch.equal(final[k], initial[k]) for k in final if k not in local)
+    rounds = read_metrics(run)
+    assert {h["train"]["local_arrays_restored"] for h in rounds[0]["hospitals"].values()} == {0}
+    assert {h["train"]["local_arrays_restored"] for h in rounds[1]["hospitals"].values()} == {len(local)}
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi"])
+def test_other_strategies_train(tiny_config, strategy):
+    run = run_simulation(tiny_config(f"federation.strategy={strategy}", "federation.rounds=1"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["examples"] == 24 and summary["test"]["loss"] > 0

@@ -2,6 +2,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmed import config as config_mod
 from fedmed.config import ModelConfig, TrainConfig
 from fedmed.data import demo
 from fedmed.data.sites import to_tensor
@@ -60,3 +61,25 @@ def test_metrics_match_hand_computed_values():
     pooled = from_confusion(np.array(m["confusion"]))
     assert pooled["accuracy"] == m["accuracy"]
     assert abs(pooled["macro_f1"] - m["macro_f1"]) < 1e-12
+
+
+def test_the_proximal_term_changes_the_update_and_holds_weights_near_the_start():
+    from fedmed.models import build_model
+    from fedmed.training.local import train
+
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 32, 32), torch.randint(0, 4, (32,))
+    cfg = config_mod.load(None, ["train.batch_size=8", "train.lr=0.01"])
+    start = build_model(cfg.model, 4, seed=0)
+    initial = torch.cat([p.detach().flatten() for p in start.parameters()])
+
+    def moved(mu: float) -> tuple[torch.Tensor, float]:
+        model = build_model(cfg.model, 4, seed=0)
+        train(model, x, y, cfg.train, seed=1, epochs=3, proximal_mu=mu)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return after, float((after - initial).norm())
+
+    plain, plain_dist = moved(0.0)
+    prox, prox_dist = moved(100.0)
+    assert not torch.equal(plain, prox)
+    assert prox_dist < plain_dist

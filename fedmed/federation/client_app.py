@@ -18,7 +18,7 @@ from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, num_classes, site_data
 from fedmed.errors import FedmedError
 from fedmed.federation.records import SITE_KEY, WEIGHT_KEY, config_from_record, metric_record
-from fedmed.models import build_model
+from fedmed.models import build_model, norm_keys
 from fedmed.seeds import derive_seed
 from fedmed.training.local import evaluate as evaluate_model
 from fedmed.training.local import train as train_model
@@ -40,40 +40,64 @@ def _site(context: Context, cfg: FedmedConfig) -> SiteData:
         raise FedmedError("this hospital's data cannot be used (the reason is in the hospital's own log)") from None
 
 
-def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteData, nn.Module]:
+LOCAL_STATE = "fedbn-local"  # in the node's context.state: this hospital's own normalisation layers
+
+
+def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteData, nn.Module, int]:
+    """The round's settings, this hospital's data, and the global model (with FedBN, this
+    hospital's own normalisation layers put back; the int says how many arrays)."""
     config = msg.content["config"]
     cfg = config_from_record(config)
     site = _site(context, cfg)
     model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return cfg, int(config["server-round"]), site, model
+    restored = 0
+    if cfg.federation.strategy == "fedbn" and LOCAL_STATE in context.state:
+        local = context.state[LOCAL_STATE].to_torch_state_dict()
+        model.load_state_dict(local, strict=False)
+        restored = len(local)
+    return cfg, int(config["server-round"]), site, model, restored
 
 
-def _reply(msg: Message, site: SiteData, metrics: dict, model: nn.Module | None = None) -> Message:
+def _shared_arrays(cfg: FedmedConfig, model: nn.Module, context: Context) -> ArrayRecord:
+    """What goes back to the server; FedBN keeps the normalisation layers here, in the
+    node's state, for the next round."""
+    state = model.state_dict()
+    if cfg.federation.strategy != "fedbn":
+        return ArrayRecord(state)
+    local = norm_keys(model)
+    context.state[LOCAL_STATE] = ArrayRecord({k: v for k, v in state.items() if k in local})
+    return ArrayRecord({k: v for k, v in state.items() if k not in local})
+
+
+def _reply(msg: Message, site: SiteData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict({"metrics": metric_record(metrics), SITE_KEY: ConfigRecord({"name": site.name})})
-    if model is not None:
-        content["arrays"] = ArrayRecord(model.state_dict())
+    if arrays is not None:
+        content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, server_round, site, model = _receive(msg, context)
-    stats = train_model(model, site.train.x, site.train.y, cfg.train, seed=derive_seed(cfg.seed, server_round, site.index))
+    cfg, server_round, site, model, restored = _receive(msg, context)
+    mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
+    seed = derive_seed(cfg.seed, server_round, site.index)
+    stats = train_model(model, site.train.x, site.train.y, cfg.train, seed=seed, proximal_mu=mu)
     metrics = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
         "train-steps": stats.steps,
         "sample-gradients": stats.examples,
         "label-counts": np.bincount(site.train.y.numpy(), minlength=num_classes(cfg)).tolist(),
+        "local-arrays-restored": restored,
         WEIGHT_KEY: len(site.train),
     }
-    return _reply(msg, site, metrics, model.cpu())
+    return _reply(msg, site, metrics, _shared_arrays(cfg, model.cpu(), context))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _, site, model = _receive(msg, context)
+    cfg, _, site, model, _ = _receive(msg, context)
     result = evaluate_model(model, site.test.x, site.test.y, cfg.train.device)
     metrics = {
         "eval-loss": result["loss"],

@@ -19,7 +19,9 @@ def config_record(cfg: FedmedConfig, server_round: int = 0) -> ConfigRecord:
 
 
 def config_from_record(record: ConfigRecord) -> FedmedConfig:
-    flat = {k: v for k, v in record.items() if k != "server-round"}
+    """fedmed's settings from a round's config; keys with a dash are Flower's own
+    (`server-round`, and `proximal-mu` that FedProx adds)."""
+    flat = {k: v for k, v in record.items() if "-" not in k}
     return from_flat(flat)
 
 

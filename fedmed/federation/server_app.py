@@ -14,8 +14,8 @@ from fedmed.data.sites import global_test, num_classes
 from fedmed import heterogeneity
 from fedmed.errors import FedmedError
 from fedmed.federation.records import config_record
-from fedmed.federation.strategy import RecordingFedAvg
-from fedmed.models import build_model
+from fedmed.federation.strategy import build_strategy
+from fedmed.models import build_model, norm_keys
 from fedmed.outputs import RunDirectory
 from fedmed.progress import RoundReporter
 from fedmed.reporting import round_record, strip_prefix, summary
@@ -23,6 +23,7 @@ from fedmed.training.local import evaluate
 from fedmed.training.metrics import from_confusion
 
 app = ServerApp()
+STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
 @app.main()
@@ -36,9 +37,11 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
     test_set = global_test(cfg)
     model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     rounds = cfg.federation.rounds
-    reporter = RoundReporter(rounds, f"fedmed: FedAvg over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}")
+    reporter = RoundReporter(rounds, f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}")
     n = cfg.data.hospitals
-    strategy = RecordingFedAvg(
+    strategy = build_strategy(
+        cfg.federation,
+        norm_keys(model),
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=cfg.federation.fraction_evaluate,
         min_train_nodes=max(1, round(cfg.federation.fraction_train * n)),

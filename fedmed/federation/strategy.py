@@ -1,4 +1,5 @@
-"""FedAvg that aggregates in a fixed order and remembers each hospital's metrics."""
+"""The aggregation strategies (FedAvg, FedProx, FedAdam, FedYogi, FedBN), each aggregating
+in a fixed order and remembering each hospital's metrics."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
+from fedmed.config import FederationConfig
 from fedmed.federation.records import WEIGHT_KEY, site_name
 
 
@@ -41,13 +44,17 @@ def _order(replies: Iterable[Message]) -> list[Message]:
     return ok + [m for m in replies if m.has_error()]
 
 
-class RecordingFedAvg(FedAvg):
-    """Message-API FedAvg plus a per-round, per-hospital log of the replies' metrics."""
+class Recording:
+    """Mixed into a Flower strategy: aggregates in hospital order, keeps a per-round,
+    per-hospital log of the replies' metrics, and (FedBN) leaves the `keep_local`
+    arrays of the global model as they were: hospitals never send them."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, keep_local: frozenset[str] = frozenset(), **kwargs: Any) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
+        self.keep_local = keep_local
+        self.sent: ArrayRecord | None = None
         self.per_site: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
         self.failures: dict[int, list[str]] = {}  # round -> training error reasons
         self.federated_eval: dict[int, MetricRecord] = {}  # round -> aggregated evaluation
@@ -62,12 +69,19 @@ class RecordingFedAvg(FedAvg):
             metrics = next(iter(msg.content.metric_records.values()))
             sites.setdefault(site_name(msg.content), {})[phase] = dict(metrics)
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ordered = _order(replies)
         self._record(server_round, "train", ordered)
-        return super().aggregate_train(server_round, ordered)
+        arrays, metrics = super().aggregate_train(server_round, ordered)
+        if arrays is not None and self.keep_local and self.sent is not None:
+            arrays = ArrayRecord({k: (self.sent[k] if k in self.keep_local else arrays[k]) for k in self.sent})
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         ordered = _order(replies)
@@ -76,3 +90,31 @@ class RecordingFedAvg(FedAvg):
         if metrics is not None:
             self.federated_eval[server_round] = metrics
         return metrics
+
+
+class RecordingFedAvg(Recording, FedAvg):
+    pass
+
+
+class RecordingFedProx(Recording, FedProx):
+    pass
+
+
+class RecordingFedAdam(Recording, FedAdam):
+    pass
+
+
+class RecordingFedYogi(Recording, FedYogi):
+    pass
+
+
+def build_strategy(federation: FederationConfig, local_keys: set[str], **common: Any) -> Recording:
+    """The configured algorithm; `local_keys` are the model's normalisation arrays (FedBN)."""
+    name = federation.strategy
+    if name == "fedprox":
+        return RecordingFedProx(proximal_mu=federation.proximal_mu, **common)
+    if name in ("fedadam", "fedyogi"):
+        cls = RecordingFedAdam if name == "fedadam" else RecordingFedYogi
+        return cls(eta=federation.server_lr, **common)
+    keep = frozenset(local_keys) if name == "fedbn" else frozenset()
+    return RecordingFedAvg(keep_local=keep, **common)

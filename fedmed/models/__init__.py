@@ -47,3 +47,16 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int) -> nn.Module:
         if cfg.name == "resnet18":
             return _resnet18(num_classes)
         return SmallCNN(num_classes, width=cfg.width)
+
+
+NORM_LAYERS = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.InstanceNorm2d)
+
+
+def norm_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the normalisation layers (what FedBN keeps at each hospital)."""
+    return {
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if isinstance(module, NORM_LAYERS)
+        for key in module.state_dict()
+    }

@@ -54,10 +54,14 @@ def train(
     cfg: TrainConfig,
     seed: int,
     epochs: int | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainStats:
-    """`epochs` (default cfg.local_epochs) passes with a fresh optimizer, as each FedAvg round does."""
+    """`epochs` (default cfg.local_epochs) passes with a fresh optimizer, as each FedAvg round does.
+    With `proximal_mu` > 0 (FedProx) the loss adds mu/2 ||w - w_start||^2, w_start being
+    the weights the round began with (the global model)."""
     device = resolve_device(cfg.device)
     model.to(device).train()
+    start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimizer = make_optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
     loader = make_loader(x, y, cfg.batch_size, seed)
@@ -72,7 +76,11 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(xb)
                 loss = loss_fn(logits, yb)
-                loss.backward()
+                if start:
+                    drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
+                    (loss + proximal_mu / 2 * drift).backward()
+                else:
+                    loss.backward()
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
