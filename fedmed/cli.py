@@ -55,6 +55,20 @@ def simulate(
         run_baseline(cfg)
 
 
+@app.command()
+def sweep(
+    study: Annotated[Path, typer.Argument(help="Study file: a fedmed config plus a [sweep] table.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the cells and results (default: runs/studies/STUDY).")] = None,
+) -> None:
+    """Run a study's grid (variants x grid x seeds), skipping cells already done, then write
+    results.csv, results.md (mean ± std over seeds) and plots."""
+    from fedmed.sweep import run_sweep
+
+    target = out or Path("runs") / "studies" / study.stem
+    run_sweep(study, target)
+    typer.echo(f"results: {target / 'results.md'}, {target / 'results.csv'}, {target / 'final_accuracy.png'}")
+
+
 @data_app.command("make-demo")
 def make_demo(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the hospitals' images into.")],

@@ -1,0 +1,228 @@
+"""`fedmed sweep STUDY.toml`: a grid of runs (variants x grid x seeds), resumable, with
+a results table, mean +- std per cell and plots.
+
+A study file is a fedmed config (the settings every cell shares) plus a [sweep]
+table:
+
+    [sweep]
+    seeds = [0, 1, 2]
+    variants = [{"skew.labels" = "dirichlet", "skew.beta" = 0.3}, ...]   # optional
+    [sweep.grid]
+    "federation.strategy" = ["fedavg", "fedprox"]
+
+Each cell runs as its own `fedmed simulate` process (so Ray starts clean) into
+OUT/cells/<cell>/; a cell whose directory holds a summary is skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmed import config as config_mod
+from fedmed.errors import FedmedError
+
+Scalar = bool | int | float | str
+
+
+class SweepSpec(BaseModel):
+    """The [sweep] table of a study file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    seeds: list[int] = Field([0], min_length=1, description="Seeds each cell runs with.")
+    variants: list[dict[str, Scalar]] = Field([{}], min_length=1, description="Alternative sets of settings, each crossed with the grid.")
+    grid: dict[str, list[Scalar]] = Field({}, description="Settings to cross: key -> values.")
+    series: str = Field("", description="Setting that draws one line per value in the plots (default: the first grid key).")
+
+
+@dataclass(frozen=True)
+class Cell:
+    settings: dict[str, Scalar]  # what differs from the study's base config, seed excluded
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.settings.items()) or "base"
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{digest}-seed{self.seed}"
+
+
+def load_study(path: Path) -> tuple[dict[str, Any], SweepSpec]:
+    """(flat base settings, sweep spec); every cell's config is validated up front."""
+    if not path.is_file():
+        raise FedmedError(f"study file not found: {path}")
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedmedError(f"study file {path} is not valid TOML: {exc}") from None
+    try:
+        spec = SweepSpec.model_validate(tree.pop("sweep", {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise FedmedError(f"study error: `sweep.{'.'.join(map(str, err['loc']))}`: {err['msg']}") from None
+    base = config_mod.flatten(tree)
+    for cell in cells(spec):
+        config_mod.from_flat({**base, **cell.settings, "seed": cell.seed})
+    return base, spec
+
+
+def cells(spec: SweepSpec) -> list[Cell]:
+    keys = list(spec.grid)
+    out = []
+    for variant in spec.variants:
+        for values in itertools.product(*(spec.grid[k] for k in keys)):
+            settings = {**variant, **dict(zip(keys, values))}
+            out += [Cell(settings, seed) for seed in spec.seeds]
+    return out
+
+
+def run_cell(base: dict[str, Any], cell: Cell, out: Path) -> dict[str, Any]:
+    """One `fedmed simulate` process; returns the cell's summary."""
+    folder = out / "cells"
+    flat = {**base, **cell.settings, "seed": cell.seed, "output.dir": str(folder), "output.name": cell.name}
+    cfg_path = folder / f".{cell.name}.toml"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(tomli_w.dumps(config_mod.unflatten(flat)), encoding="utf-8")
+    run_dir = folder / cell.name
+    if run_dir.exists() and not (run_dir / "summary.json").exists():  # an interrupted cell: start it again
+        shutil.rmtree(run_dir)
+    log = folder / f".{cell.name}.log"
+    with log.open("w", encoding="utf-8") as handle:
+        result = subprocess.run([sys.executable, "-m", "fedmed.cli", "simulate", str(cfg_path)], stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        last = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()][-1:] or ["no output"]
+        raise FedmedError(f"cell {cell.label} seed {cell.seed} failed: {last[0]} (log: {log})")
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def run_sweep(study: Path, out: Path) -> Path:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    base, spec = load_study(study)
+    todo = cells(spec)
+    done = {c.name for c in todo if (out / "cells" / c.name / "summary.json").is_file()}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        bar = progress.add_task(f"{study.stem}: {len(todo)} cells ({len(done)} done before)", total=len(todo), completed=len(done))
+        for cell in todo:
+            if cell.name in done:
+                continue
+            progress.console.print(f"cell {cell.label}, seed {cell.seed}")
+            run_cell(base, cell, out)
+            progress.advance(bar)
+    write_results(out, spec, todo)
+    return out
+
+
+# ---- results ------------------------------------------------------------------------
+
+
+def _row(cell: Cell, out: Path) -> dict[str, Any]:
+    run = out / "cells" / cell.name
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    federated = rounds[-1].get("federated_eval", {}) if rounds else {}
+    hetero = run / "heterogeneity.json"
+    return {
+        "cell": cell.label,
+        "seed": cell.seed,
+        **cell.settings,
+        "accuracy": summary["test"].get("accuracy"),
+        "macro_f1": summary["test"].get("macro_f1"),
+        "auroc": summary["test"].get("auroc"),
+        "federated_accuracy": federated.get("accuracy"),
+        "heterogeneity": json.loads(hetero.read_text())["index"] if hetero.exists() else None,
+        "wall_s": summary.get("wall_seconds"),
+        "round_accuracy": [r["test"]["accuracy"] for r in rounds],
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def write_results(out: Path, spec: SweepSpec, todo: list[Cell]) -> None:
+    rows = [_row(c, out) for c in todo]
+    keys = sorted({k for c in todo for k in c.settings})
+    with (out / "results.csv").open("w", newline="", encoding="utf-8") as handle:
+        fields = ["cell", "seed", *keys, "accuracy", "macro_f1", "auroc", "federated_accuracy", "heterogeneity", "wall_s"]
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["cell"], []).append(row)
+    lines = [
+        "| cell | seeds | accuracy | macro-F1 | AUROC | federated acc | heterogeneity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, group in groups.items():
+        cols = [_mean_std([r[m] for r in group]) for m in ("accuracy", "macro_f1", "auroc", "federated_accuracy", "heterogeneity")]
+        lines.append(f"| {label} | {len(group)} | " + " | ".join(cols) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _plots(out, spec, todo, rows)
+
+
+def _plots(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series_key = spec.series or (next(iter(spec.grid)) if spec.grid else "")
+    by_series: dict[str, dict[str, list[float]]] = {}
+    for cell, row in zip(todo, rows):
+        series = str(cell.settings.get(series_key, "all"))
+        x = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.settings.items() if k != series_key) or "base"
+        by_series.setdefault(series, {}).setdefault(x, []).append(row["accuracy"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for series, points in by_series.items():
+        xs = list(points)
+        means = [statistics.mean(v) for v in points.values()]
+        errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in points.values()]
+        ax.errorbar(range(len(xs)), means, yerr=errs, marker="o", capsize=3, label=series)
+        ax.set_xticks(range(len(xs)), xs, rotation=20, ha="right")
+    ax.set_ylabel("final global test accuracy")
+    ax.set_title(f"{out.name}: mean ± std over seeds")
+    ax.legend(title=series_key.split(".")[-1] if series_key else None)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "final_accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    curves: dict[str, list[list[float]]] = {}
+    for row in rows:
+        curves.setdefault(row["cell"], []).append(row["round_accuracy"])
+    for label, runs in curves.items():
+        length = min(len(r) for r in runs)
+        mean = [statistics.mean(r[i] for r in runs) for i in range(length)]
+        ax.plot(range(1, length + 1), mean, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy (mean over seeds)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_round.png", dpi=120)
+    plt.close(fig)
