@@ -23,6 +23,7 @@ from fedmed.progress import RoundReporter
 from fedmed.reporting import round_record, summary
 from fedmed.seeds import derive_seed
 from fedmed.training.local import evaluate, resolve_device, train
+from fedmed.training.partial import known_labels
 
 
 def _train_view(stats) -> dict:
@@ -33,14 +34,32 @@ def _eval_view(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("loss", "accuracy", "macro_f1", "confusion", "examples")}
 
 
+def pool(splits: list[Split]) -> Split:
+    """All hospitals' training data in one place, partial labels included."""
+    x, y = torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits])
+    if all(s.possible is None for s in splits):
+        return Split(x, y)
+    classes = next(s.possible.shape[1] for s in splits if s.possible is not None)
+
+    def known(s: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        if s.possible is not None:
+            return s.possible, s.annotated
+        one_hot = torch.nn.functional.one_hot(s.y, classes).bool()
+        return one_hot, torch.ones_like(one_hot)
+
+    parts = [known(s) for s in splits]
+    return Split(x, y, torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts]))
+
+
 def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
-    x = torch.cat([s.train.x for s in sites])
-    y = torch.cat([s.train.y for s in sites])
+    pooled = pool([s.train for s in sites])
+    x, y = pooled.x, pooled.y
     model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     reporter = RoundReporter(cfg.federation.rounds, f"fedmed: pooled baseline, {len(y)} images -> {out.path}")
     metrics: dict = {}
     for rnd in range(1, cfg.federation.rounds + 1):
-        stats = train(model, x, y, cfg.train, seed=derive_seed(cfg.seed, rnd, 10_000))
+        possible, _ = known_labels(cfg, model, pooled)
+        stats = train(model, x, y, cfg.train, seed=derive_seed(cfg.seed, rnd, 10_000), possible=possible, annotated=pooled.annotated)
         metrics = evaluate(model, test.x, test.y, cfg.train.device)
         hospitals = {s.name: {"eval": _eval_view(evaluate(model, s.test.x, s.test.y, cfg.train.device))} for s in sites}
         took, elapsed = reporter.round_done(rnd, metrics)
@@ -59,7 +78,9 @@ def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test:
         hospitals = {}
         for s in sites:
             model = models[s.name]
-            stats = train(model, s.train.x, s.train.y, cfg.train, seed=derive_seed(cfg.seed, rnd, s.index))
+            possible, _ = known_labels(cfg, model, s.train)
+            seed = derive_seed(cfg.seed, rnd, s.index)
+            stats = train(model, s.train.x, s.train.y, cfg.train, seed=seed, possible=possible, annotated=s.train.annotated)
             hospitals[s.name] = {
                 "train": _train_view(stats),
                 "eval": _eval_view(evaluate(model, s.test.x, s.test.y, cfg.train.device)),
@@ -91,7 +112,7 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     ensure_data(cfg, announce=print)
     out = RunDirectory.create(cfg)
     sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
-    counts = {s.name: np.bincount(s.train.y.numpy(), minlength=num_classes(cfg)).tolist() for s in sites}
+    counts = {s.name: np.bincount(s.train.y[s.train.y >= 0].numpy(), minlength=num_classes(cfg)).tolist() for s in sites}
     rep = heterogeneity.report(counts, cfg.data.class_names())
     heterogeneity.write(out.path, rep)
     test = global_test(cfg)

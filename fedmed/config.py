@@ -107,6 +107,22 @@ class SkewConfig(_Section):
     )
 
 
+class LabelsConfig(_Section):
+    """Partial labels: which hospitals label what. Test sets stay fully labelled, to measure."""
+
+    scenario: Literal["full", "unlabelled", "fraction", "subset", "coarse"] = Field(
+        "full",
+        description="`full`; `unlabelled` (some hospitals have no labels); `fraction` (hospitals label a share `fraction` of their images); `subset` (hospitals annotate only the classes `annotated`; their other images are unknown, not negatives); `coarse` (hospitals know only tumour vs `no_tumour`).",
+    )
+    hospitals: float = Field(0.5, gt=0, le=1, description="Share of hospitals the scenario applies to (chosen by `seed`); the others are fully labelled.")
+    fraction: float = Field(0.3, ge=0, le=1, description="`fraction`: share of an affected hospital's images that carry a label.")
+    annotated: str = Field("glioma,no_tumour", description="`subset`: the classes affected hospitals annotate, comma-separated.")
+    unlabelled: Literal["ignore", "pseudo"] = Field(
+        "ignore", description="Images without a (full) label: `ignore` them, or `pseudo`-label them with the received global model."
+    )
+    threshold: float = Field(0.9, gt=0, le=1, description="`pseudo`: the model's confidence needed to take its prediction as a label.")
+
+
 class ModelConfig(_Section):
     """The network every hospital trains."""
 
@@ -162,7 +178,7 @@ class OutputConfig(_Section):
     save_model: bool = Field(True, description="Write the final global model weights (`model.pt`).")
 
 
-RESULT_SECTIONS = ("seed", "data", "skew", "model", "train", "federation")
+RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federation")
 # Where things are on this machine: not part of what a run is, never written to a run directory.
 REDACTED = "<local, not recorded>"
 PATH_KEYS = ("data.path", "data.labels_csv", "data.cache_dir")
@@ -175,6 +191,7 @@ class FedmedConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data, initialisation and training order.")
     data: DataConfig = DataConfig()
     skew: SkewConfig = SkewConfig()
+    labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()

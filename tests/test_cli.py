@@ -124,3 +124,7 @@ def test_more_hospitals_than_images_is_one_line(tmp_path):
     result = fedmed("simulate", "--set", "data.source=disk", "--set", f"data.path='{tmp_path / 'd'}'", "--set", "data.hospitals=20",
                     "--set", f"data.cache_dir='{tmp_path / 'cache'}'", "--set", "skew.labels=dirichlet")
     _assert_clean_failure(result, "cannot give 20 hospitals")
+
+
+def test_an_annotated_class_that_does_not_exist_is_one_line():
+    _assert_clean_failure(fedmed("simulate", "--set", "labels.scenario=subset", "--set", "labels.annotated=astrocytoma"), "labels.annotated names astrocytoma")

@@ -164,3 +164,13 @@ def test_other_strategies_train(tiny_config, strategy):
     run = run_simulation(tiny_config(f"federation.strategy={strategy}", "federation.rounds=1"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["examples"] == 24 and summary["test"]["loss"] > 0
+
+
+def test_unlabelled_hospitals_pseudo_label_and_report_counts(tiny_config):
+    cfg = tiny_config("labels.scenario=unlabelled", "labels.hospitals=0.34", "labels.unlabelled=pseudo", "labels.threshold=0.3")
+    run = run_simulation(cfg)
+    last = read_metrics(run)[-1]["hospitals"]
+    counts = sorted((h["train"]["labelled_examples"], h["train"]["unlabelled_examples"]) for h in last.values())
+    assert counts == [(0, 24), (24, 0), (24, 0)]
+    assert all("pseudo_labelled" in h["train"] for h in last.values())
+    assert max(h["train"]["pseudo_labelled"] for h in last.values()) > 0

@@ -7,7 +7,7 @@ but the Ray actor (or SuperNode) process that runs it lives across rounds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -16,6 +16,8 @@ import torch
 from fedmed.config import DataConfig, FedmedConfig, SkewConfig
 from fedmed.data import demo
 from fedmed.data.dataset import Dataset, load_dataset, usable
+from fedmed.data.labels import knowledge
+from fedmed.data.labels import validate as validate_labels
 from fedmed.data.partition import TEST, TRAIN, Assignment, assign
 from fedmed.data.phantom import acquire
 from fedmed.data.scanners import hospital_profiles
@@ -29,7 +31,9 @@ def num_classes(cfg: FedmedConfig) -> int:
 @dataclass(frozen=True)
 class Split:
     x: torch.Tensor  # (N, 1, H, W) float32 in [0, 1]
-    y: torch.Tensor  # (N,) int64
+    y: torch.Tensor  # (N,) int64; -1 where the label is not known exactly (partial labels)
+    possible: torch.Tensor | None = None  # (N, C) bool: the classes an image may be; None: y is all known
+    annotated: torch.Tensor | None = None  # (N, C) bool: the classes its hospital annotates
 
     def __len__(self) -> int:
         return len(self.y)
@@ -116,8 +120,13 @@ def site_data(cfg: FedmedConfig, index: int) -> SiteData:
             f"hospital index {index} is outside 0..{cfg.data.hospitals - 1} (data.hospitals)"
         )
     if cfg.data.source == "disk":
-        return _disk_site(cfg.data, cfg.skew, cfg.seed, index)
-    return _demo_site(_spec(cfg), cfg.data.cache_dir, index)
+        site = _disk_site(cfg.data, cfg.skew, cfg.seed, index)
+    else:
+        site = _demo_site(_spec(cfg), cfg.data.cache_dir, index)
+    known = knowledge(cfg, index, site.train.y)
+    if known is None:
+        return site
+    return replace(site, train=Split(site.train.x, known.y, known.possible, known.annotated))
 
 
 @lru_cache(maxsize=2)
@@ -136,6 +145,7 @@ def global_test(cfg: FedmedConfig) -> Split:
 def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None) -> None:
     """Generate (or decode) and cache the dataset now, and check it can be split across
     the hospitals, so no round ever waits for it or fails on it."""
+    validate_labels(cfg)
     if cfg.data.source == "disk":
         load_dataset(cfg.data, announce)  # announces a first-time decode
         _, parts, warnings = _disk(cfg.data, cfg.skew, cfg.seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -21,6 +20,7 @@ from fedmed.federation.records import SITE_KEY, WEIGHT_KEY, config_from_record, 
 from fedmed.models import build_model, norm_keys
 from fedmed.seeds import derive_seed
 from fedmed.training.local import evaluate as evaluate_model
+from fedmed.training.partial import known_labels, label_metrics
 from fedmed.training.local import train as train_model
 
 app = ClientApp()
@@ -82,13 +82,16 @@ def train(msg: Message, context: Context) -> Message:
     cfg, server_round, site, model, restored = _receive(msg, context)
     mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     seed = derive_seed(cfg.seed, server_round, site.index)
-    stats = train_model(model, site.train.x, site.train.y, cfg.train, seed=seed, proximal_mu=mu)
+    possible, pseudo = known_labels(cfg, model, site.train)
+    stats = train_model(
+        model, site.train.x, site.train.y, cfg.train, seed=seed, proximal_mu=mu, possible=possible, annotated=site.train.annotated
+    )
     metrics = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
         "train-steps": stats.steps,
         "sample-gradients": stats.examples,
-        "label-counts": np.bincount(site.train.y.numpy(), minlength=num_classes(cfg)).tolist(),
+        **label_metrics(cfg, site.train, pseudo),
         "local-arrays-restored": restored,
         WEIGHT_KEY: len(site.train),
     }

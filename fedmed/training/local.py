@@ -25,7 +25,7 @@ def resolve_device(name: str) -> torch.device:
 @dataclass(frozen=True)
 class TrainStats:
     loss: float  # mean training loss over the steps taken
-    accuracy: float  # running accuracy on the batches seen
+    accuracy: float  # running accuracy on the exactly labelled examples seen
     examples: int  # sample-gradient evaluations (examples x epochs)
     steps: int
 
@@ -42,9 +42,36 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, *extra: torch.Tensor) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+    return DataLoader(TensorDataset(x, y, *extra), batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def set_loss(logits: torch.Tensor, possible: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """-log P(class in `possible`), the softmax taken over each image's `annotated`
+    classes only. A full label is cross-entropy; an image that may be any annotated
+    class adds nothing; classes outside `annotated` get no gradient. Averaged over
+    the images that carry information."""
+    log_p = torch.log_softmax(logits.masked_fill(~annotated, float("-inf")), dim=1)
+    per_image = -torch.logsumexp(log_p.masked_fill(~possible, float("-inf")), dim=1)
+    informative = possible.sum(1) < annotated.sum(1)
+    return per_image[informative].sum() / informative.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def pseudo_label(model: nn.Module, x: torch.Tensor, possible: torch.Tensor, threshold: float, device_name: str = "cpu") -> tuple[torch.Tensor, int]:
+    """Where the model is at least `threshold` sure of one of an image's possible classes,
+    take it as the label. Returns the new possible sets and how many were labelled."""
+    unsure = (possible.sum(1) > 1).nonzero().flatten()
+    if len(unsure) == 0:
+        return possible, 0
+    probs = torch.from_numpy(predict(model, x[unsure], device_name)).float() * possible[unsure]
+    probs = probs / probs.sum(1, keepdim=True).clamp(min=1e-12)
+    confidence, label = probs.max(1)
+    sure = confidence >= threshold
+    out = possible.clone()
+    out[unsure[sure]] = torch.nn.functional.one_hot(label[sure], possible.shape[1]).bool()
+    return out, int(sure.sum())
 
 
 def train(
@@ -55,6 +82,8 @@ def train(
     seed: int,
     epochs: int | None = None,
     proximal_mu: float = 0.0,
+    possible: torch.Tensor | None = None,
+    annotated: torch.Tensor | None = None,
 ) -> TrainStats:
     """`epochs` (default cfg.local_epochs) passes with a fresh optimizer, as each FedAvg round does.
     With `proximal_mu` > 0 (FedProx) the loss adds mu/2 ||w - w_start||^2, w_start being
@@ -64,18 +93,19 @@ def train(
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimizer = make_optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
-    loader = make_loader(x, y, cfg.batch_size, seed)
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    partial = () if possible is None else (possible, annotated if annotated is not None else torch.ones_like(possible))
+    loader = make_loader(x, y, cfg.batch_size, seed, *partial)
+    total_loss, correct, labelled, seen, steps = 0.0, 0, 0, 0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(epochs or cfg.local_epochs):
-            for xb, yb in loader:
+            for xb, yb, *known in loader:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 if cfg.augment:
                     xb = _flip_half(xb)
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(xb)
-                loss = loss_fn(logits, yb)
+                loss = set_loss(logits, *(k.to(device) for k in known)) if known else loss_fn(logits, yb)
                 if start:
                     drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
                     (loss + proximal_mu / 2 * drift).backward()
@@ -84,9 +114,10 @@ def train(
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
+                labelled += int((yb >= 0).sum())  # y = -1: not known exactly, so no accuracy to count
                 seen += len(yb)
                 steps += 1
-    return TrainStats(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=seen, steps=steps)
+    return TrainStats(loss=total_loss / max(seen, 1), accuracy=correct / max(labelled, 1), examples=seen, steps=steps)
 
 
 @torch.no_grad()

@@ -1,0 +1,30 @@
+"""Training on partially labelled data: which labels a round trains on, and how a
+hospital reports what it had (every reply carries the same keys)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmed.config import FedmedConfig
+from fedmed.data.sites import Split
+from fedmed.training.local import pseudo_label
+
+
+def known_labels(cfg: FedmedConfig, model: nn.Module, split: Split) -> tuple[torch.Tensor | None, int]:
+    """The possible-class sets to train on this round (None: all labels known), after
+    pseudo-labelling with `model` (the global model received) when configured."""
+    if split.possible is None or cfg.labels.unlabelled == "ignore":
+        return split.possible, 0
+    return pseudo_label(model, split.x, split.possible, cfg.labels.threshold, cfg.train.device)
+
+
+def label_metrics(cfg: FedmedConfig, split: Split, pseudo: int) -> dict[str, object]:
+    exact = split.y >= 0
+    return {
+        "label-counts": np.bincount(split.y[exact].numpy(), minlength=len(cfg.data.class_names())).tolist(),
+        "labelled-examples": int(exact.sum()),
+        "unlabelled-examples": int((~exact).sum()),
+        "pseudo-labelled": pseudo,
+    }
