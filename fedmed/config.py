@@ -312,6 +312,8 @@ def load(
             raise FedmedError(f"config file {file} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise FedmedError(f"cannot read config file {file}: {exc.strerror}") from None
+    if "sweep" in tree:
+        raise FedmedError(f"{path} is a study (it has a [sweep] table): run it with `fedmed sweep {path}`")
     flat = flatten(tree)
     for item in overrides or []:
         name, value = parse_override(item)

@@ -97,4 +97,12 @@ def test_site_configs_use_the_one_schema_and_load_their_data(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "simulations").glob("*.toml")), ids=lambda p: p.name)
 def test_every_study_config_is_valid(path):
-    config_mod.load(path)
+    from fedmed.sweep import cells, load_study
+
+    if "[sweep]" in path.read_text():
+        _, spec = load_study(path)  # validates every cell's config
+        assert len(cells(spec)) > 1
+        with pytest.raises(FedmedError, match="is a study"):
+            config_mod.load(path)
+    else:
+        config_mod.load(path)
