@@ -198,6 +198,14 @@ class FedmedConfig(_Section):
     simulation: SimulationConfig = SimulationConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="after")
+    def _scanners_fit_the_data(self) -> FedmedConfig:
+        if self.skew.scanners == "simulated" and self.data.source != "disk":
+            raise ValueError("skew.scanners = simulated re-acquires images on disk; the demo data has its own: use native or shared")
+        if self.skew.scanners == "shared" and self.data.source != "demo":
+            raise ValueError("skew.scanners = shared applies to the demo data; images on disk keep their own scanners (native)")
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Flat `section.key` view, the form Flower's run config and records use."""
         return flatten(self.model_dump())

@@ -27,7 +27,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,6 +47,9 @@ class SweepSpec(BaseModel):
     variants: list[dict[str, Scalar]] = Field([{}], min_length=1, description="Alternative sets of settings, each crossed with the grid.")
     grid: dict[str, list[Scalar]] = Field({}, description="Settings to cross: key -> values.")
     series: str = Field("", description="Setting that draws one line per value in the plots (default: the first grid key).")
+    metric: Literal["accuracy", "hospital_test_accuracy"] = Field(
+        "accuracy", description="What the final-accuracy plot shows: the global test set's, or the hospitals' own test sets'."
+    )
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,23 @@ def cells(spec: SweepSpec) -> list[Cell]:
     keys = list(spec.grid)
     out = []
     for variant in spec.variants:
+        both = sorted(set(variant) & set(keys))
+        if both:
+            raise FedmedError(f"study error: {both[0]} is set by a variant and by the grid: keep it in one of them")
         for values in itertools.product(*(spec.grid[k] for k in keys)):
             settings = {**variant, **dict(zip(keys, values))}
             out += [Cell(settings, seed) for seed in spec.seeds]
     return out
+
+
+def finished(base: dict[str, Any], cell: Cell, out: Path) -> bool:
+    """Done, with the settings the study now asks for (a cell run before the study file
+    changed is run again)."""
+    summary = out / "cells" / cell.name / "summary.json"
+    if not summary.is_file():
+        return False
+    expected = config_mod.from_flat({**base, **cell.settings, "seed": cell.seed}).digest()
+    return json.loads(summary.read_text(encoding="utf-8")).get("config_sha256") == expected
 
 
 def run_cell(base: dict[str, Any], cell: Cell, out: Path) -> dict[str, Any]:
@@ -101,7 +117,7 @@ def run_cell(base: dict[str, Any], cell: Cell, out: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(tomli_w.dumps(config_mod.unflatten(flat)), encoding="utf-8")
     run_dir = folder / cell.name
-    if run_dir.exists() and not (run_dir / "summary.json").exists():  # an interrupted cell: start it again
+    if run_dir.exists():  # interrupted, or run with other settings: start it again
         shutil.rmtree(run_dir)
     log = folder / f".{cell.name}.log"
     with log.open("w", encoding="utf-8") as handle:
@@ -117,7 +133,7 @@ def run_sweep(study: Path, out: Path) -> Path:
 
     base, spec = load_study(study)
     todo = cells(spec)
-    done = {c.name for c in todo if (out / "cells" / c.name / "summary.json").is_file()}
+    done = {c.name for c in todo if finished(base, c, out)}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task(f"{study.stem}: {len(todo)} cells ({len(done)} done before)", total=len(todo), completed=len(done))
@@ -138,7 +154,15 @@ def _row(cell: Cell, out: Path) -> dict[str, Any]:
     run = out / "cells" / cell.name
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    federated = rounds[-1].get("federated_eval", {}) if rounds else {}
+    # Accuracy on the hospitals' own test sets, pooled: FedAvg's federated evaluation, and
+    # the same measure for FedBN (its global model keeps untrained normalisation layers)
+    # and for the baselines.
+    if rounds and rounds[-1].get("federated_eval"):
+        hospital_acc = rounds[-1]["federated_eval"].get("accuracy")
+    else:
+        evals = [h["eval"] for h in (rounds[-1]["hospitals"].values() if rounds else []) if "eval" in h]
+        total = sum(e["examples"] for e in evals)
+        hospital_acc = sum(e["accuracy"] * e["examples"] for e in evals) / total if total else None
     hetero = run / "heterogeneity.json"
     return {
         "cell": cell.label,
@@ -147,7 +171,7 @@ def _row(cell: Cell, out: Path) -> dict[str, Any]:
         "accuracy": summary["test"].get("accuracy"),
         "macro_f1": summary["test"].get("macro_f1"),
         "auroc": summary["test"].get("auroc"),
-        "federated_accuracy": federated.get("accuracy"),
+        "hospital_test_accuracy": hospital_acc,
         "heterogeneity": json.loads(hetero.read_text())["index"] if hetero.exists() else None,
         "wall_s": summary.get("wall_seconds"),
         "round_accuracy": [r["test"]["accuracy"] for r in rounds],
@@ -166,7 +190,7 @@ def write_results(out: Path, spec: SweepSpec, todo: list[Cell]) -> None:
     rows = [_row(c, out) for c in todo]
     keys = sorted({k for c in todo for k in c.settings})
     with (out / "results.csv").open("w", newline="", encoding="utf-8") as handle:
-        fields = ["cell", "seed", *keys, "accuracy", "macro_f1", "auroc", "federated_accuracy", "heterogeneity", "wall_s"]
+        fields = ["cell", "seed", *keys, "accuracy", "macro_f1", "auroc", "hospital_test_accuracy", "heterogeneity", "wall_s"]
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -174,11 +198,11 @@ def write_results(out: Path, spec: SweepSpec, todo: list[Cell]) -> None:
     for row in rows:
         groups.setdefault(row["cell"], []).append(row)
     lines = [
-        "| cell | seeds | accuracy | macro-F1 | AUROC | federated acc | heterogeneity |",
+        "| cell | seeds | global test accuracy | macro-F1 | AUROC | hospitals' test accuracy | heterogeneity |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, group in groups.items():
-        cols = [_mean_std([r[m] for r in group]) for m in ("accuracy", "macro_f1", "auroc", "federated_accuracy", "heterogeneity")]
+        cols = [_mean_std([r[m] for r in group]) for m in ("accuracy", "macro_f1", "auroc", "hospital_test_accuracy", "heterogeneity")]
         lines.append(f"| {label} | {len(group)} | " + " | ".join(cols) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plots(out, spec, todo, rows)
@@ -195,7 +219,7 @@ def _plots(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
     for cell, row in zip(todo, rows):
         series = str(cell.settings.get(series_key, "all"))
         x = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.settings.items() if k != series_key) or "base"
-        by_series.setdefault(series, {}).setdefault(x, []).append(row["accuracy"])
+        by_series.setdefault(series, {}).setdefault(x, []).append(row[spec.metric])
     fig, ax = plt.subplots(figsize=(7, 4))
     for series, points in by_series.items():
         xs = list(points)
@@ -203,7 +227,7 @@ def _plots(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
         errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in points.values()]
         ax.errorbar(range(len(xs)), means, yerr=errs, marker="o", capsize=3, label=series)
         ax.set_xticks(range(len(xs)), xs, rotation=20, ha="right")
-    ax.set_ylabel("final global test accuracy")
+    ax.set_ylabel("final " + ("global test accuracy" if spec.metric == "accuracy" else "accuracy on the hospitals' test sets"))
     ax.set_title(f"{out.name}: mean ± std over seeds")
     ax.legend(title=series_key.split(".")[-1] if series_key else None)
     ax.grid(alpha=0.3)

@@ -74,3 +74,28 @@ def test_pseudo_labels_take_confident_predictions_only():
 def test_bad_partial_label_settings(setting, needle):
     with pytest.raises(FedmedError, match=needle):
         knowledge(cfg("labels.scenario=subset", setting), 0, Y)
+
+
+def test_subset_settings_that_cannot_work_are_refused():
+    with pytest.raises(FedmedError, match="two or more classes"):
+        knowledge(cfg("labels.scenario=subset", 'labels.annotated="glioma"'), 0, Y)
+    with pytest.raises(FedmedError, match="does not apply to labels.scenario = subset"):
+        knowledge(cfg("labels.scenario=subset", "labels.unlabelled=pseudo"), 0, Y)
+    known = knowledge(cfg("labels.scenario=subset", 'labels.annotated="glioma,no_tumour"'), 0, Y)
+    assert (known.y[(Y == 1) | (Y == 3)] == -1).all()  # what the hospital does not know stays unknown
+
+
+def test_fedbn_hospitals_keep_normalisation_arrays_out_of_their_reply():
+    from flwr.app import Context, RecordDict
+
+    from fedmed.federation.client_app import LOCAL_STATE, _shared_arrays
+    from fedmed.models import build_model, norm_keys
+
+    settings = cfg("federation.strategy=fedbn")
+    model = build_model(settings.model, 4, seed=0)
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    sent = _shared_arrays(settings, model, context)
+    local = norm_keys(model)
+    assert local and not local & set(sent.keys())
+    assert set(context.state[LOCAL_STATE].keys()) == local
+    assert set(_shared_arrays(cfg(), model, context).keys()) == set(model.state_dict())

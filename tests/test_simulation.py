@@ -172,5 +172,5 @@ def test_unlabelled_hospitals_pseudo_label_and_report_counts(tiny_config):
     last = read_metrics(run)[-1]["hospitals"]
     counts = sorted((h["train"]["labelled_examples"], h["train"]["unlabelled_examples"]) for h in last.values())
     assert counts == [(0, 24), (24, 0), (24, 0)]
-    assert all("pseudo_labelled" in h["train"] for h in last.values())
+    assert len({frozenset(h["train"]) for h in last.values()}) == 1  # every reply, the same keys
     assert max(h["train"]["pseudo_labelled"] for h in last.values()) > 0

@@ -93,3 +93,48 @@ def test_skewed_demo_hospitals_render_the_planned_labels(tmp_path):
         got = np.bincount(data.select("train", h).labels, minlength=4)
         assert got.tolist() == list(spec.train_counts[h]) and np.count_nonzero(got) == 2
     assert demo.DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew.model_copy(update={"labels": "iid"})).train_counts is None
+
+
+def test_whole_patients_that_break_the_minimum_size_are_refused():
+    from fedmed import config as config_mod
+    from fedmed.data.dataset import Dataset
+    from fedmed.data.partition import assign
+
+    patient = np.repeat([0, 1, 2, 3], [50, 5, 5, 2])  # one big patient, two small, one for testing
+    n = len(patient)
+    ds = Dataset(
+        images=np.zeros((n, 4, 4), np.uint8), labels=np.zeros(n, np.int64), split=(patient == 3).astype(np.int8),
+        site=np.full(n, -1, np.int16), patient=patient.astype(np.int64), hashes=np.arange(1, n + 1, dtype=np.int64),
+        manifest={"sites": []},
+    )
+    cfg = config_mod.load(None, ["data.source=disk", "data.path=/x", "data.hospitals=2", "skew.quantity=power", "skew.min_size=15"])
+    with pytest.raises(FedmedError, match=r"dealt as whole patients, a hospital gets \d+ training images, under skew.min_size = 15"):
+        assign(ds, cfg.data, cfg.skew, seed=0)
+
+
+def test_scanner_settings_must_fit_the_data():
+    from fedmed import config as config_mod
+
+    with pytest.raises(FedmedError, match="skew.scanners = simulated re-acquires images on disk"):
+        config_mod.load(None, ["skew.scanners=simulated"])
+    with pytest.raises(FedmedError, match="applies to the demo data"):
+        config_mod.load(None, ["skew.scanners=shared", "data.source=disk", "data.path=/x"])
+
+
+def test_simulated_scanners_change_each_hospitals_images(tmp_path):
+    from fedmed import config as config_mod
+    from fedmed.data.sites import global_test, site_data
+    from tests import mri_fixtures as fx
+
+    fx.image_folder(tmp_path / "d", dict.fromkeys(["glioma", "meningioma", "notumor", "pituitary"], 12))
+    base = ["data.source=disk", f"data.path='{tmp_path / 'd'}'", f"data.cache_dir='{tmp_path / 'c'}'", "data.image_size=32", "data.hospitals=2"]
+    plain = site_data(config_mod.load(None, base), 0)
+    shifted = site_data(config_mod.load(None, [*base, "skew.scanners=simulated"]), 0)
+    assert torch_equal(plain.train.y, shifted.train.y) and not torch_equal(plain.train.x, shifted.train.x)
+    assert len(global_test(config_mod.load(None, [*base, "skew.scanners=simulated"]))) == len(global_test(config_mod.load(None, base)))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

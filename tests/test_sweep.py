@@ -62,3 +62,20 @@ def test_a_bad_study_is_one_line(tmp_path, grid, needle):
     study.write_text(f"[sweep]\nseeds = [0]\n[sweep.grid]\n{grid}\n")
     result = sweep(str(study), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_edited_study_runs_its_cells_again(tmp_path):
+    study = tmp_path / "study.toml"
+    study.write_text(STUDY.format(cache=tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert sweep(str(study), "--out", str(out)).returncode == 0
+    study.write_text(STUDY.format(cache=tmp_path / "cache").replace("rounds = 1", "rounds = 2"))
+    result = sweep(str(study), "--out", str(out))
+    assert result.returncode == 0 and "0 done before" in result.stdout
+
+
+def test_a_setting_in_both_a_variant_and_the_grid_is_refused(tmp_path):
+    study = tmp_path / "study.toml"
+    study.write_text('[sweep]\nvariants = [{"train.lr" = 0.1}]\n[sweep.grid]\n"train.lr" = [0.01]\n')
+    result = sweep(str(study))
+    assert result.returncode == 2 and "set by a variant and by the grid" in result.stderr

@@ -46,7 +46,13 @@ def annotated_classes(cfg: FedmedConfig) -> list[int]:
 
 def validate(cfg: FedmedConfig) -> None:
     if cfg.labels.scenario == "subset":
-        annotated_classes(cfg)
+        if len(annotated_classes(cfg)) < 2:
+            raise FedmedError("labels.annotated needs two or more classes: a softmax over one class learns nothing")
+        if cfg.labels.unlabelled == "pseudo":
+            raise FedmedError(
+                "labels.unlabelled = pseudo does not apply to labels.scenario = subset: the unknown images lie outside "
+                "the classes such a hospital trains; use ignore"
+            )
     if cfg.labels.scenario == "coarse" and TUMOUR_FREE not in cfg.data.class_names():
         raise FedmedError(f"labels.scenario = coarse needs a `{TUMOUR_FREE}` class in data.classes")
 
@@ -77,5 +83,5 @@ def knowledge(cfg: FedmedConfig, index: int, y: torch.Tensor) -> Knowledge | Non
         tumour = torch.ones(classes, dtype=torch.bool)
         tumour[cfg.data.class_names().index(TUMOUR_FREE)] = False
         possible[tumour[y]] = tumour
-    exact = possible.sum(1) == 1
+    exact = (possible.sum(1) == 1) & (possible.sum(1) < annotated.sum(1))
     return Knowledge(y=torch.where(exact, y, torch.full_like(y, -1)), possible=possible, annotated=annotated)

@@ -116,6 +116,13 @@ def assign(ds: Dataset, data: DataConfig, skew: SkewConfig, seed: int) -> Assign
             if mask.any():
                 site[mask] = deal(groups[mask], ds.labels[mask], shares, np.random.default_rng([seed, 12, part]))
     result = Assignment(split, site, duplicates)
+    skewed = (skew.labels, skew.quantity) != ("iid", "equal")
+    smallest = min(len(result.indices(TRAIN, h)) for h in range(data.hospitals))
+    if skewed and data.partition == "pool" and smallest < skew.min_size:
+        raise FedmedError(
+            f"dealt as whole patients, a hospital gets {smallest} training images, under skew.min_size = {skew.min_size}: "
+            "lower skew.min_size or data.hospitals, or soften the skew"
+        )
     for h in range(data.hospitals):
         for part, name, fix in ((TRAIN, "training", ""), (TEST, "test", " or raise data.test_fraction")):
             if len(result.indices(part, h)) == 0:

@@ -86,16 +86,16 @@ def _disk_global_test(data: DataConfig, skew: SkewConfig, seed: int) -> Split:
     images = np.array(dataset.images[idx])
     if skew.scanners == "simulated":
         for h in range(data.hospitals):
-            images[h :: data.hospitals] = _rescan(images[h :: data.hospitals], data, seed + 1, h)
+            images[h :: data.hospitals] = _rescan(images[h :: data.hospitals], data, seed, h, stream=6)
     return Split(to_tensor(images), torch.from_numpy(dataset.labels[idx]))
 
 
-def _rescan(images: np.ndarray, data: DataConfig, seed: int, index: int) -> np.ndarray:
+def _rescan(images: np.ndarray, data: DataConfig, seed: int, index: int, stream: int = 5) -> np.ndarray:
     """Images re-acquired with hospital `index`'s simulated scanner (skew.scanners = simulated)."""
     profile = hospital_profiles(data.hospitals, seed)[index]
     out = np.empty_like(images)
     for i, image in enumerate(images):
-        out[i] = acquire(image.astype(np.float32) / 255.0, data.image_size, profile, np.random.default_rng([seed, index, i, 5]))
+        out[i] = acquire(image.astype(np.float32) / 255.0, data.image_size, profile, np.random.default_rng([seed, index, i, stream]))
     return out
 
 

@@ -89,8 +89,8 @@ def share_matrix(skew: SkewConfig, hospitals: int, supply: np.ndarray, seed: int
 
 def deal(groups: np.ndarray, labels: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Hospital per image (-1: its class is held by none). Whole patients, in random
-    order, each to the hospital furthest below its share of that class; among near
-    ties, the one holding fewest images (a patient counts under their first image's class)."""
+    order, each to the hospital furthest below its share of that class; among ties, the
+    one holding fewest images (a patient counts under their first image's class)."""
     unique, first, inverse, sizes = np.unique(groups, return_index=True, return_inverse=True, return_counts=True)
     group_label = labels[first]
     supply = np.bincount(group_label, weights=sizes, minlength=shares.shape[1])
@@ -104,7 +104,7 @@ def deal(groups: np.ndarray, labels: np.ndarray, shares: np.ndarray, rng: np.ran
         if len(holders) == 0:
             continue
         deficit = target[holders, c] - got[holders, c]
-        near = holders[deficit >= deficit.max() - sizes[g] / 2]
+        near = holders[deficit >= deficit.max() - 1e-9]
         h = near[np.argmin(load[near])]
         owner[g] = h
         got[h, c] += sizes[g]

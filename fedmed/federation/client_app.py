@@ -20,7 +20,7 @@ from fedmed.federation.records import SITE_KEY, WEIGHT_KEY, config_from_record, 
 from fedmed.models import build_model, norm_keys
 from fedmed.seeds import derive_seed
 from fedmed.training.local import evaluate as evaluate_model
-from fedmed.training.partial import known_labels, label_metrics
+from fedmed.training.partial import informative_examples, known_labels, label_metrics
 from fedmed.training.local import train as train_model
 
 app = ClientApp()
@@ -93,7 +93,9 @@ def train(msg: Message, context: Context) -> Message:
         "sample-gradients": stats.examples,
         **label_metrics(cfg, site.train, pseudo),
         "local-arrays-restored": restored,
-        WEIGHT_KEY: len(site.train),
+        # FedAvg weight: the examples that taught something (at least 1, so a round of
+        # only unlabelled hospitals still averages)
+        WEIGHT_KEY: max(1, informative_examples(site.train, possible)),
     }
     return _reply(msg, site, metrics, _shared_arrays(cfg, model.cpu(), context))
 

@@ -28,3 +28,11 @@ def label_metrics(cfg: FedmedConfig, split: Split, pseudo: int) -> dict[str, obj
         "unlabelled-examples": int((~exact).sum()),
         "pseudo-labelled": pseudo,
     }
+
+
+def informative_examples(split: Split, possible: torch.Tensor | None) -> int:
+    """Examples whose label (full, coarse or pseudo) carries information this round."""
+    if possible is None:
+        return len(split.y)
+    annotated = split.annotated if split.annotated is not None else torch.ones_like(possible)
+    return int((possible.sum(1) < annotated.sum(1)).sum())
