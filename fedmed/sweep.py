@@ -212,9 +212,41 @@ def _plots(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
     import matplotlib
 
     matplotlib.use("Agg")
+
+    if not spec.grid:  # variants only: one bar per cell
+        _bars(out, spec, rows)
+    else:
+        _lines(out, spec, todo, rows)
+    _curves(out, rows)
+
+
+def _ylabel(spec: SweepSpec) -> str:
+    return "final " + ("global test accuracy" if spec.metric == "accuracy" else "accuracy on the hospitals' test sets")
+
+
+def _bars(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
-    series_key = spec.series or (next(iter(spec.grid)) if spec.grid else "")
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row["cell"], []).append(row[spec.metric])
+    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(groups), 4))
+    means = [statistics.mean(v) for v in groups.values()]
+    errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in groups.values()]
+    ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color="#4a7ab5")
+    ax.set_xticks(range(len(groups)), list(groups), rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(_ylabel(spec))
+    ax.set_title(f"{out.name}: mean ± std over {len(spec.seeds)} seeds")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "final_accuracy.png", dpi=120)
+    plt.close(fig)
+
+
+def _lines(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> None:
+    import matplotlib.pyplot as plt
+
+    series_key = spec.series or next(iter(spec.grid))
     by_series: dict[str, dict[str, list[float]]] = {}
     for cell, row in zip(todo, rows):
         series = str(cell.settings.get(series_key, "all"))
@@ -227,13 +259,17 @@ def _plots(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
         errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in points.values()]
         ax.errorbar(range(len(xs)), means, yerr=errs, marker="o", capsize=3, label=series)
         ax.set_xticks(range(len(xs)), xs, rotation=20, ha="right")
-    ax.set_ylabel("final " + ("global test accuracy" if spec.metric == "accuracy" else "accuracy on the hospitals' test sets"))
-    ax.set_title(f"{out.name}: mean ± std over seeds")
-    ax.legend(title=series_key.split(".")[-1] if series_key else None)
+    ax.set_ylabel(_ylabel(spec))
+    ax.set_title(f"{out.name}: mean ± std over {len(spec.seeds)} seeds")
+    ax.legend(title=series_key.split(".")[-1])
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "final_accuracy.png", dpi=120)
     plt.close(fig)
+
+
+def _curves(out: Path, rows: list[dict]) -> None:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     curves: dict[str, list[list[float]]] = {}

@@ -42,7 +42,7 @@ def test_unlabelled_images_add_nothing_and_coarse_labels_are_a_set():
     assert (known.y == -1).all()
     loss = set_loss(logits, known.possible, known.annotated)
     loss.backward()
-    assert float(loss) == 0.0 and torch.count_nonzero(logits.grad) == 0
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
     coarse = knowledge(cfg("labels.scenario=coarse"), 0, Y)
     assert coarse.possible[Y == 2].all(1).logical_not().all()  # no_tumour: exactly known
     assert (coarse.y[Y == 2] == 2).all() and (coarse.y[Y != 2] == -1).all()
