@@ -174,3 +174,9 @@ def test_unlabelled_hospitals_pseudo_label_and_report_counts(tiny_config):
     assert counts == [(0, 24), (24, 0), (24, 0)]
     assert len({frozenset(h["train"]) for h in last.values()}) == 1  # every reply, the same keys
     assert max(h["train"]["pseudo_labelled"] for h in last.values()) > 0
+
+
+def test_partial_participation_trains_a_fraction_of_hospitals_each_round(tiny_config):
+    run = run_simulation(tiny_config("federation.fraction_train=0.67", "federation.strategy=fedbn"))
+    for record in read_metrics(run):
+        assert sum("train" in h for h in record["hospitals"].values()) == 2
