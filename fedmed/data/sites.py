@@ -57,10 +57,14 @@ def _split(images: demo.ImageSet) -> Split:
 
 
 def _spec(cfg: FedmedConfig) -> demo.DemoSpec:
-    return demo.DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew)
+    return _demo_spec(cfg.data, cfg.seed, cfg.skew)
 
 
-@lru_cache(maxsize=None)  # one entry per hospital this process serves
+@lru_cache(maxsize=4)  # skewed specs draw their shares (with redraws): once per process
+def _demo_spec(data: DataConfig, seed: int, skew: SkewConfig) -> demo.DemoSpec:
+    return demo.DemoSpec.from_config(data, seed, skew)
+
+
 def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
     data = demo.load(spec, cache_dir)
     return SiteData(
@@ -71,9 +75,19 @@ def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
     )
 
 
+_DATASETS: dict[DataConfig, Dataset] = {}
+
+
+def _dataset(data: DataConfig, announce: Callable[[str], None] | None = None) -> Dataset:
+    """The dataset on disk, listed and read once per process."""
+    if data not in _DATASETS:
+        _DATASETS[data] = load_dataset(data, announce)
+    return _DATASETS[data]
+
+
 @lru_cache(maxsize=2)
 def _disk(data: DataConfig, skew: SkewConfig, seed: int) -> tuple[Dataset, Assignment, tuple[str, ...]]:
-    dataset = load_dataset(data)
+    dataset = _dataset(data)
     warnings = usable(dataset, data)
     return dataset, assign(dataset, data, skew, seed), tuple(warnings)
 
@@ -99,7 +113,6 @@ def _rescan(images: np.ndarray, data: DataConfig, seed: int, index: int, stream:
     return out
 
 
-@lru_cache(maxsize=None)  # one entry per hospital this process serves
 def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> SiteData:
     dataset, parts, _ = _disk(data, skew, seed)
 
@@ -113,8 +126,9 @@ def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> Sit
     return SiteData(name=demo.hospital_name(index), index=index, train=take(TRAIN), test=take(TEST))
 
 
+@lru_cache(maxsize=None)  # one entry per hospital this process serves: rounds reuse it
 def site_data(cfg: FedmedConfig, index: int) -> SiteData:
-    """Hospital `index` of the configured dataset."""
+    """Hospital `index` of the configured dataset, with what it knows of its labels."""
     if not 0 <= index < cfg.data.hospitals:
         raise FedmedError(
             f"hospital index {index} is outside 0..{cfg.data.hospitals - 1} (data.hospitals)"
@@ -147,7 +161,7 @@ def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None
     the hospitals, so no round ever waits for it or fails on it."""
     validate_labels(cfg)
     if cfg.data.source == "disk":
-        load_dataset(cfg.data, announce)  # announces a first-time decode
+        _dataset(cfg.data, announce)  # announces a first-time decode
         _, parts, warnings = _disk(cfg.data, cfg.skew, cfg.seed)
         for line in warnings:
             (announce or print)(f"warning: {line}; `fedmed data check {cfg.data.path}` shows the details")
