@@ -58,8 +58,8 @@ def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test
     reporter = RoundReporter(cfg.federation.rounds, f"fedmed: pooled baseline, {len(y)} images -> {out.path}")
     metrics: dict = {}
     for rnd in range(1, cfg.federation.rounds + 1):
-        possible, _ = known_labels(cfg, model, pooled)
-        stats = train(model, x, y, cfg.train, seed=derive_seed(cfg.seed, rnd, 10_000), possible=possible, annotated=pooled.annotated)
+        possible, annotated, _ = known_labels(cfg, model, pooled)
+        stats = train(model, x, y, cfg.train, seed=derive_seed(cfg.seed, rnd, 10_000), possible=possible, annotated=annotated)
         metrics = evaluate(model, test.x, test.y, cfg.train.device)
         hospitals = {s.name: {"eval": _eval_view(evaluate(model, s.test.x, s.test.y, cfg.train.device))} for s in sites}
         took, elapsed = reporter.round_done(rnd, metrics)
@@ -78,9 +78,9 @@ def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test:
         hospitals = {}
         for s in sites:
             model = models[s.name]
-            possible, _ = known_labels(cfg, model, s.train)
+            possible, annotated, _ = known_labels(cfg, model, s.train)
             seed = derive_seed(cfg.seed, rnd, s.index)
-            stats = train(model, s.train.x, s.train.y, cfg.train, seed=seed, possible=possible, annotated=s.train.annotated)
+            stats = train(model, s.train.x, s.train.y, cfg.train, seed=seed, possible=possible, annotated=annotated)
             hospitals[s.name] = {
                 "train": _train_view(stats),
                 "eval": _eval_view(evaluate(model, s.test.x, s.test.y, cfg.train.device)),

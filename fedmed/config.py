@@ -118,7 +118,7 @@ class LabelsConfig(_Section):
     fraction: float = Field(0.3, ge=0, le=1, description="`fraction`: share of an affected hospital's images that carry a label.")
     annotated: str = Field("glioma,no_tumour", description="`subset`: the classes affected hospitals annotate, comma-separated.")
     unlabelled: Literal["ignore", "pseudo"] = Field(
-        "ignore", description="Images without a (full) label: `ignore` them, or `pseudo`-label them with the received global model."
+        "ignore", description="Images without a (full) label: `ignore` them, or `pseudo`-label them with the received global model (a `subset` hospital's unknown image may take any class, and then trains over all classes)."
     )
     threshold: float = Field(0.9, gt=0, le=1, description="`pseudo`: the model's confidence needed to take its prediction as a label.")
 

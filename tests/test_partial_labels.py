@@ -56,15 +56,28 @@ def test_a_labelled_fraction_per_hospital_and_the_affected_share():
     assert knowledge(cfg("labels.scenario=full"), 0, Y) is None
 
 
-def test_pseudo_labels_take_confident_predictions_only():
-    class Fixed(torch.nn.Module):
-        def forward(self, x):
-            return torch.tensor([[9.0, 0.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0]]).expand(len(x) // 2, 2, 4).reshape(len(x), 4)
+class Fixed(torch.nn.Module):
+    """Sure of class 0 for even images, unsure for odd ones."""
 
+    def forward(self, x):
+        return torch.tensor([[9.0, 0.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0]]).expand(len(x) // 2, 2, 4).reshape(len(x), 4)
+
+
+def test_pseudo_labels_take_confident_predictions_only():
     possible = torch.ones(4, 4, dtype=torch.bool)
-    out, taken = pseudo_label(Fixed(), torch.zeros(4, 1, 8, 8), possible, threshold=0.9)
+    out, annotated, taken = pseudo_label(Fixed(), torch.zeros(4, 1, 8, 8), possible, possible.clone(), threshold=0.9)
     assert taken == 2
     assert out[0].tolist() == [True, False, False, False] and out[1].all()
+    assert annotated.all()
+
+
+def test_a_subset_hospitals_unknown_image_may_be_pseudo_labelled_as_a_class_it_does_not_annotate():
+    annotated = torch.tensor([[False, True, True, True]]).expand(4, 4).clone()  # class 0 not annotated here
+    possible = annotated.clone()  # every image unknown
+    out, new_annotated, taken = pseudo_label(Fixed(), torch.zeros(4, 1, 8, 8), possible, annotated, threshold=0.9)
+    assert taken == 2
+    assert out[0].tolist() == [True, False, False, False] and new_annotated[0].all()  # now trains over all classes
+    assert torch.equal(out[1], possible[1]) and torch.equal(new_annotated[1], annotated[1])  # unsure: unchanged
 
 
 @pytest.mark.parametrize(
@@ -79,8 +92,6 @@ def test_bad_partial_label_settings(setting, needle):
 def test_subset_settings_that_cannot_work_are_refused():
     with pytest.raises(FedmedError, match="two or more classes"):
         knowledge(cfg("labels.scenario=subset", 'labels.annotated="glioma"'), 0, Y)
-    with pytest.raises(FedmedError, match="does not apply to labels.scenario = subset"):
-        knowledge(cfg("labels.scenario=subset", "labels.unlabelled=pseudo"), 0, Y)
     known = knowledge(cfg("labels.scenario=subset", 'labels.annotated="glioma,no_tumour"'), 0, Y)
     assert (known.y[(Y == 1) | (Y == 3)] == -1).all()  # what the hospital does not know stays unknown
 

@@ -48,11 +48,6 @@ def validate(cfg: FedmedConfig) -> None:
     if cfg.labels.scenario == "subset":
         if len(annotated_classes(cfg)) < 2:
             raise FedmedError("labels.annotated needs two or more classes: a softmax over one class learns nothing")
-        if cfg.labels.unlabelled == "pseudo":
-            raise FedmedError(
-                "labels.unlabelled = pseudo does not apply to labels.scenario = subset: the unknown images lie outside "
-                "the classes such a hospital trains; use ignore"
-            )
     if cfg.labels.scenario == "coarse" and TUMOUR_FREE not in cfg.data.class_names():
         raise FedmedError(f"labels.scenario = coarse needs a `{TUMOUR_FREE}` class in data.classes")
 

@@ -82,10 +82,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, server_round, site, model, restored = _receive(msg, context)
     mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     seed = derive_seed(cfg.seed, server_round, site.index)
-    possible, pseudo = known_labels(cfg, model, site.train)
-    stats = train_model(
-        model, site.train.x, site.train.y, cfg.train, seed=seed, proximal_mu=mu, possible=possible, annotated=site.train.annotated
-    )
+    possible, annotated, pseudo = known_labels(cfg, model, site.train)
+    stats = train_model(model, site.train.x, site.train.y, cfg.train, seed=seed, proximal_mu=mu, possible=possible, annotated=annotated)
     metrics = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
@@ -95,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         "local-arrays-restored": restored,
         # FedAvg weight: the examples that taught something (at least 1, so a round of
         # only unlabelled hospitals still averages)
-        WEIGHT_KEY: max(1, informative_examples(site.train, possible)),
+        WEIGHT_KEY: max(1, informative_examples(len(site.train.y), possible, annotated)),
     }
     return _reply(msg, site, metrics, _shared_arrays(cfg, model.cpu(), context))
 

@@ -59,19 +59,25 @@ def set_loss(logits: torch.Tensor, possible: torch.Tensor, annotated: torch.Tens
 
 
 @torch.no_grad()
-def pseudo_label(model: nn.Module, x: torch.Tensor, possible: torch.Tensor, threshold: float, device_name: str = "cpu") -> tuple[torch.Tensor, int]:
-    """Where the model is at least `threshold` sure of one of an image's possible classes,
-    take it as the label. Returns the new possible sets and how many were labelled."""
+def pseudo_label(
+    model: nn.Module, x: torch.Tensor, possible: torch.Tensor, annotated: torch.Tensor, threshold: float, device_name: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where the model is at least `threshold` sure of a class an image may be (one of its
+    possible classes, or one its hospital does not annotate), take it as the label; the
+    image then trains over every class. Returns the new possible and annotated sets and
+    how many images were labelled."""
     unsure = (possible.sum(1) > 1).nonzero().flatten()
     if len(unsure) == 0:
-        return possible, 0
-    probs = torch.from_numpy(predict(model, x[unsure], device_name)).float() * possible[unsure]
+        return possible, annotated, 0
+    candidates = possible[unsure] | ~annotated[unsure]
+    probs = torch.from_numpy(predict(model, x[unsure], device_name)).float() * candidates
     probs = probs / probs.sum(1, keepdim=True).clamp(min=1e-12)
     confidence, label = probs.max(1)
-    sure = confidence >= threshold
-    out = possible.clone()
-    out[unsure[sure]] = torch.nn.functional.one_hot(label[sure], possible.shape[1]).bool()
-    return out, int(sure.sum())
+    sure = unsure[confidence >= threshold]
+    new_possible, new_annotated = possible.clone(), annotated.clone()
+    new_possible[sure] = torch.nn.functional.one_hot(label[confidence >= threshold], possible.shape[1]).bool()
+    new_annotated[sure] = True
+    return new_possible, new_annotated, len(sure)
 
 
 def train(

@@ -12,12 +12,14 @@ from fedmed.data.sites import Split
 from fedmed.training.local import pseudo_label
 
 
-def known_labels(cfg: FedmedConfig, model: nn.Module, split: Split) -> tuple[torch.Tensor | None, int]:
-    """The possible-class sets to train on this round (None: all labels known), after
-    pseudo-labelling with `model` (the global model received) when configured."""
+def known_labels(cfg: FedmedConfig, model: nn.Module, split: Split) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """The possible and annotated class sets to train on this round (None: all labels
+    known), after pseudo-labelling with `model` (the global model received) when
+    configured; and how many images were pseudo-labelled."""
     if split.possible is None or cfg.labels.unlabelled == "ignore":
-        return split.possible, 0
-    return pseudo_label(model, split.x, split.possible, cfg.labels.threshold, cfg.train.device)
+        return split.possible, split.annotated, 0
+    annotated = split.annotated if split.annotated is not None else torch.ones_like(split.possible)
+    return pseudo_label(model, split.x, split.possible, annotated, cfg.labels.threshold, cfg.train.device)
 
 
 def label_metrics(cfg: FedmedConfig, split: Split, pseudo: int) -> dict[str, object]:
@@ -30,9 +32,9 @@ def label_metrics(cfg: FedmedConfig, split: Split, pseudo: int) -> dict[str, obj
     }
 
 
-def informative_examples(split: Split, possible: torch.Tensor | None) -> int:
-    """Examples whose label (full, coarse or pseudo) carries information this round."""
+def informative_examples(n: int, possible: torch.Tensor | None, annotated: torch.Tensor | None) -> int:
+    """Of `n` examples, those whose label (full, coarse or pseudo) carries information this round."""
     if possible is None:
-        return len(split.y)
-    annotated = split.annotated if split.annotated is not None else torch.ones_like(possible)
+        return n
+    annotated = annotated if annotated is not None else torch.ones_like(possible)
     return int((possible.sum(1) < annotated.sum(1)).sum())
