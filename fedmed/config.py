@@ -128,6 +128,9 @@ class ModelConfig(_Section):
 
     name: Literal["cnn", "resnet18"] = Field("cnn", description="`cnn` (small, fast on CPU) or `resnet18`.")
     width: int = Field(16, ge=4, le=256, description="Channels in the CNN's first block (doubles twice).")
+    norm: Literal["group", "batch"] = Field(
+        "group", description="The CNN's normalisation layers: `group` (GroupNorm, works with DP-SGD) or `batch` (BatchNorm, refused with DP-SGD)."
+    )
 
 
 class TrainConfig(_Section):
@@ -162,6 +165,29 @@ class FederationConfig(_Section):
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for hospitals' replies in a round.")
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy: sample-level DP-SGD at each hospital (Opacus), or
+    client-level DP-FedAvg at the server. Epsilon is over the whole planned run."""
+
+    mode: Literal["off", "sample", "client"] = Field(
+        "off",
+        description="`off`; `sample` (DP-SGD at each hospital: protects one image of one hospital) or `client` (DP-FedAvg at the server: protects a whole hospital's contribution).",
+    )
+    epsilon: float = Field(8.0, gt=0, description="Target epsilon for the whole planned run (`federation.rounds`); sigma is calibrated once to meet it.")
+    noise_multiplier: float = Field(0.0, ge=0, description="Sigma, set explicitly instead of calibrating it from `epsilon`; 0: calibrate.")
+    delta: float = Field(
+        0.0, ge=0, lt=1, description="Delta; must be below 1/n (n: a hospital's images, or the hospitals for `client`). 0: min(1e-5, 0.1/n)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Clipping bound: of each image's gradient (`sample`) or each hospital's update (`client`).")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Privacy accountant: `prv` (tight) or `rdp` (Renyi DP, about 10 % higher).")
+    budget: float = Field(
+        0.0, ge=0, description="`sample`: the most epsilon each hospital will spend; a hospital declines a round that would exceed it. 0: no limit."
+    )
+    budgets: str = Field(
+        "", description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated (a real node's own `privacy.budget` node config wins)."
+    )
+
+
 class SimulationConfig(_Section):
     """The Ray-based Simulation Engine."""
 
@@ -178,7 +204,7 @@ class OutputConfig(_Section):
     save_model: bool = Field(True, description="Write the final global model weights (`model.pt`).")
 
 
-RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federation")
+RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federation", "privacy")
 # Where things are on this machine: not part of what a run is, never written to a run directory.
 REDACTED = "<local, not recorded>"
 PATH_KEYS = ("data.path", "data.labels_csv", "data.cache_dir")
@@ -195,6 +221,7 @@ class FedmedConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     simulation: SimulationConfig = SimulationConfig()
     output: OutputConfig = OutputConfig()
 
@@ -204,6 +231,19 @@ class FedmedConfig(_Section):
             raise ValueError("skew.scanners = simulated re-acquires images on disk; the demo data has its own: use native or shared")
         if self.skew.scanners == "shared" and self.data.source != "demo":
             raise ValueError("skew.scanners = shared applies to the demo data; images on disk keep their own scanners (native)")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> FedmedConfig:
+        private = self.privacy.mode
+        if private != "off" and self.model.name == "cnn" and self.model.norm == "batch":
+            raise ValueError("differential privacy cannot train BatchNorm (it mixes the images of a batch): set model.norm = group")
+        if private == "client" and self.federation.strategy not in ("fedavg", "fedprox", "fedbn"):
+            raise ValueError("privacy.mode = client averages the updates itself (DP-FedAvg): use federation.strategy fedavg, fedprox or fedbn")
+        if private != "off" and self.federation.mode != "federated":
+            raise ValueError(f"privacy.mode = {private} applies to federated runs; the {self.federation.mode} baseline has no privacy")
+        if self.privacy.budgets:
+            parse_budgets(self.privacy.budgets)
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -223,6 +263,21 @@ class FedmedConfig(_Section):
         """What the server sends each hospital: the settings that decide results. Simulated
         hospitals also find their data through it (data.path is the researcher's own)."""
         return {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS}
+
+
+def parse_budgets(text: str) -> dict[str, float]:
+    """`hospital-02=2.0,hospital-05=4` -> {"hospital-02": 2.0, ...}."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            budget = float(value) if sep and name.strip() else -1.0
+        except ValueError:
+            budget = -1.0
+        if budget <= 0:
+            raise ValueError(f"privacy.budgets expects hospital=epsilon pairs with epsilon > 0, comma-separated (got {item.strip()!r})")
+        out[name.strip()] = budget
+    return out
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

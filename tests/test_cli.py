@@ -128,3 +128,26 @@ def test_more_hospitals_than_images_is_one_line(tmp_path):
 
 def test_an_annotated_class_that_does_not_exist_is_one_line():
     _assert_clean_failure(fedmed("simulate", "--set", "labels.scenario=subset", "--set", "labels.annotated=astrocytoma"), "labels.annotated names astrocytoma")
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("privacy.epsilon=0", "`privacy.epsilon`"),
+        ("privacy.delta=-0.1", "`privacy.delta`"),
+        ("privacy.max_grad_norm=0", "`privacy.max_grad_norm`"),
+        ("model.norm=batch", "set model.norm = group"),
+    ],
+)
+def test_impossible_privacy_settings_are_one_line(setting, needle):
+    _assert_clean_failure(fedmed("simulate", "--set", "privacy.mode=sample", "--set", setting), needle)
+
+
+def test_a_delta_not_below_one_over_n_is_one_line(tmp_path):
+    from tests import mri_fixtures as fx
+
+    fx.image_folder(tmp_path / "d", {"glioma": 6, "pituitary": 6})
+    result = fedmed("simulate", "--set", "data.source=disk", "--set", f"data.path='{tmp_path / 'd'}'", "--set", "data.hospitals=1",
+                    "--set", f"data.cache_dir='{tmp_path / 'cache'}'", "--set", "privacy.mode=sample", "--set", "privacy.delta=0.5", "--out", str(tmp_path / "runs"))
+    _assert_clean_failure(result, "privacy.delta = 0.5 is not below 1/n")
+    assert not (tmp_path / "runs").exists()

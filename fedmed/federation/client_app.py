@@ -16,8 +16,9 @@ from torch import nn
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, num_classes, site_data
 from fedmed.errors import FedmedError
-from fedmed.federation.records import SITE_KEY, WEIGHT_KEY, config_from_record, metric_record
+from fedmed.federation.records import DECLINED_KEY, SITE_KEY, WEIGHT_KEY, config_from_record, metric_record
 from fedmed.models import build_model, norm_keys
+from fedmed.privacy.hospital import HospitalPrivacy
 from fedmed.seeds import derive_seed
 from fedmed.training.local import evaluate as evaluate_model
 from fedmed.training.partial import informative_examples, known_labels, label_metrics
@@ -80,10 +81,21 @@ def _reply(msg: Message, site: SiteData, metrics: dict, arrays: ArrayRecord | No
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round, site, model, restored = _receive(msg, context)
+    private = HospitalPrivacy.load(cfg, context, site.name, len(site.train.y)) if cfg.privacy.mode == "sample" else None
+    if private is not None and (reason := private.refusal()):
+        print(f"fedmed: {site.name} declines round {server_round}: {reason}", file=sys.stderr)
+        refusal = ConfigRecord({"reason": reason, **private.metrics()})  # privacy figures, nothing about patients
+        content = RecordDict({DECLINED_KEY: refusal, SITE_KEY: ConfigRecord({"name": site.name})})
+        return Message(content=content, reply_to=msg)
     mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     seed = derive_seed(cfg.seed, server_round, site.index)
     possible, annotated, pseudo = known_labels(cfg, model, site.train)
-    stats = train_model(model, site.train.x, site.train.y, cfg.train, seed=seed, proximal_mu=mu, possible=possible, annotated=annotated)
+    stats = train_model(
+        model, site.train.x, site.train.y, cfg.train, seed=seed, proximal_mu=mu, possible=possible, annotated=annotated,
+        private=private.plan if private else None,
+    )
+    if private is not None:
+        private.spend(stats.steps, context)
     metrics = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
@@ -91,6 +103,7 @@ def train(msg: Message, context: Context) -> Message:
         "sample-gradients": stats.examples,
         **label_metrics(cfg, site.train, pseudo),
         "local-arrays-restored": restored,
+        **(private.metrics() if private else {}),
         # FedAvg weight: the examples that taught something (at least 1, so a round of
         # only unlabelled hospitals still averages)
         WEIGHT_KEY: max(1, informative_examples(len(site.train.y), possible, annotated)),

@@ -11,6 +11,7 @@ from fedmed.config import FedmedConfig, from_flat
 
 SITE_KEY = "site"  # ConfigRecord in every reply: {"name": hospital pseudonym}
 WEIGHT_KEY = "num-examples"
+DECLINED_KEY = "declined"  # ConfigRecord in a reply that trains nothing: {"reason": why}
 
 
 def config_record(cfg: FedmedConfig, server_round: int = 0) -> ConfigRecord:

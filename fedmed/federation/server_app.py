@@ -17,6 +17,8 @@ from fedmed.federation.records import config_record
 from fedmed.federation.strategy import build_strategy
 from fedmed.models import build_model, norm_keys
 from fedmed.outputs import RunDirectory
+from fedmed.privacy import report as privacy_report
+from fedmed.privacy.client_level import ClientLevelDP
 from fedmed.progress import RoundReporter
 from fedmed.reporting import round_record, strip_prefix, summary
 from fedmed.training.local import evaluate
@@ -33,6 +35,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, cfg: FedmedConfig) -> None:
     started = time.time()
+    client_dp = ClientLevelDP(cfg) if cfg.privacy.mode == "client" else None  # checks delta before anything is written
     out = RunDirectory.create(cfg)
     test_set = global_test(cfg)
     model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
@@ -42,6 +45,7 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
     strategy = build_strategy(
         cfg.federation,
         norm_keys(model),
+        client_dp,
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=cfg.federation.fraction_evaluate,
         min_train_nodes=max(1, round(cfg.federation.fraction_train * n)),
@@ -69,7 +73,15 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         nonlocal last_test
         if server_round == 0:  # nothing trained yet: skip, save the time
             return None
+        for site, why in sorted(strategy.declined.items()):
+            if why["round"] == server_round:
+                reporter.console.print(f"round {server_round}: {site} declined to train: {why['reason']}")
+        if strategy.all_declined:  # every hospital has spent its budget: the model no longer changes
+            return None
         if not any("train" in site for site in strategy.per_site.get(server_round, {}).values()):
+            if not strategy.failures.get(server_round) and any(w["round"] == server_round for w in strategy.declined.values()):
+                reporter.console.print(f"round {server_round}: every hospital asked declined; the model stays as it is")
+                return None
             reasons = "; ".join(sorted(set(strategy.failures.get(server_round, ["no reply in time"]))))
             raise FedmedError(f"round {server_round}: no hospital returned an update ({reasons})")
         note_hospitals(server_round)
@@ -83,7 +95,12 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         federated = from_confusion(np.asarray(pooled_eval["eval-confusion"]).reshape(num_classes(cfg), num_classes(cfg))) if pooled_eval else {}
         took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(hospitals)}/{n}")
         out.append_round(
-            round_record(server_round, took, elapsed, last_test, hospitals, federated_eval=federated, failures=len(strategy.failures.get(server_round, [])))
+            round_record(
+                server_round, took, elapsed, last_test, hospitals, federated_eval=federated,
+                failures=len(strategy.failures.get(server_round, [])),
+                declined=sorted(s for s, why in strategy.declined.items() if why["round"] == server_round),
+                **({"privacy": client_dp.metrics()} if client_dp else {}),
+            )
         )
         return MetricRecord({"accuracy": last_test["accuracy"], "loss": last_test["loss"]})
 
@@ -104,6 +121,8 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
     }
     if cfg.output.save_model:
         out.save_model(result.arrays.to_torch_state_dict())
-    out.write_summary(summary(cfg, last_test, per_hospital, time.time() - started))
+    spent = privacy_report.table(cfg, strategy.per_site, strategy.declined, client_dp.metrics() if client_dp else None)
+    privacy_report.print_table(reporter.console, spent)
+    out.write_summary(summary(cfg, last_test, per_hospital, time.time() - started, **({"privacy": spent} if spent else {})))
     reporter.console.print(f"run directory: {out.path}")
 

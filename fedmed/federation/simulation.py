@@ -14,7 +14,8 @@ import socket
 from pathlib import Path
 
 from fedmed.config import FedmedConfig
-from fedmed.data.sites import ensure_data
+from fedmed.data.sites import ensure_data, site_data
+from fedmed.privacy.accounting import check_delta
 from fedmed.errors import FedmedError
 from fedmed.data.demo import cache_root
 from fedmed.outputs import resolve_run_name, run_path
@@ -68,6 +69,9 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False) -> Path:
         local["path"] = str(Path(cfg.data.path).expanduser().resolve())
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=local)})
     ensure_data(cfg, announce=print)
+    if cfg.privacy.mode == "sample" and cfg.privacy.delta:  # each hospital checks too; fail before starting Ray
+        for index in range(cfg.data.hospitals):
+            check_delta(cfg.privacy.delta, len(site_data(cfg, index).train.y), "training images at a hospital")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.flat())

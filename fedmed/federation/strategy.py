@@ -7,12 +7,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from fedmed.config import FederationConfig
-from fedmed.federation.records import WEIGHT_KEY, site_name
+from fedmed.federation.records import DECLINED_KEY, WEIGHT_KEY, site_name
+from fedmed.privacy.client_level import ClientLevelDP
 
 
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -44,10 +45,24 @@ def _order(replies: Iterable[Message]) -> list[Message]:
     return ok + [m for m in replies if m.has_error()]
 
 
+class _Without:
+    """A Grid that does not list some nodes (hospitals that declined to train)."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid, self._excluded = grid, excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class Recording:
     """Mixed into a Flower strategy: aggregates in hospital order, keeps a per-round,
-    per-hospital log of the replies' metrics, and (FedBN) leaves the `keep_local`
-    arrays of the global model as they were: hospitals never send them."""
+    per-hospital log of the replies' metrics, (FedBN) leaves the `keep_local` arrays of
+    the global model as they were: hospitals never send them, and stops asking a
+    hospital to train once it has declined (its privacy budget is spent)."""
 
     def __init__(self, *, keep_local: frozenset[str] = frozenset(), **kwargs: Any) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
@@ -58,6 +73,10 @@ class Recording:
         self.per_site: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
         self.failures: dict[int, list[str]] = {}  # round -> training error reasons
         self.federated_eval: dict[int, MetricRecord] = {}  # round -> aggregated evaluation
+        self.declined: dict[str, dict[str, Any]] = {}  # hospital -> {"round", "reason", "dp-..." figures}
+        self.declined_nodes: set[int] = set()
+        self.all_declined = False
+        self._min_nodes = (self.min_train_nodes, self.min_available_nodes)
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         sites = self.per_site.setdefault(server_round, {})
@@ -71,13 +90,37 @@ class Recording:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        if not self.declined_nodes:
+            return super().configure_train(server_round, arrays, config, grid)
+        min_train, min_available = self._min_nodes
+        available = min_available - len(self.declined_nodes)
+        if available <= 0:
+            self.all_declined = True
+            return []
+        self.min_train_nodes, self.min_available_nodes = min(min_train, available), available
+        try:
+            return super().configure_train(server_round, arrays, config, _Without(grid, self.declined_nodes))
+        finally:
+            self.min_train_nodes, self.min_available_nodes = min_train, min_available
+
+    def _accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Record every reply; return those that carry an update, in hospital order."""
+        ordered = _order(replies)
+        taken = []
+        for msg in ordered:
+            if not msg.has_error() and DECLINED_KEY in msg.content:
+                site = site_name(msg.content)
+                self.declined[site] = {"round": server_round, **dict(msg.content[DECLINED_KEY])}
+                self.declined_nodes.add(msg.metadata.src_node_id)
+            else:
+                taken.append(msg)
+        self._record(server_round, "train", taken)
+        return taken
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ordered = _order(replies)
-        self._record(server_round, "train", ordered)
+        ordered = self._accept(server_round, replies)
         arrays, metrics = super().aggregate_train(server_round, ordered)
         if arrays is not None and self.keep_local and self.sent is not None:
             arrays = ArrayRecord({k: (self.sent[k] if k in self.keep_local else arrays[k]) for k in self.sent})
@@ -96,6 +139,26 @@ class RecordingFedAvg(Recording, FedAvg):
     pass
 
 
+class RecordingDPFedAvg(Recording, FedAvg):
+    """FedAvg with client-level DP: clipped, unweighted, noised (privacy.client_level)."""
+
+    def __init__(self, *, client_dp: ClientLevelDP, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.client_dp = client_dp
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = [m for m in self._accept(server_round, replies) if not m.has_error()]
+        if not ok or self.sent is None:
+            return None, None
+        start = {k: v.numpy() for k, v in self.sent.items()}
+        updated = [{k: v.numpy() for k, v in m.content["arrays"].items()} for m in ok]
+        arrays = self.client_dp.aggregate(start, updated)
+        metrics = self.train_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key)
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
+
+
 class RecordingFedProx(Recording, FedProx):
     pass
 
@@ -108,13 +171,18 @@ class RecordingFedYogi(Recording, FedYogi):
     pass
 
 
-def build_strategy(federation: FederationConfig, local_keys: set[str], **common: Any) -> Recording:
-    """The configured algorithm; `local_keys` are the model's normalisation arrays (FedBN)."""
+def build_strategy(
+    federation: FederationConfig, local_keys: set[str], client_dp: ClientLevelDP | None = None, **common: Any
+) -> Recording:
+    """The configured algorithm; `local_keys` are the model's normalisation arrays (FedBN);
+    with `client_dp`, FedAvg becomes DP-FedAvg."""
     name = federation.strategy
+    keep = frozenset(local_keys) if name == "fedbn" else frozenset()
+    if client_dp is not None:  # FedProx too: hospitals read mu from the run config; the server averages
+        return RecordingDPFedAvg(client_dp=client_dp, keep_local=keep, **common)
     if name == "fedprox":
         return RecordingFedProx(proximal_mu=federation.proximal_mu, **common)
     if name in ("fedadam", "fedyogi"):
         cls = RecordingFedAdam if name == "fedadam" else RecordingFedYogi
         return cls(eta=federation.server_lr, **common)
-    keep = frozenset(local_keys) if name == "fedbn" else frozenset()
     return RecordingFedAvg(keep_local=keep, **common)

@@ -1,4 +1,5 @@
-"""Networks. Both use GroupNorm, never BatchNorm, so Opacus (DP-SGD) accepts them."""
+"""Networks. GroupNorm by default, so Opacus (DP-SGD) accepts them; BatchNorm only on
+request (`model.norm = batch`), and never with DP-SGD."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fedmed.config import ModelConfig
 class SmallCNN(nn.Module):
     """Four conv-GroupNorm-ReLU-pool blocks and a max-pooled linear head: fast on a CPU."""
 
-    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 1, norm: str = "group") -> None:
         super().__init__()
         channels = [width, 2 * width, 4 * width, 4 * width]
         layers: list[nn.Module] = []
@@ -20,8 +21,9 @@ class SmallCNN(nn.Module):
         for c in channels:
             layers += [
                 nn.Conv2d(previous, c, kernel_size=3, padding=1, bias=False),
-                nn.GroupNorm(c, c),  # one group per channel: trains far better here than 8 groups
-                nn.ReLU(inplace=True),
+                # one group per channel: trains far better here than 8 groups
+                nn.GroupNorm(c, c) if norm == "group" else nn.BatchNorm2d(c),
+                nn.ReLU(),  # not in place: Opacus's hooks forbid modifying their outputs
                 nn.MaxPool2d(2),
             ]
             previous = c
@@ -37,6 +39,9 @@ def _resnet18(num_classes: int) -> nn.Module:
     """torchvision's ResNet-18, random init (no download), one input channel."""
     model = resnet18(weights=None, num_classes=num_classes, norm_layer=lambda c: nn.GroupNorm(32, c))
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False  # Opacus's hooks forbid modifying their outputs in place
     return model
 
 
@@ -46,7 +51,7 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         if cfg.name == "resnet18":
             return _resnet18(num_classes)
-        return SmallCNN(num_classes, width=cfg.width)
+        return SmallCNN(num_classes, width=cfg.width, norm=cfg.norm)
 
 
 NORM_LAYERS = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.InstanceNorm2d)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmed.config import TrainConfig
 from fedmed.errors import FedmedError
+from fedmed.privacy.dpsgd import QUIET, Plan, make_private
 from fedmed.training.metrics import classification_metrics
 
 
@@ -90,10 +92,12 @@ def train(
     proximal_mu: float = 0.0,
     possible: torch.Tensor | None = None,
     annotated: torch.Tensor | None = None,
+    private: Plan | None = None,
 ) -> TrainStats:
     """`epochs` (default cfg.local_epochs) passes with a fresh optimizer, as each FedAvg round does.
     With `proximal_mu` > 0 (FedProx) the loss adds mu/2 ||w - w_start||^2, w_start being
-    the weights the round began with (the global model)."""
+    the weights the round began with (the global model). With a `private` plan, DP-SGD:
+    Poisson-sampled batches, each image's gradient clipped, Gaussian noise added."""
     device = resolve_device(cfg.device)
     model.to(device).train()
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
@@ -101,29 +105,58 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     partial = () if possible is None else (possible, annotated if annotated is not None else torch.ones_like(possible))
     loader = make_loader(x, y, cfg.batch_size, seed, *partial)
+    cleanup = None
+    if private is not None:
+        optimizer, loader, cleanup = make_private(model, optimizer, loader, private, seed)
     total_loss, correct, labelled, seen, steps = 0.0, 0, 0, 0, 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(epochs or cfg.local_epochs):
-            for xb, yb, *known in loader:
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                if cfg.augment:
-                    xb = _flip_half(xb)
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(xb)
-                loss = set_loss(logits, *(k.to(device) for k in known)) if known else loss_fn(logits, yb)
-                if start:
-                    drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
-                    (loss + proximal_mu / 2 * drift).backward()
-                else:
-                    loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
-                labelled += int((yb >= 0).sum())  # y = -1: not known exactly, so no accuracy to count
-                seen += len(yb)
-                steps += 1
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings(**QUIET)
+            torch.manual_seed(seed)
+            for _ in range(epochs or cfg.local_epochs):
+                for xb, yb, *known in loader:
+                    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                    if cfg.augment:
+                        xb = _flip_half(xb)
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = model(xb)
+                    if len(yb) == 0:  # Poisson sampling can draw an empty batch: the step is noise only
+                        loss = logits.sum()
+                    elif known:
+                        loss = set_loss(logits, *(k.to(device) for k in known))
+                    else:
+                        loss = loss_fn(logits, yb)
+                    _step(model, optimizer, loss, start, proximal_mu, private is not None)
+                    total_loss += float(loss.detach()) * len(yb)
+                    correct += int((logits.argmax(1) == yb).sum())
+                    labelled += int((yb >= 0).sum())  # y = -1: not known exactly, so no accuracy to count
+                    seen += len(yb)
+                    steps += 1
+    finally:
+        if cleanup is not None:
+            cleanup()
     return TrainStats(loss=total_loss / max(seen, 1), accuracy=correct / max(labelled, 1), examples=seen, steps=steps)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, start: list[torch.Tensor], mu: float, private: bool) -> None:
+    """One optimizer step, with FedProx's proximal term when `start` is given. Under DP
+    the noisy gradient replaces .grad, so the (data-free) proximal gradient mu (w - w0)
+    is added after the noise rather than through the loss."""
+    if not start:
+        loss.backward()
+        optimizer.step()
+    elif not private:
+        drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
+        (loss + mu / 2 * drift).backward()
+        optimizer.step()
+    else:
+        loss.backward()
+        if optimizer.pre_step():  # clip, noise, average
+            with torch.no_grad():
+                for p, p0 in zip(model.parameters(), start):
+                    if p.grad is not None:
+                        p.grad.add_(p - p0, alpha=mu)
+            optimizer.original_optimizer.step()
 
 
 @torch.no_grad()

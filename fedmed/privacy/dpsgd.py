@@ -1,0 +1,72 @@
+"""Sample-level DP-SGD at one hospital (Opacus): the plan for the whole run, and the
+private optimizer and Poisson-sampled loader one round trains with."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedmed.config import FedmedConfig
+from fedmed.privacy.accounting import calibrate, check_delta
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One hospital's DP-SGD settings, fixed for the whole run."""
+
+    n: int  # training images
+    rate: float  # Poisson sample rate q
+    steps_per_round: int
+    planned_steps: int  # over every planned round
+    sigma: float
+    delta: float
+    max_grad_norm: float
+    accountant: str
+
+
+def plan(cfg: FedmedConfig, n: int) -> Plan:
+    """Sigma calibrated once so that all planned rounds together spend `privacy.epsilon`
+    (not per round: that would compose to far more)."""
+    p = cfg.privacy
+    batches = math.ceil(n / cfg.train.batch_size)
+    rate = 1 / batches
+    steps = cfg.train.local_epochs * batches
+    planned = steps * cfg.federation.rounds
+    delta = check_delta(p.delta, n, "training images at this hospital")
+    sigma = p.noise_multiplier or calibrate(p.accountant, p.epsilon, delta, rate, planned)
+    return Plan(n, rate, steps, planned, sigma, delta, p.max_grad_norm, p.accountant)
+
+
+def make_private(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, plan: Plan, seed: int
+) -> tuple[DPOptimizer, DataLoader, Callable[[], None]]:
+    """Per-image clipping and Gaussian noise on `model` (hooks, the model is not wrapped),
+    a Poisson-sampled loader with the plan's rate, and the call that removes the hooks.
+    The noise is seeded (reproducible runs), so `secure_mode` is off."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Secure RNG turned off": recorded as secure_mode false
+        engine = PrivacyEngine(accountant=plan.accountant)  # fedmed's own ledger does the accounting
+    noise = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    hooks, private_optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.sigma,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=noise,
+        wrap_model=False,
+    )
+    return private_optimizer, private_loader, hooks.cleanup
+
+
+# Opacus's hooks see the first layer's input, which needs no gradient: harmless.
+QUIET = {"action": "ignore", "message": "Full backward hook is firing"}
