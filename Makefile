@@ -23,6 +23,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/data_load.py
+	$(BIN)/python benchmarks/dp_overhead.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -119,3 +119,13 @@ def test_client_level_dp_clips_each_update_and_averages_unweighted():
     assert np.allclose(out["w"], [0.5, 0.25, 0.0], atol=1e-6)  # (clip to 1, 0.5 as is) / 2: not weighted
     assert out["steps"] == 5
     assert dp.metrics()["steps"] == 1 and dp.metrics()["sample_rate"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_both_models_take_a_private_step(name):
+    settings = cfg(f"model.name={name}", "train.batch_size=4", "privacy.accountant=rdp", "privacy.delta=0.001")
+    x, y = _data(8)
+    model = build_model(settings.model, 4, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train(model, x, y, settings.train, seed=0, private=plan(settings, len(y)))
+    assert stats.steps == 2 and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
