@@ -129,3 +129,19 @@ def test_both_models_take_a_private_step(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats = train(model, x, y, settings.train, seed=0, private=plan(settings, len(y)))
     assert stats.steps == 2 and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("in_channels", "stride"), [(1, 1), (1, 2), (4, 1)])
+def test_per_image_conv_gradients_equal_autograd_one_image_at_a_time(in_channels, stride):
+    from fedmed.privacy.dpsgd import _conv2d_grad_sample
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(in_channels, 6, 3, stride=stride, padding=1)
+    x = torch.randn(5, in_channels, 16, 16)
+    backprops = torch.randn_like(layer(x))
+    got = _conv2d_grad_sample(layer, [x], backprops)
+    for i in range(len(x)):
+        layer.zero_grad()
+        layer(x[i : i + 1]).backward(backprops[i : i + 1])
+        assert torch.allclose(got[layer.weight][i], layer.weight.grad, atol=1e-4)
+        assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-4)

@@ -118,6 +118,8 @@ def train(
                     xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                     if cfg.augment:
                         xb = _flip_half(xb)
+                    if private is not None:
+                        xb.requires_grad_()  # see _step: the gradient is taken towards the input
                     optimizer.zero_grad(set_to_none=True)
                     logits = model(xb)
                     if len(yb) == 0:  # Poisson sampling can draw an empty batch: the step is noise only
@@ -126,7 +128,7 @@ def train(
                         loss = set_loss(logits, *(k.to(device) for k in known))
                     else:
                         loss = loss_fn(logits, yb)
-                    _step(model, optimizer, loss, start, proximal_mu, private is not None)
+                    _step(model, optimizer, loss, start, proximal_mu, xb if private is not None else None)
                     total_loss += float(loss.detach()) * len(yb)
                     correct += int((logits.argmax(1) == yb).sum())
                     labelled += int((yb >= 0).sum())  # y = -1: not known exactly, so no accuracy to count
@@ -138,25 +140,28 @@ def train(
     return TrainStats(loss=total_loss / max(seen, 1), accuracy=correct / max(labelled, 1), examples=seen, steps=steps)
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, start: list[torch.Tensor], mu: float, private: bool) -> None:
-    """One optimizer step, with FedProx's proximal term when `start` is given. Under DP
-    the noisy gradient replaces .grad, so the (data-free) proximal gradient mu (w - w0)
-    is added after the noise rather than through the loss."""
-    if not start:
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, start: list[torch.Tensor], mu: float, private_input: torch.Tensor | None) -> None:
+    """One optimizer step, with FedProx's proximal term when `start` is given.
+
+    Under DP (`private_input`: the batch) Opacus's hooks compute each image's gradient
+    from the layers' inputs and output gradients, and the optimizer replaces .grad by
+    their clipped, noised mean: so backward runs towards the input only, which spares
+    autograd the (discarded) summed weight gradients, about a fifth of a private step.
+    The (data-free) proximal gradient mu (w - w0) is then added after the noise."""
+    if private_input is None:
+        if start:
+            loss = loss + mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
         loss.backward()
         optimizer.step()
-    elif not private:
-        drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
-        (loss + mu / 2 * drift).backward()
-        optimizer.step()
-    else:
-        loss.backward()
-        if optimizer.pre_step():  # clip, noise, average
+        return
+    loss.backward(inputs=[private_input])
+    if optimizer.pre_step():  # clip, noise, average
+        if start:
             with torch.no_grad():
                 for p, p0 in zip(model.parameters(), start):
                     if p.grad is not None:
                         p.grad.add_(p - p0, alpha=mu)
-            optimizer.original_optimizer.step()
+        optimizer.original_optimizer.step()
 
 
 @torch.no_grad()
