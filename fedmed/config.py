@@ -181,10 +181,14 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Clipping bound: of each image's gradient (`sample`) or each hospital's update (`client`).")
     accountant: Literal["prv", "rdp"] = Field("prv", description="Privacy accountant: `prv` (tight) or `rdp` (Renyi DP, about 10 % higher).")
     budget: float = Field(
-        0.0, ge=0, description="`sample`: the most epsilon each hospital will spend; a hospital declines a round that would exceed it. 0: no limit."
+        0.0, ge=0, description="`sample`: the most epsilon each hospital will spend in a run; a hospital declines a round that would exceed it. 0: no limit."
     )
     budgets: str = Field(
         "", description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated (a real node's own `privacy.budget` node config wins)."
+    )
+    reproducible: bool = Field(
+        False,
+        description="Draw the DP noise and batches from the run's seed so a study reproduces. Anyone with the seed could then remove the noise: for simulations only (a node with its own budget refuses). false: from the system's entropy.",
     )
 
 

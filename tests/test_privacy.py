@@ -36,7 +36,7 @@ def test_ledger_epsilon_matches_dp_accounting(kind, tolerance):
 def test_sigma_calibrated_for_the_whole_run_meets_the_target(kind):
     settings = cfg(f"privacy.accountant={kind}", "privacy.epsilon=4.0", "train.batch_size=16", "federation.rounds=12")
     p = plan(settings, n=200)
-    assert p.planned_steps == 12 * 13
+    assert p.planned_steps == 12 * 13 == 12 * len(range(0, 200, 16))
     ledger = Ledger(kind)
     for _ in range(12):
         ledger.add(p.sigma, p.rate, p.steps_per_round)
@@ -78,8 +78,20 @@ def _data(n=40):
     return torch.randn(n, 1, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
-def test_dp_sgd_is_reproducible_and_noisy():
-    settings = cfg("train.batch_size=8", "privacy.accountant=rdp", "federation.rounds=2")
+def test_dp_sgd_is_reproducible_only_when_asked():
+    secret = cfg("train.batch_size=8", "privacy.accountant=rdp")
+    x, y = _data()
+    p = plan(secret, len(y))
+    twice = []
+    for _ in range(2):
+        model = build_model(secret.model, 4, seed=0)
+        train(model, x, y, secret.train, seed=1, private=p)
+        twice.append(model.state_dict()["head.2.weight"])
+    assert not torch.equal(*twice)  # noise and batches from the system's entropy, not the public seed
+
+
+def test_dp_sgd_is_reproducible_and_noisy_in_simulation_mode():
+    settings = cfg("train.batch_size=8", "privacy.accountant=rdp", "federation.rounds=2", "privacy.reproducible=true")
     x, y = _data()
     p = plan(settings, len(y))
     runs = []
@@ -88,17 +100,17 @@ def test_dp_sgd_is_reproducible_and_noisy():
         stats = train(model, x, y, settings.train, seed=seed, private=p)
         runs.append(model.state_dict())
         assert stats.steps == p.steps_per_round
+        assert not any(hasattr(q, "grad_sample") for q in model.parameters())  # Opacus's hooks removed
     plain = build_model(settings.model, 4, seed=0)
     train(plain, x, y, settings.train, seed=1)
     key = "head.2.weight"
     assert torch.equal(runs[0][key], runs[1][key])
     assert not torch.equal(runs[0][key], runs[2][key])
     assert not torch.equal(runs[0][key], plain.state_dict()[key])
-    assert not any(hasattr(q, "grad_sample") for q in build_model(settings.model, 4, 0).parameters())
 
 
 def test_fedprox_term_still_acts_under_dp():
-    settings = cfg("train.batch_size=8", "privacy.accountant=rdp", "train.optimizer=sgd", "train.lr=0.5")
+    settings = cfg("train.batch_size=8", "privacy.accountant=rdp", "train.optimizer=sgd", "train.lr=0.5", "privacy.reproducible=true")
     x, y = _data()
     p = plan(settings, len(y))
     weights = []
@@ -111,14 +123,17 @@ def test_fedprox_term_still_acts_under_dp():
 
 
 def test_client_level_dp_clips_each_update_and_averages_unweighted():
-    settings = config_mod.load(None, ["privacy.mode=client", "privacy.noise_multiplier=1e-9", "privacy.max_grad_norm=1.0", "data.hospitals=4"])
+    settings = config_mod.load(
+        None, ["privacy.mode=client", "privacy.noise_multiplier=1e-9", "privacy.max_grad_norm=1.0", "data.hospitals=2"]
+    )
     dp = ClientLevelDP(settings)
     start = {"w": np.zeros(3, dtype=np.float32), "steps": np.array(5, dtype=np.int64)}
     updated = [{"w": np.array([100.0, 0, 0], dtype=np.float32)}, {"w": np.array([0, 0.5, 0], dtype=np.float32)}]
     out = dp.aggregate(start, updated)
-    assert np.allclose(out["w"], [0.5, 0.25, 0.0], atol=1e-6)  # (clip to 1, 0.5 as is) / 2: not weighted
+    assert np.allclose(out["w"], [0.5, 0.25, 0.0], atol=1e-6)  # (clip to 1, 0.5 as is) / 2 asked: not weighted
+    assert np.allclose(dp.aggregate(start, updated[:1])["w"], [0.5, 0, 0], atol=1e-6)  # one missing: still / 2
     assert out["steps"] == 5
-    assert dp.metrics()["steps"] == 1 and dp.metrics()["sample_rate"] == 1.0
+    assert dp.metrics()["steps"] == 2 and dp.metrics()["sample_rate"] == 1.0  # one release per call
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
@@ -145,3 +160,22 @@ def test_per_image_conv_gradients_equal_autograd_one_image_at_a_time(in_channels
         layer(x[i : i + 1]).backward(backprops[i : i + 1])
         assert torch.allclose(got[layer.weight][i], layer.weight.grad, atol=1e-4)
         assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-4)
+
+
+def test_the_plan_counts_the_steps_opacus_takes():
+    settings = cfg("train.batch_size=1", "privacy.delta=0.001", "privacy.accountant=rdp")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(93, 1, 16, 16, generator=g), torch.randint(0, 4, (93,), generator=g)
+    p = plan(settings, len(y))  # q = 1/93, and int(1 / q) == 92
+    stats = train(build_model(settings.model, 4, seed=0), x, y, settings.train, seed=0, private=p)
+    assert stats.steps == p.steps_per_round == 92
+
+
+def test_a_node_with_its_own_budget_refuses_weaker_protection():
+    from fedmed.privacy.hospital import policy_refusal
+
+    own = {"privacy.budget": 4.0}
+    assert policy_refusal(cfg(), own) is None
+    assert policy_refusal(cfg(), {}) is None
+    assert "requires sample-level DP" in policy_refusal(config_mod.load(None, []), own)
+    assert "refuses privacy.reproducible" in policy_refusal(cfg("privacy.reproducible=true"), own)

@@ -18,7 +18,7 @@ from fedmed.data.sites import SiteData, num_classes, site_data
 from fedmed.errors import FedmedError
 from fedmed.federation.records import DECLINED_KEY, SITE_KEY, WEIGHT_KEY, config_from_record, metric_record
 from fedmed.models import build_model, norm_keys
-from fedmed.privacy.hospital import HospitalPrivacy
+from fedmed.privacy.hospital import HospitalPrivacy, policy_refusal
 from fedmed.seeds import derive_seed
 from fedmed.training.local import evaluate as evaluate_model
 from fedmed.training.partial import informative_examples, known_labels, label_metrics
@@ -82,9 +82,10 @@ def _reply(msg: Message, site: SiteData, metrics: dict, arrays: ArrayRecord | No
 def train(msg: Message, context: Context) -> Message:
     cfg, server_round, site, model, restored = _receive(msg, context)
     private = HospitalPrivacy.load(cfg, context, site.name, len(site.train.y)) if cfg.privacy.mode == "sample" else None
-    if private is not None and (reason := private.refusal()):
+    reason = policy_refusal(cfg, dict(context.node_config)) or (private.refusal() if private else None)
+    if reason:
         print(f"fedmed: {site.name} declines round {server_round}: {reason}", file=sys.stderr)
-        refusal = ConfigRecord({"reason": reason, **private.metrics()})  # privacy figures, nothing about patients
+        refusal = ConfigRecord({"reason": reason, **(private.metrics() if private else {})})  # nothing about patients
         content = RecordDict({DECLINED_KEY: refusal, SITE_KEY: ConfigRecord({"name": site.name})})
         return Message(content=content, reply_to=msg)
     mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0

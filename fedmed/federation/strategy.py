@@ -17,7 +17,8 @@ from fedmed.privacy.client_level import ClientLevelDP
 
 
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Sample-weighted mean of scalars; lists are counts (confusion matrices) and are summed."""
+    """Sample-weighted mean of scalars; lists are counts (confusion matrices) and are summed;
+    privacy figures (`dp-*`) take the maximum."""
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = np.array([float(m[weighted_by_key]) for m in metrics])
     weights = weights / weights.sum()
@@ -27,6 +28,8 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
             continue
         if isinstance(metrics[0][key], list):
             out[key] = np.sum([np.asarray(m[key]) for m in metrics], axis=0).tolist()
+        elif key.startswith("dp-"):  # privacy spent: the worst hospital's, not a mean
+            out[key] = max(float(m[key]) for m in metrics)
         else:
             out[key] = float(np.dot(weights, [float(m[key]) for m in metrics]))
     return MetricRecord(out)

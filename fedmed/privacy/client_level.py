@@ -1,11 +1,12 @@
 """Client-level DP (DP-FedAvg, McMahan et al. 2018) at the server: each hospital's
 update is clipped to `max_grad_norm`, the clipped updates are averaged unweighted
-(weighting by sample counts would break the sensitivity bound), and Gaussian noise of
-standard deviation sigma * clip / m is added. One release per round.
+(weighting by sample counts would break the sensitivity bound) over the m hospitals
+asked each round, and Gaussian noise of standard deviation sigma * clip / m is added.
+One release per round. The noise comes from the system's entropy unless
+`privacy.reproducible` (a simulation).
 
 Flower's DifferentialPrivacyServerSideFixedClipping does the same arithmetic but needs
-equal weights in every reply, cannot leave FedBN's local layers out, and draws its
-noise from numpy's global generator (runs would not reproduce); hence this module.
+equal weights in every reply and cannot leave FedBN's local layers out; hence this module.
 
 Hospitals are sampled as a fixed-size set each round, not Poisson: no amplification by
 sampling is claimed (sample rate 1 in the ledger), which only overstates epsilon.
@@ -27,7 +28,10 @@ class ClientLevelDP:
         self.clip = p.max_grad_norm
         self.sigma = p.noise_multiplier or calibrate(p.accountant, p.epsilon, self.delta, 1.0, cfg.federation.rounds)
         self.ledger = Ledger(p.accountant)
-        self.rng = np.random.default_rng([cfg.seed, 53])
+        # The divisor is fixed (hospitals asked per round), not the replies that arrived:
+        # who replied must not change the noise.
+        self.per_round = max(1, round(cfg.federation.fraction_train * hospitals))
+        self.rng = np.random.default_rng([cfg.seed, 53]) if p.reproducible else np.random.default_rng()
 
     def aggregate(self, start: dict[str, np.ndarray], updated: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """The noisy mean of the clipped updates, applied to `start`, over the keys the
@@ -39,7 +43,7 @@ class ClientLevelDP:
             norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
             scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
             deltas.append({k: d * scale for k, d in delta.items()})
-        m = len(deltas)
+        m = self.per_round
         std = self.sigma * self.clip / m
         out = dict(start)
         for k in keys:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from fedmed.config import FedmedConfig
 from fedmed.privacy.accounting import calibrate, check_delta
+from fedmed.seeds import derive_seed
 
 
 @register_grad_sampler(nn.Conv2d)
@@ -42,19 +43,19 @@ class Plan:
     delta: float
     max_grad_norm: float
     accountant: str
+    reproducible: bool  # noise and batches from the run seed (simulations), or from the system's entropy
 
 
 def plan(cfg: FedmedConfig, n: int) -> Plan:
     """Sigma calibrated once so that all planned rounds together spend `privacy.epsilon`
     (not per round: that would compose to far more)."""
     p = cfg.privacy
-    batches = math.ceil(n / cfg.train.batch_size)
-    rate = 1 / batches
-    steps = cfg.train.local_epochs * batches
+    rate = 1 / math.ceil(n / cfg.train.batch_size)
+    steps = cfg.train.local_epochs * int(1 / rate)  # as Opacus's Poisson loader counts its batches
     planned = steps * cfg.federation.rounds
     delta = check_delta(p.delta, n, "training images at this hospital")
     sigma = p.noise_multiplier or calibrate(p.accountant, p.epsilon, delta, rate, planned)
-    return Plan(n, rate, steps, planned, sigma, delta, p.max_grad_norm, p.accountant)
+    return Plan(n, rate, steps, planned, sigma, delta, p.max_grad_norm, p.accountant, p.reproducible)
 
 
 def make_private(
@@ -62,11 +63,22 @@ def make_private(
 ) -> tuple[DPOptimizer, DataLoader, Callable[[], None]]:
     """Per-image clipping and Gaussian noise on `model` (hooks, the model is not wrapped),
     a Poisson-sampled loader with the plan's rate, and the call that removes the hooks.
-    The noise is seeded (reproducible runs), so `secure_mode` is off."""
+
+    The batches drawn and the noise must be secret for the guarantee to hold, so both
+    come from the system's entropy, with independent generators; only with
+    `plan.reproducible` (a simulation) are they derived from `seed`."""
+    device = next(model.parameters()).device
+    sampling, noise = torch.Generator(), torch.Generator(device=device)
+    if plan.reproducible:
+        sampling.manual_seed(derive_seed(seed, 1))
+        noise.manual_seed(derive_seed(seed, 2))
+    else:
+        sampling.seed()
+        noise.seed()
+    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=sampling)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Secure RNG turned off": recorded as secure_mode false
+        warnings.simplefilter("ignore")  # "Secure RNG turned off": Opacus's secure_mode needs torchcsprng
         engine = PrivacyEngine(accountant=plan.accountant)  # fedmed's own ledger does the accounting
-    noise = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     hooks, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,

@@ -25,6 +25,18 @@ def budget(cfg: FedmedConfig, site: str, node_config: dict[str, Any]) -> float:
     return parse_budgets(cfg.privacy.budgets).get(site, cfg.privacy.budget) if cfg.privacy.budgets else cfg.privacy.budget
 
 
+def policy_refusal(cfg: FedmedConfig, node_config: dict[str, Any]) -> str | None:
+    """A node with its own budget is a hospital that requires DP-SGD with secret noise,
+    whatever the server asks for."""
+    if NODE_BUDGET not in node_config:
+        return None
+    if cfg.privacy.mode != "sample":
+        return f"this hospital requires sample-level DP (its own privacy.budget); the server asked for privacy.mode = {cfg.privacy.mode}"
+    if cfg.privacy.reproducible:
+        return "this hospital refuses privacy.reproducible: noise drawn from the run's seed could be removed by anyone who has it"
+    return None
+
+
 @dataclass
 class HospitalPrivacy:
     plan: Plan

@@ -24,7 +24,13 @@ def table(
     p = cfg.privacy
     if p.mode == "off":
         return None
-    common = {"mode": p.mode, "accountant": p.accountant, "target_epsilon": p.epsilon, "secure_mode": False}
+    common = {
+        "mode": p.mode,
+        "accountant": p.accountant,
+        "target_epsilon": p.epsilon,
+        "noise": "from the run seed (reproducible; not private)" if p.reproducible else "system entropy",
+        "secure_mode": False,
+    }
     if p.mode == "client":
         return {**common, "unit": "one hospital's whole contribution", "federation": client_level or {}}
     hospitals: dict[str, dict[str, Any]] = {}
@@ -36,7 +42,8 @@ def table(
                 row["rounds_trained"] += 1
     for site, why in declined.items():
         row = hospitals.setdefault(site, {"rounds_trained": 0})
-        row.update(_figures(why))
+        if "dp-epsilon" in why:
+            row.update(_figures(why))
         row["declined"] = {"round": why["round"], "reason": why["reason"]}
     rows = dict(sorted(hospitals.items()))
     spent = [r["epsilon"] for r in rows.values() if "epsilon" in r]
@@ -59,10 +66,15 @@ def print_table(console: Console, privacy: dict[str, Any] | None) -> None:
     rows = privacy["hospitals"] if privacy["mode"] == "sample" else {"all hospitals": privacy["federation"]}
     for name, r in rows.items():
         status = f"declined round {r['declined']['round']}" if "declined" in r else "ok"
+        if "epsilon" not in r:
+            out.add_row(name, "0", "", "", "", "0", _budget(r), status)
+            continue
         out.add_row(
             name, f"{r['epsilon']:.3f}", f"{r['delta']:.1e}", f"{r['sigma']:.3f}", f"{r['sample_rate']:.4f}", str(r["steps"]), _budget(r), status
         )
     console.print(out)
+    if privacy["noise"] != "system entropy":
+        console.print("noise drawn from the run's seed (privacy.reproducible): these figures hold only if the seed stays secret")
 
 
 def _budget(row: dict[str, Any]) -> str:
