@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -34,11 +35,10 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("fedmed-cache"))
 
 
-@pytest.fixture(scope="session")
-def ray_head() -> Iterator[str]:
-    """One real Ray head on loopback for the whole session: each simulation attaches to it
-    (`simulation.ray_address`) instead of starting and stopping its own Ray, which saves
-    about 10 s a simulation. The sweep and CLI tests still run fedmed's own Ray."""
+@contextlib.contextmanager
+def ray_head_on_loopback() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real Ray head on a free loopback port, as a user's cluster: yields its address and
+    process; stopped and cleaned up on exit."""
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="fedmed-ray-", dir="/tmp")  # Ray's sockets need a short path
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
@@ -50,7 +50,7 @@ def ray_head() -> Iterator[str]:
         )
     try:
         wait_for_port(port, timeout=90, alive=head)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", head
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -59,6 +59,15 @@ def ray_head() -> Iterator[str]:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[str]:
+    """One Ray head for the whole session: each simulation attaches to it
+    (`simulation.ray_address`) instead of starting and stopping its own Ray, which saves
+    about 10 s a simulation. The sweep and CLI tests still run fedmed's own Ray."""
+    with ray_head_on_loopback() as (address, _):
+        yield address
 
 
 @pytest.fixture

@@ -105,16 +105,20 @@ def test_data_check_refuses_data_too_small_for_the_hospitals(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("setting", "needle"),
+    ("base", "setting", "needle"),
     [
-        ("skew.beta=0", "`skew.beta`"),
-        ("skew.quantity_beta=-1", "`skew.quantity_beta`"),
-        ("skew.classes_per_hospital=5", "only 4 classes"),
-        ("data.test_fraction=1.5", "`data.test_fraction`"),
+        ("skew.labels=classes", "skew.beta=0", "`skew.beta`"),
+        ("skew.labels=classes", "skew.quantity_beta=-1", "`skew.quantity_beta`"),
+        ("skew.labels=classes", "skew.classes_per_hospital=5", "only 4 classes"),
+        ("skew.labels=classes", "data.test_fraction=1.5", "`data.test_fraction`"),
+        ("privacy.mode=sample", "privacy.epsilon=0", "`privacy.epsilon`"),
+        ("privacy.mode=sample", "privacy.delta=-0.1", "`privacy.delta`"),
+        ("privacy.mode=sample", "privacy.max_grad_norm=0", "`privacy.max_grad_norm`"),
+        ("privacy.mode=sample", "model.norm=batch", "set model.norm = group"),
     ],
 )
-def test_impossible_skew_settings_are_one_line(setting, needle):
-    _assert_clean_failure(fedmed("simulate", "--set", "skew.labels=classes", "--set", setting), needle)
+def test_impossible_skew_and_privacy_settings_are_one_line(base, setting, needle):
+    _assert_clean_failure(fedmed("simulate", "--set", base, "--set", setting), needle)
 
 
 def test_more_hospitals_than_images_is_one_line(tmp_path):
@@ -128,19 +132,6 @@ def test_more_hospitals_than_images_is_one_line(tmp_path):
 
 def test_an_annotated_class_that_does_not_exist_is_one_line():
     _assert_clean_failure(fedmed("simulate", "--set", "labels.scenario=subset", "--set", "labels.annotated=astrocytoma"), "labels.annotated names astrocytoma")
-
-
-@pytest.mark.parametrize(
-    ("setting", "needle"),
-    [
-        ("privacy.epsilon=0", "`privacy.epsilon`"),
-        ("privacy.delta=-0.1", "`privacy.delta`"),
-        ("privacy.max_grad_norm=0", "`privacy.max_grad_norm`"),
-        ("model.norm=batch", "set model.norm = group"),
-    ],
-)
-def test_impossible_privacy_settings_are_one_line(setting, needle):
-    _assert_clean_failure(fedmed("simulate", "--set", "privacy.mode=sample", "--set", setting), needle)
 
 
 def test_a_delta_not_below_one_over_n_is_one_line(tmp_path):

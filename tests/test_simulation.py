@@ -1,12 +1,6 @@
 """Real Flower simulations on the real Ray backend (3 hospitals, 2 rounds, tiny images)."""
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +9,7 @@ from fedmed.federation.simulation import run_simulation
 from fedmed.outputs import TIMING_FIELDS, read_metrics
 from fedmed.baselines import run_baseline
 
-from .conftest import free_port, wait_for_port
+from .conftest import ray_head_on_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -70,30 +64,10 @@ def test_pooled_takes_as_many_sample_gradient_steps_as_federated(tiny_config):
 
 def test_simulation_attaches_to_a_running_ray_head(tiny_config):
     """A Ray head started here on loopback, as a user's cluster; fedmed must use it and leave it running."""
-    ray = str(Path(sys.executable).parent / "ray")
-    port = free_port()
-    # Ray's unix sockets need a short path (< 108 bytes), so not pytest's tmp_path.
-    temp_dir = tempfile.mkdtemp(prefix="fedmed-ray-", dir="/tmp")
-    log = Path(temp_dir) / "head.log"
-    with log.open("w") as sink:
-        head = subprocess.Popen(
-            [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        wait_for_port(port, timeout=90, alive=head)
-        out = run_simulation(tiny_config(f"simulation.ray_address='127.0.0.1:{port}'"))
+    with ray_head_on_loopback() as (address, head):
+        out = run_simulation(tiny_config(f"simulation.ray_address='{address}'"))
         assert [r["round"] for r in read_metrics(out)] == [1, 2]
         assert head.poll() is None, "fedmed must not stop a Ray cluster it did not start"
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _run_files_text(run: Path) -> str:
