@@ -69,6 +69,20 @@ def sweep(
     typer.echo(f"results: {target / 'results.md'}, {target / 'results.csv'}, {target / 'final_accuracy.png'}")
 
 
+@app.command()
+def audit(
+    paths: Annotated[list[Path], typer.Argument(help="A run directory, or ledger files (*.jsonl) and public keys (*.pub) from a deployment.")],
+    empirical: Annotated[bool, typer.Option("--empirical", help="Also score the run's canaries: an empirical lower bound on epsilon.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for audit.json and audit.md (default: the run directory, else here).")] = None,
+) -> None:
+    """Verify a training's ledgers: chains and signatures, cross-recorded checkpoints, model
+    digests, privacy claims (recomputed with dp-accounting) and leakage of patient data.
+    Exit 0 when everything holds, 1 when problems were found, 2 when the input is unusable."""
+    from fedmed.audit.report import audit as run_audit
+
+    raise typer.Exit(code=run_audit(paths, empirical=empirical, out_dir=out))
+
+
 @data_app.command("make-demo")
 def make_demo(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the hospitals' images into.")],

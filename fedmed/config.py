@@ -190,6 +190,12 @@ class PrivacyConfig(_Section):
         False,
         description="Draw the DP noise and batches from the run's seed so a study reproduces. Anyone with the seed could then remove the noise: for simulations only (a node with its own budget refuses). false: from the system's entropy.",
     )
+    canaries: int = Field(
+        0,
+        ge=0,
+        le=10000,
+        description="Empirical privacy audit: this many synthetic canary images, each added to the first hospital's training data with probability 1/2; `fedmed audit --empirical` scores them (needs `output.save_model`). 0: none.",
+    )
 
 
 class SimulationConfig(_Section):
@@ -206,6 +212,10 @@ class OutputConfig(_Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
     name: str = Field("", description="Run directory name; empty: a timestamped name.")
     save_model: bool = Field(True, description="Write the final global model weights (`model.pt`).")
+    save_updates: bool = Field(
+        True,
+        description="Keep every round's model sent and updates received (`updates/`, about (hospitals + 1) x model size per round) so `fedmed audit` can recompute each aggregate.",
+    )
 
 
 RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federation", "privacy")
@@ -248,6 +258,10 @@ class FedmedConfig(_Section):
             raise ValueError(f"privacy.mode = {private} applies to federated runs; the {self.federation.mode} baseline has no privacy")
         if self.privacy.budgets:
             parse_budgets(self.privacy.budgets)
+        if self.privacy.canaries and not self.output.save_model:
+            raise ValueError("privacy.canaries are scored against the final model: set output.save_model = true")
+        if self.privacy.canaries and self.federation.mode != "federated":
+            raise ValueError("privacy.canaries audit a federated run; the baselines keep no ledgers")
         return self
 
     def flat(self) -> dict[str, Any]:

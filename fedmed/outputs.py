@@ -32,7 +32,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -73,7 +73,7 @@ class RunDirectory:
         path = run_path(cfg)
         try:
             path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path / "config.toml", tomli_w.dumps(unflatten(cfg.shareable())))
+            atomic_write(path / "config.toml", tomli_w.dumps(unflatten(cfg.shareable())))
             (path / "metrics.jsonl").touch()
         except OSError as exc:
             raise FedmedError(f"cannot create run directory {path}: {exc.strerror}") from None
@@ -85,7 +85,7 @@ class RunDirectory:
             handle.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _atomic_write(self.path / "summary.json", json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+        atomic_write(self.path / "summary.json", json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         tmp = self.path / ".model.pt.tmp"

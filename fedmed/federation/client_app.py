@@ -13,6 +13,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedmed.audit import canaries as canary_mod
+from fedmed.audit.digests import arrays_digest
+from fedmed.audit.hospital_side import REPLY_KEY, HospitalLedger
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, num_classes, site_data
 from fedmed.errors import FedmedError
@@ -44,20 +47,33 @@ def _site(context: Context, cfg: FedmedConfig) -> SiteData:
 LOCAL_STATE = "fedbn-local"  # in the node's context.state: this hospital's own normalisation layers
 
 
-def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteData, nn.Module, int]:
-    """The round's settings, this hospital's data, and the global model (with FedBN, this
-    hospital's own normalisation layers put back; the int says how many arrays)."""
+def _canaries(cfg: FedmedConfig, site: SiteData) -> canary_mod.Canaries | None:
+    if not cfg.privacy.canaries or site.index != canary_mod.CANARY_HOSPITAL:
+        return None
+    return canary_mod.make(canary_mod.seed_for(cfg.seed), cfg.privacy.canaries, cfg.data.image_size, num_classes(cfg))
+
+
+def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteData, nn.Module, int, HospitalLedger]:
+    """The round's settings, this hospital's data (with the audit's canaries, if any),
+    the global model (with FedBN, this hospital's own normalisation layers put back; the
+    int says how many arrays) and this hospital's ledger, the server's checkpoint in it."""
     config = msg.content["config"]
     cfg = config_from_record(config)
+    server_round = int(config["server-round"])
     site = _site(context, cfg)
+    canaries = _canaries(cfg, site)
+    if canaries is not None:
+        site = canary_mod.add_to(site, canaries)
     model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
+    ledger = HospitalLedger.open(context, config, site.name)
+    ledger.begin(cfg, server_round, config, model, site, canaries)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     restored = 0
     if cfg.federation.strategy == "fedbn" and LOCAL_STATE in context.state:
         local = context.state[LOCAL_STATE].to_torch_state_dict()
         model.load_state_dict(local, strict=False)
         restored = len(local)
-    return cfg, int(config["server-round"]), site, model, restored
+    return cfg, server_round, site, model, restored, ledger
 
 
 def _shared_arrays(cfg: FedmedConfig, model: nn.Module, context: Context) -> ArrayRecord:
@@ -71,22 +87,37 @@ def _shared_arrays(cfg: FedmedConfig, model: nn.Module, context: Context) -> Arr
     return ArrayRecord({k: v for k, v in state.items() if k not in local})
 
 
-def _reply(msg: Message, site: SiteData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": metric_record(metrics), SITE_KEY: ConfigRecord({"name": site.name})})
+def _reply(msg: Message, site: SiteData, ledger: HospitalLedger, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": metric_record(metrics), SITE_KEY: ConfigRecord({"name": site.name}), REPLY_KEY: ledger.reply_record()})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
 
 
+def _privacy_entry(cfg: FedmedConfig, private: HospitalPrivacy | None, steps: int) -> dict:
+    """The DP settings a ledger records for one round (steps: this round's)."""
+    if private is None:
+        return {"mode": cfg.privacy.mode}
+    p = private.plan
+    return {
+        "mode": "sample", "accountant": p.accountant, "sigma": p.sigma, "sample_rate": p.rate, "steps": steps,
+        "max_grad_norm": p.max_grad_norm, "delta": p.delta, "secure_mode": False,
+        "noise": "run seed" if p.reproducible else "system entropy",
+        "epsilon": private.ledger.epsilon(p.delta), "budget": private.budget,
+    }
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, server_round, site, model, restored = _receive(msg, context)
+    cfg, server_round, site, model, restored, ledger = _receive(msg, context)
+    received = arrays_digest(msg.content["arrays"])
     private = HospitalPrivacy.load(cfg, context, site.name, len(site.train.y)) if cfg.privacy.mode == "sample" else None
     reason = policy_refusal(cfg, dict(context.node_config)) or (private.refusal() if private else None)
     if reason:
         print(f"fedmed: {site.name} declines round {server_round}: {reason}", file=sys.stderr)
+        ledger.record("declined", server_round, {"received_sha256": received, "reason": reason, "privacy": _privacy_entry(cfg, private, 0)})
         refusal = ConfigRecord({"reason": reason, **(private.metrics() if private else {})})  # nothing about patients
-        content = RecordDict({DECLINED_KEY: refusal, SITE_KEY: ConfigRecord({"name": site.name})})
+        content = RecordDict({DECLINED_KEY: refusal, SITE_KEY: ConfigRecord({"name": site.name}), REPLY_KEY: ledger.reply_record()})
         return Message(content=content, reply_to=msg)
     mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     seed = derive_seed(cfg.seed, server_round, site.index)
@@ -109,12 +140,21 @@ def train(msg: Message, context: Context) -> Message:
         # only unlabelled hospitals still averages)
         WEIGHT_KEY: max(1, informative_examples(len(site.train.y), possible, annotated)),
     }
-    return _reply(msg, site, metrics, _shared_arrays(cfg, model.cpu(), context))
+    shared = _shared_arrays(cfg, model.cpu(), context)
+    t = cfg.train
+    ledger.record("train", server_round, {
+        "received_sha256": received,
+        "settings": {"local_epochs": t.local_epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr, "steps": stats.steps, "proximal_mu": mu},
+        "privacy": _privacy_entry(cfg, private, stats.steps),
+        "metrics": dict(metric_record(metrics)),
+        "update_sha256": arrays_digest(shared),
+    })
+    return _reply(msg, site, ledger, metrics, shared)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _, site, model, _ = _receive(msg, context)
+    cfg, server_round, site, model, _, ledger = _receive(msg, context)
     result = evaluate_model(model, site.test.x, site.test.y, cfg.train.device)
     metrics = {
         "eval-loss": result["loss"],
@@ -123,4 +163,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         "eval-confusion": result["confusion"],
         WEIGHT_KEY: len(site.test),
     }
-    return _reply(msg, site, metrics)
+    ledger.record("evaluate", server_round, {"received_sha256": arrays_digest(msg.content["arrays"]), "metrics": dict(metric_record(metrics))})
+    return _reply(msg, site, ledger, metrics)

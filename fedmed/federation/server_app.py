@@ -9,6 +9,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedmed.audit.server_side import ServerLedger
 from fedmed.config import FedmedConfig, from_flat
 from fedmed.data.sites import global_test, num_classes
 from fedmed import heterogeneity
@@ -42,6 +43,9 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
     rounds = cfg.federation.rounds
     reporter = RoundReporter(rounds, f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}")
     n = cfg.data.hospitals
+    ledger = ServerLedger(out.path, cfg.output.save_updates)
+    initial = ArrayRecord(model.state_dict())
+    ledger.start(cfg, model, initial, "DP-FedAvg" if client_dp else STRATEGY_NAMES[cfg.federation.strategy])
     strategy = build_strategy(
         cfg.federation,
         norm_keys(model),
@@ -51,6 +55,7 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         min_train_nodes=max(1, round(cfg.federation.fraction_train * n)),
         min_evaluate_nodes=max(1, round(cfg.federation.fraction_evaluate * n)) if cfg.federation.fraction_evaluate else 0,
         min_available_nodes=n,
+        ledger=ledger,
     )
     last_test: dict = {}
     label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
@@ -106,7 +111,7 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=initial,
         num_rounds=rounds,
         timeout=cfg.federation.round_timeout,
         train_config=config_record(cfg),
@@ -121,6 +126,7 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
     }
     if cfg.output.save_model:
         out.save_model(result.arrays.to_torch_state_dict())
+    ledger.end(result.arrays, rounds, last_test.get("accuracy"))
     spent = privacy_report.table(cfg, strategy.per_site, strategy.declined, client_dp.metrics() if client_dp else None)
     privacy_report.print_table(reporter.console, spent)
     out.write_summary(summary(cfg, last_test, per_hospital, time.time() - started, **({"privacy": spent} if spent else {})))

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import ensure_data, site_data
@@ -20,6 +21,9 @@ from fedmed.errors import FedmedError
 from fedmed.data.demo import cache_root
 from fedmed.outputs import resolve_run_name, run_path
 from fedmed.training.local import resolve_device
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 
 def check_ray_address(address: str, timeout: float = 3.0) -> None:
@@ -50,15 +54,17 @@ def backend_config(cfg: FedmedConfig) -> dict:
     }
 
 
-def run_simulation(cfg: FedmedConfig, verbose: bool = False) -> Path:
-    """Simulate `cfg.data.hospitals` hospitals; returns the run directory."""
+def run_simulation(cfg: FedmedConfig, verbose: bool = False, client_app: ClientApp | None = None) -> Path:
+    """Simulate `cfg.data.hospitals` hospitals; returns the run directory. `client_app`
+    replaces fedmed's own at every hospital (the audit's tests run a dishonest one)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
     from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation
 
-    from fedmed.federation import client_app, server_app
+    from fedmed.federation import client_app as fedmed_client
+    from fedmed.federation import server_app
 
     cfg = resolve_run_name(cfg)
     resolve_device(cfg.train.device)
@@ -79,7 +85,7 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False) -> Path:
     _run_simulation(
         num_supernodes=cfg.data.hospitals,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app.app,
+        client_app=client_app or fedmed_client.app,
         server_app=server_app.app,
         backend_name="ray",
         backend_config=backend_config(cfg),

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
+from fedmed.audit.server_side import ServerLedger
 from fedmed.config import FederationConfig
 from fedmed.federation.records import DECLINED_KEY, WEIGHT_KEY, site_name
 from fedmed.privacy.client_level import ClientLevelDP
@@ -67,12 +68,14 @@ class Recording:
     the global model as they were: hospitals never send them, and stops asking a
     hospital to train once it has declined (its privacy budget is spent)."""
 
-    def __init__(self, *, keep_local: frozenset[str] = frozenset(), **kwargs: Any) -> None:
+    def __init__(self, *, keep_local: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.keep_local = keep_local
+        self.ledger = ledger
         self.sent: ArrayRecord | None = None
+        self.sent_eval: ArrayRecord | None = None
         self.per_site: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
         self.failures: dict[int, list[str]] = {}  # round -> training error reasons
         self.federated_eval: dict[int, MetricRecord] = {}  # round -> aggregated evaluation
@@ -91,8 +94,12 @@ class Recording:
             metrics = next(iter(msg.content.metric_records.values()))
             sites.setdefault(site_name(msg.content), {})[phase] = dict(metrics)
 
+    def _with_ledger(self, config: ConfigRecord) -> ConfigRecord:
+        return ConfigRecord({**dict(config), **self.ledger.config_entries()}) if self.ledger else config
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent = arrays
+        config = self._with_ledger(config)
         if not self.declined_nodes:
             return super().configure_train(server_round, arrays, config, grid)
         min_train, min_available = self._min_nodes
@@ -106,32 +113,48 @@ class Recording:
         finally:
             self.min_train_nodes, self.min_available_nodes = min_train, min_available
 
-    def _accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Record every reply; return those that carry an update, in hospital order."""
-        ordered = _order(replies)
-        taken = []
-        for msg in ordered:
+    def _accept(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
+        """Record every reply; return those that carry an update (or an error), in hospital
+        order, and those that declined."""
+        taken, declined = [], []
+        for msg in _order(replies):
             if not msg.has_error() and DECLINED_KEY in msg.content:
                 site = site_name(msg.content)
                 self.declined[site] = {"round": server_round, **dict(msg.content[DECLINED_KEY])}
                 self.declined_nodes.add(msg.metadata.src_node_id)
+                declined.append(msg)
             else:
                 taken.append(msg)
         self._record(server_round, "train", taken)
-        return taken
+        return taken, declined
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ordered = self._accept(server_round, replies)
-        arrays, metrics = super().aggregate_train(server_round, ordered)
+    def _aggregate(self, server_round: int, taken: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, taken)
         if arrays is not None and self.keep_local and self.sent is not None:
             arrays = ArrayRecord({k: (self.sent[k] if k in self.keep_local else arrays[k]) for k in self.sent})
         return arrays, metrics
 
+    def _privacy(self) -> dict[str, Any] | None:
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        taken, declined = self._accept(server_round, replies)
+        arrays, metrics = self._aggregate(server_round, taken)
+        if self.ledger is not None and self.sent is not None:
+            self.ledger.train_round(server_round, self.sent, taken, declined, arrays, self._privacy())
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.sent_eval = arrays
+        return super().configure_evaluate(server_round, arrays, self._with_ledger(config), grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         ordered = _order(replies)
         self._record(server_round, "eval", ordered)
+        if self.ledger is not None and self.sent_eval is not None:
+            self.ledger.evaluate_round(server_round, self.sent_eval, ordered)
         metrics = super().aggregate_evaluate(server_round, ordered)
         if metrics is not None:
             self.federated_eval[server_round] = metrics
@@ -149,10 +172,11 @@ class RecordingDPFedAvg(Recording, FedAvg):
         super().__init__(**kwargs)
         self.client_dp = client_dp
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok = [m for m in self._accept(server_round, replies) if not m.has_error()]
+    def _privacy(self) -> dict[str, Any] | None:
+        return {"mode": "client", "accountant": self.client_dp.ledger.kind, **self.client_dp.metrics()}
+
+    def _aggregate(self, server_round: int, taken: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = [m for m in taken if not m.has_error()]
         if not ok or self.sent is None:
             return None, None
         start = {k: v.numpy() for k, v in self.sent.items()}

@@ -1,0 +1,161 @@
+"""Consistency: the parties' records agree with each other and with the run's files:
+the same config and architecture everywhere, the model each hospital received is the one
+the server sent, each update the server recorded is the one the hospital sent, each
+round's global model follows from the last, and (with saved updates) each aggregate
+recomputes from the updates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedmed.audit.digests import arrays_digest
+from fedmed.audit.evidence import Evidence, Finding, PartyLedger
+from fedmed.audit.server_side import UPDATES
+from fedmed.config import FedmedConfig, load
+from fedmed.errors import FedmedError
+from fedmed.federation.records import WEIGHT_KEY
+
+
+RECOMPUTABLE = ("FedAvg", "FedProx", "FedBN")  # plain weighted means; FedAdam/FedYogi keep optimiser state, DP-FedAvg adds noise
+
+
+def _by_round(party: PartyLedger, event: str) -> dict[int, tuple[int, dict[str, Any]]]:
+    return {int(r["round"]): (i, r) for i, r in party.events(event)}
+
+
+def run_config(evidence: Evidence) -> FedmedConfig | None:
+    path = evidence.run_dir / "config.toml" if evidence.run_dir else None
+    if path is None or not path.exists():
+        return None
+    try:
+        return load(path)
+    except FedmedError:
+        return None
+
+
+def consistency(evidence: Evidence) -> list[Finding]:
+    out: list[Finding] = []
+    server = evidence.server
+    starts = server.events("run-start")
+    if not starts:
+        return [Finding("consistency", server.name, "no run-start record")]
+    start = starts[0][1]["payload"]
+    out += _same_run(evidence, start)
+    out += _rounds(evidence, start)
+    return out
+
+
+def _same_run(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
+    out = []
+    for name, hospital in evidence.hospitals.items():
+        mine = hospital.events("run-start")
+        if not mine:
+            out.append(Finding("consistency", hospital.name, "no run-start record"))
+            continue
+        index, record = mine[0]
+        for key in ("config_sha256", "architecture_sha256", "run"):
+            if record["payload"].get(key) != start.get(key):
+                out.append(Finding("consistency", hospital.where(index), f"{key} differs from the server's: {record['payload'].get(key)} vs {start.get(key)}"))
+    cfg = run_config(evidence)
+    if evidence.run_dir is not None:
+        if cfg is None:
+            out.append(Finding("consistency", "config.toml", "missing or not a valid fedmed config"))
+        elif cfg.digest() != start.get("config_sha256"):
+            out.append(Finding("consistency", "config.toml", "its settings differ from those the server's ledger recorded at run start (config_sha256)"))
+    return out
+
+
+def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
+    out: list[Finding] = []
+    server = evidence.server
+    hospital_train = {n: _by_round(h, "train") for n, h in evidence.hospitals.items()}
+    hospital_declined = {n: _by_round(h, "declined") for n, h in evidence.hospitals.items()}
+    hospital_eval = {n: _by_round(h, "evaluate") for n, h in evidence.hospitals.items()}
+    current = start.get("initial_model_sha256")
+    for index, record in enumerate(server.file.records):
+        if record is None:
+            continue
+        where, payload, rnd = server.where(index), record.get("payload", {}), record.get("round")
+        event = record.get("event")
+        if event in ("train-round", "evaluate-round") and payload.get("sent_sha256") != current:
+            out.append(Finding("consistency", where, f"sent model {str(payload.get('sent_sha256'))[:12]}... is not the current global model {str(current)[:12]}..."))
+        if event == "train-round":
+            for entry in payload.get("participants", []):
+                out += _train_entry(evidence, hospital_train, where, rnd, payload, entry)
+            for entry in payload.get("declined", []):
+                if entry.get("hospital") in evidence.parties and rnd not in hospital_declined.get(entry["hospital"], {}):
+                    out.append(Finding("consistency", where, f"records that {entry['hospital']} declined, but its ledger has no refusal in round {rnd}"))
+            if payload.get("new_global_sha256"):
+                out += _aggregate(evidence, start, where, rnd, payload)
+                current = payload["new_global_sha256"]
+        elif event == "evaluate-round":
+            for entry in payload.get("participants", []):
+                mine = hospital_eval.get(entry.get("hospital"), {}).get(rnd)
+                if entry.get("hospital") in evidence.parties and mine is None:
+                    out.append(Finding("consistency", where, f"records {entry['hospital']}'s evaluation, but its ledger has none in round {rnd}"))
+                elif mine is not None and mine[1]["payload"].get("received_sha256") != payload.get("sent_sha256"):
+                    out.append(Finding("consistency", evidence.parties[entry["hospital"]].where(mine[0]), "evaluated a model other than the one the server sent"))
+        elif event == "run-end":
+            if payload.get("final_model_sha256") != current:
+                out.append(Finding("consistency", where, "the final model is not the last round's global model"))
+            model = evidence.run_dir / "model.pt" if evidence.run_dir else None
+            if model is not None and model.exists() and arrays_digest(torch.load(model, weights_only=True)) != payload.get("final_model_sha256"):
+                out.append(Finding("consistency", "model.pt", "is not the final model the server's ledger recorded (final_model_sha256)"))
+    return out
+
+
+def _train_entry(evidence: Evidence, hospital_train: dict, where: str, rnd: int, payload: dict, entry: dict) -> list[Finding]:
+    name = entry.get("hospital")
+    if name not in evidence.parties:
+        return []  # reported by the checkpoint check
+    mine = hospital_train[name].get(rnd)
+    if mine is None:
+        return [Finding("consistency", where, f"aggregates an update from {name}, but {name}'s ledger has no training in round {rnd}")]
+    index, record = mine
+    theirs, hwhere = record["payload"], evidence.parties[name].where(index)
+    out = []
+    if theirs.get("received_sha256") != payload.get("sent_sha256"):
+        out.append(Finding("consistency", hwhere, "trained from a model other than the one the server recorded sending"))
+    if theirs.get("update_sha256") != entry.get("update_sha256"):
+        out.append(Finding("consistency", where, f"the update it recorded from {name} is not the one {name} recorded sending ({hwhere})"))
+    if theirs.get("metrics", {}).get(WEIGHT_KEY) != entry.get("weight"):
+        out.append(Finding("consistency", where, f"weights {name}'s update by {entry.get('weight')}, but {name} reported {theirs.get('metrics', {}).get(WEIGHT_KEY)} examples"))
+    return out
+
+
+def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: dict) -> list[Finding]:
+    """Recompute the round's aggregate from the saved updates, as the server did."""
+    if not start.get("updates_saved") or evidence.run_dir is None or start.get("aggregation") not in RECOMPUTABLE:
+        return []
+    path = evidence.run_dir / UPDATES / f"round-{rnd:03d}.npz"
+    if not path.exists():
+        return [Finding("consistency", where, f"the server saved updates, but {UPDATES}/{path.name} is missing")]
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in arrays.items():
+        owner, _, key = name.partition("/")
+        groups.setdefault(owner, {})[key] = value
+    sent = groups.pop("sent", {})
+    if arrays_digest(sent) != payload.get("sent_sha256"):
+        return [Finding("consistency", str(path.relative_to(evidence.run_dir)), "the saved model sent is not the one the ledger recorded")]
+    records = []
+    for entry in payload.get("participants", []):
+        update = groups.get(entry["hospital"])
+        if update is None or arrays_digest(update) != entry.get("update_sha256"):
+            return [Finding("consistency", str(path.relative_to(evidence.run_dir)), f"the saved update of {entry['hospital']} is missing or not the one the ledger recorded")]
+        records.append(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}), "m": MetricRecord({WEIGHT_KEY: entry["weight"]})}))
+    if not records:
+        return []
+    mean = aggregate_arrayrecords(records, WEIGHT_KEY)
+    new = {k: mean[k].numpy() for k in mean}
+    if start.get("aggregation") == "FedBN":
+        new = {k: (sent[k] if k not in new else new[k]) for k in sent}
+    if arrays_digest(new) != payload.get("new_global_sha256"):
+        return [Finding("consistency", where, f"the new global model does not follow from the recorded updates ({start.get('aggregation')} recomputed from {UPDATES}/{path.name})")]
+    return []

@@ -1,0 +1,45 @@
+"""SHA-256 digests of what a ledger refers to but must not contain: model weights,
+the model's architecture and a hospital's data."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+
+def arrays_digest(arrays: ArrayRecord | Mapping[str, Any]) -> str:
+    """Over names, dtypes, shapes and bytes, in name order: the same weights give the
+    same digest whether they are a state dict, an ArrayRecord or a saved `.npz`."""
+    h = hashlib.sha256()
+    for name in sorted(arrays.keys()):
+        value = arrays[name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        elif not isinstance(value, np.ndarray):
+            value = value.numpy()  # flwr Array
+        value = np.ascontiguousarray(value)
+        h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """The layers as PyTorch prints them, and every tensor's name and shape."""
+    shapes = [f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in model.state_dict().items()]
+    return hashlib.sha256("\n".join([repr(model), *shapes]).encode()).hexdigest()
+
+
+def tensors_digest(*tensors: torch.Tensor) -> str:
+    """A digest of the data itself (never file names): changes if any image or label does."""
+    h = hashlib.sha256()
+    for t in tensors:
+        array = np.ascontiguousarray(t.detach().cpu().numpy())
+        h.update(f"{array.dtype.str}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()

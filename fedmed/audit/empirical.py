@@ -1,0 +1,61 @@
+"""The empirical audit: the canaries committed in the canary hospital's ledger, scored
+against the run's final model, give a lower bound on epsilon (canaries.py), reported
+beside the epsilon that hospital claims; the bound must not exceed the claim."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fedmed.audit import canaries as canary_mod
+from fedmed.audit.claims import Spent
+from fedmed.audit.consistency import run_config
+from fedmed.audit.evidence import AuditInputError, Evidence, Finding
+from fedmed.data.sites import num_classes
+from fedmed.models import build_model
+
+DEFAULT_DELTA = 1e-5  # for a run without DP, whose ledger logs no delta
+
+
+def empirical(evidence: Evidence, spent: list[Spent]) -> tuple[list[Finding], dict[str, Any]]:
+    cfg = run_config(evidence)
+    model_path = evidence.run_dir / "model.pt" if evidence.run_dir else None
+    if cfg is None or model_path is None or not model_path.exists():
+        raise AuditInputError("--empirical needs a run directory with config.toml and the final model (model.pt)")
+    committed = _committed(evidence)
+    if committed is None:
+        raise AuditInputError("--empirical: this run had no canaries (set privacy.canaries, e.g. 200, and train again)")
+    hospital, index, record = committed
+    info = record["payload"]["canaries"]
+    m, seed = int(info["m"]), int(info["seed"])
+    canaries = canary_mod.make(seed, m, cfg.data.image_size, num_classes(cfg))
+    initial = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
+    final = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
+    final.load_state_dict(torch.load(model_path, weights_only=True))
+    scores = canary_mod.scores(initial, final, canaries)
+    k = max(1, m // 4)
+    r, v = canary_mod.guesses(scores, canaries.included, k)
+    claim = next((s for s in spent if s.party in (hospital, "server")), None)
+    delta = claim.delta if claim else DEFAULT_DELTA
+    bound = canary_mod.epsilon_lower_bound(m, r, v, delta)
+    claimed = claim.recomputed if claim else math.inf
+    result = {
+        "hospital": hospital, "canaries": m, "included": int(canaries.included.sum()), "guesses": r, "correct": v,
+        "confidence": canary_mod.CONFIDENCE, "delta": delta, "epsilon_lower_bound": bound,
+        "claimed_epsilon": None if math.isinf(claimed) else claimed,
+    }
+    findings = []
+    if bound > claimed:
+        where = evidence.parties[hospital].where(index)
+        findings.append(Finding("empirical", where, f"the canaries show epsilon of at least {bound:.2f} (95 % confidence; {v} of {r} membership guesses right), above the {claimed:.2f} claimed: the training was less private than its ledger says (noise off or mis-logged?)"))
+    return findings, result
+
+
+def _committed(evidence: Evidence) -> tuple[str, int, dict[str, Any]] | None:
+    for name, hospital in evidence.hospitals.items():
+        for index, record in hospital.events("run-start"):
+            if record["payload"].get("canaries"):
+                return name, index, record
+    return None

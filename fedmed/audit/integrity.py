@@ -1,0 +1,118 @@
+"""Integrity: each ledger's hash chain and signatures, and the checkpoints each party
+recorded of the other's ledger (no truncation, no fork, no reordering)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from fedmed.audit.evidence import Evidence, Finding, PartyLedger
+from fedmed.audit.keys import key_id, valid
+from fedmed.audit.ledger import GENESIS, SIGNED, canonical, checkpoint_body, line_hash, signed_part
+
+
+def chain(party: PartyLedger) -> list[Finding]:
+    out: list[Finding] = []
+
+    def fail(index: int, message: str) -> None:
+        out.append(Finding("integrity", party.where(index), message))
+
+    expected_key = key_id(party.public) if party.public else None
+    for i, (line, record) in enumerate(zip(party.file.lines, party.file.records)):
+        if record is None:
+            fail(i, "not a JSON record")
+            continue
+        if set(record) != {*SIGNED, "sig"}:
+            fail(i, f"fields {sorted(record)} are not those of a ledger record")
+            continue
+        if canonical(record) != line:
+            fail(i, "not in canonical form: the line was edited after it was written")
+        if record["seq"] != i:
+            fail(i, f"carries sequence number {record['seq']} at position {i}: records were deleted, inserted or reordered")
+        previous = line_hash(party.file.lines[i - 1]) if i else GENESIS
+        if record["prev"] != previous:
+            fail(i, f"its previous-record hash {record['prev'][:12]}... is not the hash of the record before it ({previous[:12]}...): the chain is broken here")
+        if record["party"] != party.party:
+            fail(i, f"written by {record['party']!r}, in {party.party}'s ledger")
+        if record["key_id"] != expected_key:
+            fail(i, f"signed with key {record['key_id']}, not {party.party}'s published key {expected_key}")
+        elif not _signature_ok(party, record["sig"], signed_part(record)):
+            fail(i, "signature does not verify: the record was altered after signing, or its signature replaced")
+    if party.file.torn:
+        out.append(Finding("integrity", f"{party.name} after record {len(party.file.lines) - 1}", f"incomplete last line ({len(party.file.torn)} bytes): a torn write, e.g. a crash while writing"))
+    return out
+
+
+def _signature_ok(party: PartyLedger, sig: Any, data: bytes) -> bool:
+    try:
+        return party.public is not None and valid(party.public, base64.b64decode(str(sig), validate=True), data)
+    except (binascii.Error, ValueError):
+        return False
+
+
+def checkpoints(evidence: Evidence) -> list[Finding]:
+    """Every checkpoint recorded in one ledger must match the other ledger at that point."""
+    out: list[Finding] = []
+    server = evidence.server
+    run = _run_id(server)
+    covered: dict[str, int] = {}  # hospital -> highest record the server holds a checkpoint for
+    for index, record in enumerate(server.file.records):
+        if record is None or record.get("event") not in ("train-round", "evaluate-round"):
+            continue
+        payload = record.get("payload", {})
+        for entry in [*payload.get("participants", []), *payload.get("declined", [])]:
+            hospital, checkpoint = entry.get("hospital"), entry.get("checkpoint")
+            if checkpoint is None:
+                out.append(Finding("checkpoints", server.where(index), f"no checkpoint recorded for {hospital}'s reply"))
+                continue
+            other = evidence.parties.get(str(hospital))
+            if other is None:
+                out.append(Finding("checkpoints", server.where(index), f"records a reply from {hospital}, but no ledger for {hospital} was given"))
+                continue
+            out += _match(server.where(index), checkpoint, other, run)
+            covered[other.party] = max(covered.get(other.party, -1), int(checkpoint.get("seq", -1)))
+    for name, hospital in evidence.hospitals.items():
+        for index, record in hospital.events("server-checkpoint"):
+            out += _match(hospital.where(index), record.get("payload", {}), server, run)
+        last = len(hospital.file.lines) - 1
+        if name not in covered and last >= 0:
+            out.append(Finding("checkpoints", hospital.name, "the server's ledger holds no checkpoint of this ledger: it took no part in this run, or the server ledger was cut"))
+        elif last > covered.get(name, last):
+            out.append(Finding("checkpoints", hospital.where(last), f"records {covered[name] + 1}-{last} are covered by no checkpoint in the server's ledger: the server ledger was cut, or the hospital wrote after its last reply"))
+    ends = server.events("run-end")
+    if not ends or ends[-1][0] != len(server.file.lines) - 1:
+        last = len(server.file.lines) - 1
+        out.append(Finding("checkpoints", server.where(last), "the server ledger does not end with run-end: it was cut, or the run did not finish"))
+    return out
+
+
+def _run_id(server: PartyLedger) -> str | None:
+    starts = server.events("run-start")
+    return starts[0][1].get("payload", {}).get("run") if starts else None
+
+
+def _match(where: str, checkpoint: dict[str, Any], other: PartyLedger, run: str | None) -> list[Finding]:
+    """One checkpoint (party, run, seq, head, key id, signature) against that party's ledger."""
+    try:
+        seq, head = int(checkpoint["seq"]), str(checkpoint["head"])
+        body = checkpoint_body(checkpoint)
+    except (KeyError, TypeError, ValueError):
+        return [Finding("checkpoints", where, f"malformed checkpoint of {other.party}: {checkpoint!r}")]
+    if checkpoint["party"] != other.party or not _signature_ok(other, checkpoint.get("sig"), body):
+        return [Finding("checkpoints", where, f"checkpoint of {other.party} at record {seq} is not signed by {other.party}'s key")]
+    if run is not None and checkpoint["run"] != run:
+        return [Finding("checkpoints", where, f"checkpoint of {other.party} belongs to run {checkpoint['run']}, not {run}")]
+    actual = other.hash_at(seq)
+    if actual is None:
+        return [Finding("checkpoints", where, f"{other.party} signed a checkpoint at record {seq}, but {other.name} has only {len(other.file.lines)} records: it was truncated")]
+    if actual != head:
+        return [Finding("checkpoints", where, f"{other.party}'s checkpoint at record {seq} has head {head[:12]}..., but {other.name} record {seq} hashes to {actual[:12]}...: the ledger was changed or forked")]
+    return []
+
+
+def integrity(evidence: Evidence) -> list[Finding]:
+    out = [f for party in evidence.parties.values() for f in chain(party)]
+    return out + checkpoints(evidence)
+
+

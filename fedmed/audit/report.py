@@ -1,0 +1,158 @@
+"""`fedmed audit`: run every check, print a readable report, write audit.json and
+audit.md, and return the exit code (0: everything holds, 1: problems found)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedmed import __version__
+from fedmed.audit.claims import Spent, privacy
+from fedmed.audit.consistency import consistency
+from fedmed.audit.empirical import empirical as empirical_check
+from fedmed.audit.evidence import Evidence, Finding, load
+from fedmed.audit.integrity import chain, checkpoints
+from fedmed.audit.leakage import leakage
+from fedmed.outputs import atomic_write
+
+CHECKS = {
+    "integrity": "every record's hash chain and Ed25519 signature",
+    "checkpoints": "each ledger matches the signed checkpoints the other parties recorded (no truncation, fork or reordering)",
+    "consistency": "models sent = models received, updates recorded = updates sent, aggregates follow from the updates",
+    "privacy": "epsilon recomputed with dp-accounting from the logged parameters; budgets; reported figures",
+    "leakage": "no paths, file names, patient IDs, DICOM tags or image-sized arrays in ledgers, metrics or logs",
+    "empirical": "canary membership guesses give an epsilon lower bound no higher than the claim",
+}
+
+
+def _guarded(check: str, run: Callable[[], list[Finding]]) -> list[Finding]:
+    """A check over records too damaged to read reports that, instead of crashing."""
+    try:
+        return run()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        return [Finding(check, "ledgers", f"could not be completed: a record lacks what this check reads ({type(exc).__name__}: {exc})")]
+
+
+def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = None, console: Console | None = None) -> int:
+    console = console or Console()
+    started = time.perf_counter()
+    evidence = load(paths)
+    findings: dict[str, list[Finding]] = {
+        "integrity": [f for party in evidence.parties.values() for f in _guarded("integrity", lambda p=party: chain(p))],
+        "checkpoints": _guarded("checkpoints", lambda: checkpoints(evidence)),
+        "consistency": _guarded("consistency", lambda: consistency(evidence)),
+    }
+    spent: list[Spent] = []
+
+    def run_privacy() -> list[Finding]:
+        found, spent[:] = privacy(evidence)
+        return found
+
+    findings["privacy"] = _guarded("privacy", run_privacy)
+    findings["leakage"] = leakage(evidence)
+    canaries: dict[str, Any] | None = None
+    if empirical:
+        found, canaries = empirical_check(evidence, spent)
+        findings["empirical"] = found
+    report = _report(evidence, findings, spent, canaries, time.perf_counter() - started)
+    target = out_dir or evidence.run_dir or Path.cwd()
+    atomic_write(target / "audit.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write(target / "audit.md", markdown(report))
+    show(console, report)
+    console.print(f"report: {target / 'audit.md'}, {target / 'audit.json'}")
+    return 0 if report["passed"] else 1
+
+
+def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[Spent], canaries: dict | None, seconds: float) -> dict[str, Any]:
+    parties = {name: {"records": len(p.file.lines), "ledger": p.file.path.name} for name, p in evidence.parties.items()}
+    return {
+        "passed": not any(findings.values()),
+        "fedmed_version": __version__,
+        "audited_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 2),
+        "run_directory": evidence.run_dir.name if evidence.run_dir else None,
+        "parties": parties,
+        "checks": {
+            name: {"what": CHECKS[name], "passed": not found, "findings": [f.__dict__ for f in found]} for name, found in findings.items()
+        },
+        "privacy": {s.party: s.row() for s in spent},
+        "empirical": canaries,
+    }
+
+
+def show(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=f"fedmed audit of {report['run_directory'] or 'the given ledgers'} ({len(report['parties'])} ledgers, {report['seconds']} s)")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("what it checks")
+    for name, check in report["checks"].items():
+        n = len(check["findings"])
+        table.add_row(name, "[green]pass[/]" if check["passed"] else f"[red]FAIL ({n})[/]", check["what"])
+    console.print(table)
+    for name, check in report["checks"].items():
+        for f in check["findings"][:25]:
+            console.print(f"✗ [{name}] {f['where']}: {f['message']}", markup=False, highlight=False)
+        if len(check["findings"]) > 25:
+            console.print(f"  ... and {len(check['findings']) - 25} more {name} findings in audit.json")
+    if report["privacy"]:
+        console.print(_privacy_table(report["privacy"]))
+    if report["empirical"]:
+        e = report["empirical"]
+        console.print(f"empirical: {e['correct']}/{e['guesses']} canary guesses right -> epsilon >= {e['epsilon_lower_bound']:.2f} (95 %), claimed {_eps(e['claimed_epsilon'])}")
+    console.print("[bold green]PASSED[/]: every check holds" if report["passed"] else "[bold red]FAILED[/]: see the findings above")
+
+
+def _privacy_table(rows: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="privacy spent: claimed vs recomputed")
+    for col in ("party", "mode", "accountant", "steps", "delta", "claimed", "recomputed", "budget"):
+        table.add_column(col, justify="left" if col in ("party", "mode", "accountant") else "right")
+    for party, r in rows.items():
+        table.add_row(party, r["mode"], r["accountant"], str(r["steps"]), f"{r['delta']:.1e}", _eps(r["claimed_epsilon"]), _eps(r["recomputed_epsilon"]), _eps(r["budget"]) if r["budget"] else "-")
+    return table
+
+
+def _eps(value: float | None) -> str:
+    return "infinite" if value is None else f"{value:.3f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# fedmed audit: {'PASSED' if report['passed'] else 'FAILED'}",
+        "",
+        f"Run: {report['run_directory'] or 'ledgers given one by one'}; audited {report['audited_at']} with fedmed {report['fedmed_version']} in {report['seconds']} s.",
+        "",
+        "| ledger | records |",
+        "|---|---:|",
+        *[f"| {p['ledger']} | {p['records']} |" for p in report["parties"].values()],
+        "",
+        "| check | result | what it checks |",
+        "|---|---|---|",
+        *[f"| {name} | {'pass' if c['passed'] else 'FAIL (' + str(len(c['findings'])) + ')'} | {c['what']} |" for name, c in report["checks"].items()],
+        "",
+    ]
+    problems = [(name, f) for name, c in report["checks"].items() for f in c["findings"]]
+    if problems:
+        lines += ["## Findings", "", *[f"- **{name}**, {f['where']}: {f['message']}" for name, f in problems], ""]
+    if report["privacy"]:
+        lines += [
+            "## Privacy spent", "",
+            "| party | mode | accountant | steps | delta | claimed epsilon | recomputed (dp-accounting) | budget |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+            *[f"| {p} | {r['mode']} | {r['accountant']} | {r['steps']} | {r['delta']:.1e} | {_eps(r['claimed_epsilon'])} | {_eps(r['recomputed_epsilon'])} | {_eps(r['budget']) if r['budget'] else '-'} |" for p, r in report["privacy"].items()],
+            "",
+        ]
+    if report["empirical"]:
+        e = report["empirical"]
+        lines += [
+            "## Empirical privacy (canaries)", "",
+            f"{e['canaries']} canaries at {e['hospital']} ({e['included']} trained on); {e['correct']} of {e['guesses']} membership guesses right: "
+            f"epsilon >= {e['epsilon_lower_bound']:.3f} with {e['confidence']:.0%} confidence (delta {e['delta']:.1e}); claimed {_eps(e['claimed_epsilon'])}.",
+            "",
+        ]
+    return "\n".join(lines)
