@@ -80,7 +80,9 @@ def load_study(path: Path) -> tuple[dict[str, Any], SweepSpec]:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise FedmedError(f"study error: `sweep.{'.'.join(map(str, err['loc']))}`: {err['msg']}") from None
-    base = config_mod.flatten(tree)
+    # A study's cells keep their ledgers but not every round's updates (about 2 MB a round
+    # each), unless the study file asks for them.
+    base = {"output.save_updates": False, **config_mod.flatten(tree)}
     for cell in cells(spec):
         config_mod.from_flat({**base, **cell.settings, "seed": cell.seed})
     return base, spec
