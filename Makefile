@@ -24,6 +24,7 @@ bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/data_load.py
 	$(BIN)/python benchmarks/dp_overhead.py
+	$(BIN)/python benchmarks/audit.py
 
 clean:
 	rm -rf $(VENV) runs

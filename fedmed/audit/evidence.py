@@ -85,7 +85,7 @@ def _from_run_dir(run_dir: Path) -> Evidence:
     folder = run_dir / LEDGERS
     runs = sorted(p for p in folder.glob("*") if p.is_dir() and p.name != "keys") if folder.is_dir() else []
     if not runs:
-        raise AuditInputError(f"{run_dir} has no ledgers/ folder with a run's ledgers (runs from before ledgers existed have none)")
+        raise AuditInputError(f"{run_dir} has no ledgers/ folder with a run's ledgers (the pooled and local baselines, and runs from before ledgers existed, have none)")
     if len(runs) > 1:
         raise AuditInputError(f"{folder} holds {len(runs)} runs' ledgers; pass one run's ledger files and keys instead")
     return Evidence(_parties(sorted(runs[0].glob("*.jsonl")), sorted((folder / "keys").glob("*.pub"))), run_dir=run_dir)
