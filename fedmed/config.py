@@ -194,7 +194,7 @@ class PrivacyConfig(_Section):
         0,
         ge=0,
         le=10000,
-        description="Empirical privacy audit: this many synthetic canary images, each added to the first hospital's training data with probability 1/2; `fedmed audit --empirical` scores them (needs `output.save_model`). 0: none.",
+        description="Empirical privacy audit: this many synthetic canary images, each added to the first hospital's training data with probability 1/2; `fedmed audit --empirical` scores them (needs `output.save_model`). 0: none; otherwise at least 8 (a few hundred give a useful bound).",
     )
 
 
@@ -258,6 +258,8 @@ class FedmedConfig(_Section):
             raise ValueError(f"privacy.mode = {private} applies to federated runs; the {self.federation.mode} baseline has no privacy")
         if self.privacy.budgets:
             parse_budgets(self.privacy.budgets)
+        if 0 < self.privacy.canaries < 8:
+            raise ValueError("privacy.canaries: use 0 (none) or at least 8; a few hundred give a useful bound")
         if self.privacy.canaries and not self.output.save_model:
             raise ValueError("privacy.canaries are scored against the final model: set output.save_model = true")
         if self.privacy.canaries and self.federation.mode != "federated":

@@ -32,8 +32,9 @@ def _config(cache_dir: str, ray_head: str, out: Path, *extra: str) -> config_mod
 
 @pytest.fixture(scope="module")
 def clean_run(cache_dir, ray_head, tmp_path_factory) -> Path:
-    """3 hospitals, 2 rounds of DP-SGD: the evidence every tampering test starts from."""
-    return run_simulation(_config(cache_dir, ray_head, tmp_path_factory.mktemp("audit")))
+    """3 hospitals, 2 rounds of DP-SGD, hospital-02's budget spent after round 1 (it
+    declines round 2): the evidence every tampering test starts from."""
+    return run_simulation(_config(cache_dir, ray_head, tmp_path_factory.mktemp("audit"), "privacy.budgets='hospital-02=7.0'"))
 
 
 @pytest.fixture
@@ -74,6 +75,7 @@ def test_clean_run_passes_and_epsilon_recomputes_within_tolerance(clean_run, tmp
     assert code == 0, report["checks"]
     assert all(check["passed"] for check in report["checks"].values())
     assert set(report["parties"]) == {"server", "hospital-01", "hospital-02", "hospital-03"}
+    assert report["privacy"]["hospital-02"]["steps"] < report["privacy"]["hospital-01"]["steps"]  # it declined
     for party, row in report["privacy"].items():  # the DP issue's tolerance for PRV against PLD
         assert row["recomputed_epsilon"] > 0
         assert row["claimed_epsilon"] == pytest.approx(row["recomputed_epsilon"], rel=0.02), party
@@ -258,3 +260,26 @@ def test_empirical_audit_catches_a_hospital_training_without_the_noise_it_logs(c
     code, report = _audit(honest, empirical=True)
     assert code == 0, report["checks"]
     assert report["empirical"]["epsilon_lower_bound"] <= report["empirical"]["claimed_epsilon"]
+
+
+def test_a_run_of_another_shape_passes(cache_dir, ray_head, tmp_path):
+    """Two of three hospitals a round, FedAdam (its aggregate is not recomputed), no DP,
+    no federated evaluation."""
+    settings = ("privacy.mode=off", "federation.fraction_train=0.67", "federation.strategy=fedadam", "federation.fraction_evaluate=0.0")
+    code, report = _audit(run_simulation(_config(cache_dir, ray_head, tmp_path, *settings)))
+    assert code == 0, report["checks"]
+    assert report["privacy"] == {}
+
+
+def test_reported_results_that_differ_from_the_ledgers(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records[-1]["hospitals"]["hospital-03"]["eval"]["accuracy"] = 0.99
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["test"]["accuracy"] = 0.99
+    (run / "summary.json").write_text(json.dumps(summary))
+    code, report = _audit(run)
+    assert code == 1
+    found = _findings(report, "consistency")
+    assert f"metrics.jsonl line {len(records)}: hospital-03's eval figures in round 2 (accuracy) are not those its ledger recorded" in found
+    assert any(f.startswith("summary.json: reports test accuracy 0.99; the server's ledger recorded ") for f in found)

@@ -81,7 +81,9 @@ def guesses(score: np.ndarray, included: np.ndarray, k: int) -> tuple[int, int]:
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """P[at least v of r guesses correct] under (epsilon, delta)-DP (Steinke et al.,
-    Theorem 3.3: the binomial tail plus the delta term)."""
+    the binomial tail plus their 2 m delta term for approximate DP)."""
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m})")
     q = 1 / (1 + math.exp(-epsilon))
     tail = float(stats.binom.sf(v - 1, r, q))
     alpha, below = 0.0, 0.0

@@ -91,7 +91,8 @@ def hospital_spent(hospital: PartyLedger) -> Spent | None:
 
 
 def server_spent(server: PartyLedger) -> Spent | None:
-    rounds = [(i, r) for i, r in server.events("train-round") if r["payload"].get("privacy")]
+    # A round releases (and spends) only when it produced a new model.
+    rounds = [(i, r) for i, r in server.events("train-round") if r["payload"].get("privacy") and r["payload"].get("new_global_sha256")]
     if not rounds:
         return None
     index, last = rounds[-1]
@@ -129,7 +130,7 @@ def _reported(evidence: Evidence, spent: dict[str, Spent]) -> list[Finding]:
         for party, row in rows.items():
             s = spent.get(party)
             claimed = row.get("epsilon")
-            if claimed is None:
+            if claimed is None or (s is None and claimed == 0):  # declined before ever training
                 continue
             if s is None:
                 out.append(Finding("privacy", "summary.json", f"reports epsilon {claimed} for {party}, whose ledger logged no private training"))

@@ -6,6 +6,7 @@ recomputes from the updates."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from fedmed.audit.server_side import UPDATES
 from fedmed.config import FedmedConfig, load
 from fedmed.errors import FedmedError
 from fedmed.federation.records import WEIGHT_KEY
+from fedmed.reporting import strip_prefix
 
 
 RECOMPUTABLE = ("FedAvg", "FedProx", "FedBN")  # plain weighted means; FedAdam/FedYogi keep optimiser state, DP-FedAvg adds noise
@@ -47,6 +49,63 @@ def consistency(evidence: Evidence) -> list[Finding]:
     start = starts[0][1]["payload"]
     out += _same_run(evidence, start)
     out += _rounds(evidence, start)
+    out += _hospital_side(evidence, start)
+    out += _reported_metrics(evidence)
+    return out
+
+
+def _reported_metrics(evidence: Evidence) -> list[Finding]:
+    """The hospitals' figures in metrics.jsonl, and the final accuracy in summary.json, are
+    those the ledgers recorded."""
+    if evidence.run_dir is None or not (evidence.run_dir / "metrics.jsonl").exists():
+        return []
+    logged = {
+        (name, int(r["round"]), phase): strip_prefix(r["payload"].get("metrics", {}))
+        for name, h in evidence.hospitals.items()
+        for phase, event in (("train", "train"), ("eval", "evaluate"))
+        for _, r in h.events(event)
+    }
+    out = []
+    lines = (evidence.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # reported by the privacy check
+        for name, phases in (record.get("hospitals") or {}).items():
+            for phase, reported in (phases or {}).items():
+                mine = logged.get((name, record.get("round"), phase))
+                if mine is None:
+                    continue
+                changed = sorted(k for k, v in reported.items() if k in mine and mine[k] != v and not (v is None and mine[k] is None))
+                if changed:
+                    out.append(Finding("consistency", f"metrics.jsonl line {number}", f"{name}'s {phase} figures in round {record.get('round')} ({', '.join(changed)}) are not those its ledger recorded"))
+    ends = evidence.server.events("run-end")
+    summary = evidence.run_dir / "summary.json"
+    if ends and summary.exists():
+        claimed = (json.loads(summary.read_text(encoding="utf-8")).get("test") or {}).get("accuracy")
+        if claimed != ends[-1][1]["payload"].get("test_accuracy"):
+            out.append(Finding("consistency", "summary.json", f"reports test accuracy {claimed}; the server's ledger recorded {ends[-1][1]['payload'].get('test_accuracy')}"))
+    return out
+
+
+def _hospital_side(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
+    """From the hospitals' side: each round trained in the privacy mode the run set, and
+    each update sent was received (listed by the server, or counted among its failures)."""
+    out = []
+    listed = {
+        (int(r["round"]), e.get("hospital")): r["payload"].get("failures", 0)
+        for _, r in evidence.server.events("train-round")
+        for e in r["payload"].get("participants", [])
+    }
+    failures = {int(r["round"]): r["payload"].get("failures", 0) for _, r in evidence.server.events("train-round")}
+    for name, hospital in evidence.hospitals.items():
+        for index, record in hospital.events("train"):
+            rnd, mode = int(record["round"]), record["payload"].get("privacy", {}).get("mode")
+            if mode != start.get("privacy_mode"):
+                out.append(Finding("consistency", hospital.where(index), f"trained with privacy mode {mode!r}; the run's is {start.get('privacy_mode')!r}"))
+            if (rnd, name) not in listed and not failures.get(rnd):
+                out.append(Finding("consistency", hospital.where(index), "sent an update the server's ledger neither aggregated nor counted as failed: it was dropped unrecorded"))
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 
 from fedmed.audit import canaries as canary_mod
 from fedmed.audit.claims import Spent
+from fedmed.audit.digests import arrays_digest
 from fedmed.audit.consistency import run_config
 from fedmed.audit.evidence import AuditInputError, Evidence, Finding
 from fedmed.data.sites import num_classes
@@ -30,8 +31,14 @@ def empirical(evidence: Evidence, spent: list[Spent]) -> tuple[list[Finding], di
     hospital, index, record = committed
     info = record["payload"]["canaries"]
     m, seed = int(info["m"]), int(info["seed"])
+    where = evidence.parties[hospital].where(index)
+    if (m, seed) != (cfg.privacy.canaries, canary_mod.seed_for(cfg.seed)):
+        return [Finding("empirical", where, f"the canaries committed ({m}, seed {seed}) are not those config.toml makes ({cfg.privacy.canaries}, seed {canary_mod.seed_for(cfg.seed)})")], {}
     canaries = canary_mod.make(seed, m, cfg.data.image_size, num_classes(cfg))
     initial = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
+    starts = evidence.server.events("run-start")
+    if not starts or arrays_digest(initial.state_dict()) != starts[0][1]["payload"].get("initial_model_sha256"):
+        return [Finding("empirical", "config.toml", "the initial model it builds is not the one the server's ledger recorded: the canaries cannot be scored")], {}
     final = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     final.load_state_dict(torch.load(model_path, weights_only=True))
     scores = canary_mod.scores(initial, final, canaries)
@@ -48,7 +55,6 @@ def empirical(evidence: Evidence, spent: list[Spent]) -> tuple[list[Finding], di
     }
     findings = []
     if bound > claimed:
-        where = evidence.parties[hospital].where(index)
         findings.append(Finding("empirical", where, f"the canaries show epsilon of at least {bound:.2f} (95 % confidence; {v} of {r} membership guesses right), above the {claimed:.2f} claimed: the training was less private than its ledger says (noise off or mis-logged?)"))
     return findings, result
 

@@ -4,6 +4,7 @@ checkpoint it returns to the server with every reply."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 
 NODE_LEDGER_DIR = "ledger-dir"  # a real node's own node config: its ledgers and signing key
 ROOT_KEY, RUN_KEY, CHECKPOINT_KEY = "ledger-root", "ledger-run", "ledger-checkpoint"  # in the server's round config
+RUN_ID = re.compile(r"[0-9a-f]{16}")  # a folder name under the node's ledger directory, nothing else
 REPLY_KEY = "ledger"  # ConfigRecord in every reply: {"checkpoint": the hospital's, as JSON}
 
 
@@ -42,6 +44,8 @@ class HospitalLedger:
         if RUN_KEY not in config:
             raise FedmedError("the server sent no ledger run id: it runs an older fedmed; upgrade the server")
         root, run = ledger_root(context, config), str(config[RUN_KEY])
+        if not RUN_ID.fullmatch(run):
+            raise FedmedError("the server sent a malformed ledger run id: refusing to write this hospital's ledger")
         try:
             signer = Signer.load_or_create(root / "keys", site)
             return cls(LedgerWriter(root / run / f"{site}.jsonl", signer, run))

@@ -20,28 +20,35 @@ def chain(party: PartyLedger) -> list[Finding]:
 
     expected_key = key_id(party.public) if party.public else None
     for i, (line, record) in enumerate(zip(party.file.lines, party.file.records)):
-        if record is None:
-            fail(i, "not a JSON record")
-            continue
-        if set(record) != {*SIGNED, "sig"}:
-            fail(i, f"fields {sorted(record)} are not those of a ledger record")
-            continue
-        if canonical(record) != line:
-            fail(i, "not in canonical form: the line was edited after it was written")
-        if record["seq"] != i:
-            fail(i, f"carries sequence number {record['seq']} at position {i}: records were deleted, inserted or reordered")
-        previous = line_hash(party.file.lines[i - 1]) if i else GENESIS
-        if record["prev"] != previous:
-            fail(i, f"its previous-record hash {record['prev'][:12]}... is not the hash of the record before it ({previous[:12]}...): the chain is broken here")
-        if record["party"] != party.party:
-            fail(i, f"written by {record['party']!r}, in {party.party}'s ledger")
-        if record["key_id"] != expected_key:
-            fail(i, f"signed with key {record['key_id']}, not {party.party}'s published key {expected_key}")
-        elif not _signature_ok(party, record["sig"], signed_part(record)):
-            fail(i, "signature does not verify: the record was altered after signing, or its signature replaced")
+        try:
+            _record(party, i, line, record, expected_key, fail)
+        except Exception as exc:  # noqa: BLE001 - a tampered record must be reported, never crash the audit
+            fail(i, f"malformed record ({type(exc).__name__}): it cannot be verified")
     if party.file.torn:
         out.append(Finding("integrity", f"{party.name} after record {len(party.file.lines) - 1}", f"incomplete last line ({len(party.file.torn)} bytes): a torn write, e.g. a crash while writing"))
     return out
+
+
+def _record(party: PartyLedger, i: int, line: bytes, record: dict[str, Any] | None, expected_key: str | None, fail: Any) -> None:
+    if record is None:
+        fail(i, "not a JSON record")
+        return
+    if set(record) != {*SIGNED, "sig"}:
+        fail(i, f"fields {sorted(record)} are not those of a ledger record")
+        return
+    if canonical(record) != line:
+        fail(i, "not in canonical form: the line was edited after it was written")
+    if record["seq"] != i:
+        fail(i, f"carries sequence number {record['seq']} at position {i}: records were deleted, inserted or reordered")
+    previous = line_hash(party.file.lines[i - 1]) if i else GENESIS
+    if record["prev"] != previous:
+        fail(i, f"its previous-record hash {str(record['prev'])[:12]}... is not the hash of the record before it ({previous[:12]}...): the chain is broken here")
+    if record["party"] != party.party:
+        fail(i, f"written by {record['party']!r}, in {party.party}'s ledger")
+    if record["key_id"] != expected_key:
+        fail(i, f"signed with key {record['key_id']}, not {party.party}'s published key {expected_key}")
+    elif not _signature_ok(party, record["sig"], signed_part(record)):
+        fail(i, "signature does not verify: the record was altered after signing, or its signature replaced")
 
 
 def _signature_ok(party: PartyLedger, sig: Any, data: bytes) -> bool:
@@ -79,12 +86,22 @@ def checkpoints(evidence: Evidence) -> list[Finding]:
         if name not in covered and last >= 0:
             out.append(Finding("checkpoints", hospital.name, "the server's ledger holds no checkpoint of this ledger: it took no part in this run, or the server ledger was cut"))
         elif last > covered.get(name, last):
-            out.append(Finding("checkpoints", hospital.where(last), f"records {covered[name] + 1}-{last} are covered by no checkpoint in the server's ledger: the server ledger was cut, or the hospital wrote after its last reply"))
+            finding = Finding("checkpoints", hospital.where(last), f"records {covered[name] + 1}-{last} are covered by no checkpoint in the server's ledger: the server ledger was cut, or the hospital wrote after its last reply")
+            if _failures_after(server, hospital, covered[name]):  # its last reply may never have reached the server
+                evidence.notes.append(f"{finding.where}: {finding.message} (the server recorded failed replies in that round: possibly this hospital's)")
+            else:
+                out.append(finding)
     ends = server.events("run-end")
     if not ends or ends[-1][0] != len(server.file.lines) - 1:
         last = len(server.file.lines) - 1
         out.append(Finding("checkpoints", server.where(last), "the server ledger does not end with run-end: it was cut, or the run did not finish"))
     return out
+
+
+def _failures_after(server: PartyLedger, hospital: PartyLedger, covered: int) -> bool:
+    """Whether the server recorded failed replies in a round the hospital wrote about after `covered`."""
+    rounds = {r.get("round") for r in hospital.file.records[covered + 1 :] if r is not None}
+    return any(r["payload"].get("failures") for _, r in [*server.events("train-round"), *server.events("evaluate-round")] if r.get("round") in rounds)
 
 
 def _run_id(server: PartyLedger) -> str | None:

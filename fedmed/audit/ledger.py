@@ -72,7 +72,7 @@ class LedgerFile:
             try:
                 record = json.loads(line)
                 out.records.append(record if isinstance(record, dict) else None)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, nested beyond reason
                 out.records.append(None)
         return out
 

@@ -16,7 +16,7 @@ from fedmed import __version__
 from fedmed.audit.claims import Spent, privacy
 from fedmed.audit.consistency import consistency
 from fedmed.audit.empirical import empirical as empirical_check
-from fedmed.audit.evidence import Evidence, Finding, load
+from fedmed.audit.evidence import AuditInputError, Evidence, Finding, load
 from fedmed.audit.integrity import chain, checkpoints
 from fedmed.audit.leakage import leakage
 from fedmed.outputs import atomic_write
@@ -35,8 +35,10 @@ def _guarded(check: str, run: Callable[[], list[Finding]]) -> list[Finding]:
     """A check over records too damaged to read reports that, instead of crashing."""
     try:
         return run()
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        return [Finding(check, "ledgers", f"could not be completed: a record lacks what this check reads ({type(exc).__name__}: {exc})")]
+    except AuditInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - damaged evidence is a finding, not a crash
+        return [Finding(check, "evidence", f"could not be completed: a record or file is not what this check reads ({type(exc).__name__}: {str(exc)[:200]})")]
 
 
 def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = None, console: Console | None = None) -> int:
@@ -55,11 +57,16 @@ def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = Non
         return found
 
     findings["privacy"] = _guarded("privacy", run_privacy)
-    findings["leakage"] = leakage(evidence)
-    canaries: dict[str, Any] | None = None
+    findings["leakage"] = _guarded("leakage", lambda: leakage(evidence))
+    canaries: dict[str, Any] = {}
     if empirical:
-        found, canaries = empirical_check(evidence, spent)
-        findings["empirical"] = found
+
+        def run_empirical() -> list[Finding]:
+            found, result = empirical_check(evidence, spent)
+            canaries.update(result)
+            return found
+
+        findings["empirical"] = _guarded("empirical", run_empirical)
     report = _report(evidence, findings, spent, canaries, time.perf_counter() - started)
     target = out_dir or evidence.run_dir or Path.cwd()
     atomic_write(target / "audit.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -69,7 +76,7 @@ def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = Non
     return 0 if report["passed"] else 1
 
 
-def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[Spent], canaries: dict | None, seconds: float) -> dict[str, Any]:
+def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[Spent], canaries: dict, seconds: float) -> dict[str, Any]:
     parties = {name: {"records": len(p.file.lines), "ledger": p.file.path.name} for name, p in evidence.parties.items()}
     return {
         "passed": not any(findings.values()),
@@ -82,7 +89,8 @@ def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[
             name: {"what": CHECKS[name], "passed": not found, "findings": [f.__dict__ for f in found]} for name, found in findings.items()
         },
         "privacy": {s.party: s.row() for s in spent},
-        "empirical": canaries,
+        "empirical": canaries or None,
+        "notes": evidence.notes,
     }
 
 
@@ -100,6 +108,8 @@ def show(console: Console, report: dict[str, Any]) -> None:
             console.print(f"✗ [{name}] {f['where']}: {f['message']}", markup=False, highlight=False)
         if len(check["findings"]) > 25:
             console.print(f"  ... and {len(check['findings']) - 25} more {name} findings in audit.json")
+    for note in report["notes"]:
+        console.print(f"note: {note}", markup=False, highlight=False)
     if report["privacy"]:
         console.print(_privacy_table(report["privacy"]))
     if report["empirical"]:
@@ -139,6 +149,8 @@ def markdown(report: dict[str, Any]) -> str:
     problems = [(name, f) for name, c in report["checks"].items() for f in c["findings"]]
     if problems:
         lines += ["## Findings", "", *[f"- **{name}**, {f['where']}: {f['message']}" for name, f in problems], ""]
+    if report["notes"]:
+        lines += ["## Notes (not failures)", "", *[f"- {note}" for note in report["notes"]], ""]
     if report["privacy"]:
         lines += [
             "## Privacy spent", "",

@@ -29,9 +29,13 @@ UPDATES = "updates"  # in the run directory: updates/round-NNN.npz
 
 
 def _checkpoint(msg: Message) -> dict[str, Any] | None:
-    if REPLY_KEY not in msg.content:
+    """The hospital's signed checkpoint from its reply (None, for the audit to report, if
+    it sent none or something else)."""
+    try:
+        checkpoint = json.loads(str(msg.content[REPLY_KEY]["checkpoint"]))
+    except (KeyError, ValueError, RecursionError):
         return None
-    return json.loads(str(msg.content[REPLY_KEY]["checkpoint"]))
+    return checkpoint if isinstance(checkpoint, dict) else None
 
 
 class ServerLedger:
