@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Datasets: check one on disk, or write out the embedded demo hospitals.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+certs_app = typer.Typer(help="Deployment keys: the federation's CA and server certificate, a hospital node's key pair.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
 
 
 def _fail(message: str) -> None:
@@ -81,6 +83,33 @@ def audit(
     from fedmed.audit.report import audit as run_audit
 
     raise typer.Exit(code=run_audit(paths, empirical=empirical, out_dir=out))
+
+
+@certs_app.command("init")
+def certs_init(
+    host: Annotated[list[str], typer.Option("--host", help="A name or IP address hospitals dial to reach the server (repeatable).")] = ["localhost", "127.0.0.1"],  # noqa: B006
+    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, ca.key, server.crt, server.key.")] = Path("server/certs"),
+    days: Annotated[int, typer.Option("--days", help="Validity of the CA and server certificate.")] = 365,
+) -> None:
+    """The coordinating centre's step: create the federation's CA and the server's TLS
+    certificate. Give every hospital ca.crt; keep ca.key and server.key on the server."""
+    from fedmed.deployment.certs import init_federation
+
+    files = init_federation(out, list(host), days)
+    typer.echo(f"wrote {files.ca_cert} (give it to every hospital), {files.server_cert}; private keys {files.ca_key}, {files.server_key} (mode 0600)")
+
+
+@certs_app.command("site")
+def certs_site(
+    name: Annotated[str, typer.Argument(help="The hospital's name in the federation, e.g. hospital-02.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for NAME.key and NAME.pub.")] = Path("sites/keys"),
+) -> None:
+    """The hospital's step: create its node's key pair. NAME.key never leaves this machine;
+    send NAME.pub to the server's operator to enrol the node."""
+    from fedmed.deployment.certs import site_keys
+
+    private, public = site_keys(out, name)
+    typer.echo(f"wrote {private} (mode 0600; stays here) and {public} (send it to the server's operator)")
 
 
 @data_app.command("make-demo")
