@@ -45,8 +45,10 @@ class ServerLedger:
         signer = Signer.load_or_create(self.root / "keys", SERVER)
         self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", signer, self.run_id)
         self.updates = run_dir / UPDATES if save_updates else None
+        self.aggregation = ""
 
     def start(self, cfg: FedmedConfig, model: nn.Module, arrays: ArrayRecord, aggregation: str) -> None:
+        self.aggregation = aggregation
         self.writer.append("run-start", 0, {
             "run": self.run_id,
             "config_sha256": cfg.digest(),
@@ -90,6 +92,7 @@ class ServerLedger:
         if self.updates is not None and ok:
             self._save_updates(server_round, sent, ok)
         self.writer.append("train-round", server_round, {
+            "aggregation": self.aggregation,
             "sent_sha256": arrays_digest(sent),
             "participants": participants,
             "declined": refusals,
