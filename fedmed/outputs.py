@@ -21,15 +21,25 @@ from fedmed.config import FedmedConfig, unflatten
 from fedmed.errors import FedmedError
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become null."""
+def json_safe(value: Any) -> Any:
+    """NaN and infinities (JSON has neither) become null; keys strings, tuples lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
+
+
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """A file that did not exist (FileExistsError if it did), created with `mode` and on
+    disk before returning: for keys, which are never overwritten."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -81,11 +91,11 @@ class RunDirectory:
 
     def append_round(self, record: dict[str, Any]) -> None:
         with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+            handle.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
             handle.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / "summary.json", json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+        atomic_write(self.path / "summary.json", json.dumps(json_safe(summary), indent=2, sort_keys=True) + "\n")
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         tmp = self.path / ".model.pt.tmp"

@@ -248,7 +248,7 @@ def test_unusable_input_exits_2_with_one_line(tmp_path):
 def test_empirical_audit_catches_a_hospital_training_without_the_noise_it_logs(cache_dir, ray_head, tmp_path):
     """Canaries at hospital-01; every hospital clips and samples but adds no noise, and logs
     the sigma for epsilon 1. Chains, checkpoints and the recomputation all hold; the canaries do not."""
-    settings = ("data.hospitals=2", "data.train_per_hospital=64", "privacy.epsilon=1", "privacy.canaries=128", "federation.rounds=2",
+    settings = ("data.hospitals=2", "data.train_per_hospital=64", "privacy.epsilon=1", "privacy.reproducible=true", "privacy.canaries=128", "federation.rounds=2",
                 "train.local_epochs=10", "train.batch_size=16", "train.optimizer=sgd", "train.lr=0.5")
     dishonest = run_simulation(_config(cache_dir, ray_head, tmp_path / "dishonest", *settings), client_app=dishonest_client.app)
     code, report = _audit(dishonest, empirical=True)

@@ -1,7 +1,8 @@
 """Privacy claims: each hospital's epsilon recomputed from the DP parameters its ledger
 logged (sigma, sample rate, steps, delta), with Google's dp-accounting, an accountant
 independent of the Opacus one fedmed trains with; budgets honoured; and the figures the
-run reports (summary.json, metrics.jsonl) equal to those the ledgers support."""
+run reports in summary.json equal to those the ledgers support (metrics.jsonl's, with
+every other per-hospital figure, are the consistency check's)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import dp_accounting
 
 from fedmed.audit.evidence import Evidence, Finding, PartyLedger
+from fedmed.privacy.accounting import Ledger
 
 # Like against like (REFERENCE section 3): dp-accounting's PLD against Opacus's PRV agree
 # to about 0.01; RDP against RDP to about 1 %.
@@ -65,15 +67,13 @@ class Spent:
         }
 
 
-def _entries(records: list[tuple[int, dict[str, Any]]]) -> tuple[tuple[float, float, int], ...]:
-    out: list[tuple[float, float, int]] = []
+def _entries(records: list[tuple[int, dict[str, Any]]], kind: str) -> tuple[tuple[float, float, int], ...]:
+    """The logged rounds as the accountant's (sigma, sample rate, steps) history."""
+    history = Ledger(kind)
     for _, record in records:
         p = record["payload"]["privacy"]
-        if out and out[-1][:2] == (p["sigma"], p["sample_rate"]):
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(p["steps"]))
-        else:
-            out.append((float(p["sigma"]), float(p["sample_rate"]), int(p["steps"])))
-    return tuple(out)
+        history.add(float(p["sigma"]), float(p["sample_rate"]), int(p["steps"]))
+    return tuple(history.entries)
 
 
 def hospital_spent(hospital: PartyLedger) -> Spent | None:
@@ -82,7 +82,7 @@ def hospital_spent(hospital: PartyLedger) -> Spent | None:
         return None
     index, last = trained[-1]
     p = last["payload"]["privacy"]
-    entries = _entries(trained)
+    entries = _entries(trained, p["accountant"])
     return Spent(
         hospital.party, "sample", p["accountant"], float(p["delta"]), p.get("epsilon"),
         independent_epsilon(p["accountant"], entries, float(p["delta"])), float(p.get("budget") or 0.0),
@@ -116,7 +116,7 @@ def privacy(evidence: Evidence) -> tuple[list[Finding], list[Spent]]:
 
 
 def _reported(evidence: Evidence, spent: dict[str, Spent]) -> list[Finding]:
-    """What summary.json and metrics.jsonl say each hospital spent, against its ledger."""
+    """What summary.json says each hospital spent, against its ledger."""
     if evidence.run_dir is None:
         return []
     out = []
@@ -136,30 +136,6 @@ def _reported(evidence: Evidence, spent: dict[str, Spent]) -> list[Finding]:
                 out.append(Finding("privacy", "summary.json", f"reports epsilon {claimed} for {party}, whose ledger logged no private training"))
             elif not agree(s.accountant, float(claimed), s.recomputed):
                 out.append(Finding("privacy", "summary.json", f"reports epsilon {_fmt(claimed)} for {party}; its ledger's parameters give {_fmt(s.recomputed)}"))
-    metrics_path = evidence.run_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        out += _reported_rounds(evidence, metrics_path)
-    return out
-
-
-def _reported_rounds(evidence: Evidence, path: Any) -> list[Finding]:
-    """Each round's reported per-hospital epsilon equals the one the hospital logged."""
-    logged = {
-        name: {int(r["round"]): r["payload"]["privacy"].get("epsilon") for _, r in h.events("train") if "epsilon" in r["payload"].get("privacy", {})}
-        for name, h in evidence.hospitals.items()
-    }
-    out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            out.append(Finding("privacy", f"metrics.jsonl line {number + 1}", "not valid JSON"))
-            continue
-        for name, phases in (record.get("hospitals") or {}).items():
-            reported = (phases.get("train") or {}).get("dp_epsilon")
-            mine = logged.get(name, {}).get(record.get("round"))
-            if reported is not None and mine is not None and abs(reported - mine) > 1e-9 * max(1.0, abs(mine)):
-                out.append(Finding("privacy", f"metrics.jsonl line {number + 1}", f"reports epsilon {_fmt(reported)} for {name} in round {record.get('round')}; its ledger logged {_fmt(mine)}"))
     return out
 
 

@@ -55,8 +55,8 @@ def consistency(evidence: Evidence) -> list[Finding]:
 
 
 def _reported_metrics(evidence: Evidence) -> list[Finding]:
-    """The hospitals' figures in metrics.jsonl, and the final accuracy in summary.json, are
-    those the ledgers recorded."""
+    """The hospitals' figures in metrics.jsonl (their epsilon among them), and the final
+    accuracy in summary.json, are those the ledgers recorded."""
     if evidence.run_dir is None or not (evidence.run_dir / "metrics.jsonl").exists():
         return []
     logged = {
@@ -71,7 +71,8 @@ def _reported_metrics(evidence: Evidence) -> list[Finding]:
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # reported by the privacy check
+            out.append(Finding("consistency", f"metrics.jsonl line {number}", "not valid JSON"))
+            continue
         for name, phases in (record.get("hospitals") or {}).items():
             for phase, reported in (phases or {}).items():
                 mine = logged.get((name, record.get("round"), phase))

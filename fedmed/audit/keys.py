@@ -4,7 +4,6 @@ owner only, the public key published beside it for auditors."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -12,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedmed.errors import FedmedError
+from fedmed.outputs import write_new
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -33,16 +33,12 @@ class Signer:
         """`KEY_DIR/PARTY.key` (mode 0600), created with `PARTY.pub` if missing."""
         key_dir.mkdir(parents=True, exist_ok=True)
         path = key_dir / f"{party}.key"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls(party, _read_private(path))
         private = Ed25519PrivateKey.generate()
         pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            write_new(path, pem, 0o600)
+        except FileExistsError:
+            return cls(party, _read_private(path))
         signer = cls(party, private)
         public = signer.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         (key_dir / f"{party}.pub").write_bytes(public)

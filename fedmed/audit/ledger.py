@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 from fedmed.audit.keys import Signer
 from fedmed.errors import FedmedError
+from fedmed.outputs import json_safe
 
 GENESIS = "0" * 64
 SIGNED = ("seq", "time", "party", "event", "round", "payload", "prev", "key_id")
@@ -32,17 +32,6 @@ def canonical(value: Any) -> bytes:
 
 def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities (JSON has neither) become null; tuples lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def signed_part(record: dict[str, Any]) -> bytes:

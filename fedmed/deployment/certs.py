@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmed.errors import FedmedError
+from fedmed.outputs import write_new
 
 CURVE = ec.SECP384R1()  # a NIST curve: Flower's node authentication accepts no other kind
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -39,15 +39,10 @@ class ServerFiles:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    """A new file (never an existing one), 0600 if `private`, on disk before returning."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+        write_new(path, data, 0o600 if private else 0o644)
     except FileExistsError:
         raise FedmedError(f"{path} already exists: fedmed never overwrites keys; move it aside or choose another --out") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
