@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from fedmed.data.sites import SiteData, Split
@@ -84,6 +83,8 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     the binomial tail plus their 2 m delta term for approximate DP)."""
     if not 0 <= v <= r <= m:
         raise ValueError(f"need 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m})")
+    from scipy import stats  # a second to import: only when scoring
+
     q = 1 / (1 + math.exp(-epsilon))
     tail = float(stats.binom.sf(v - 1, r, q))
     alpha, below = 0.0, 0.0
