@@ -23,6 +23,11 @@ data_app = typer.Typer(help="Datasets: check one on disk, or write out the embed
 app.add_typer(data_app, name="data")
 certs_app = typer.Typer(help="Deployment keys: the federation's CA and server certificate, a hospital node's key pair.", no_args_is_help=True)
 app.add_typer(certs_app, name="certs")
+server_app = typer.Typer(help="The coordinating centre: run the federation's server, see its progress.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+site_app = typer.Typer(help="A hospital: run its node against the federation's server.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+ConfigOption = Annotated[Path, typer.Option("--config", help="The TOML config (server/federation.toml, sites/NAME.toml).")]
 
 
 def _fail(message: str) -> None:
@@ -148,6 +153,57 @@ def data_check(
         values["data.strict"] = True
     cfg = config_mod.load(config, list(set_), values)
     check(cfg.data, cfg.skew, cfg.seed, Console())
+
+
+@server_app.command("start")
+def server_start(
+    config: ConfigOption = Path("server/federation.toml"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last run after its last finished round.")] = False,
+) -> None:
+    """Start the SuperLink (TLS, node authentication), enrol the hospitals in
+    server.enrolled, run the federation and watch it to the end."""
+    from rich.console import Console
+
+    from fedmed import config as config_mod
+    from fedmed.deployment import server
+
+    raise typer.Exit(server.start(config_mod.load(config), resume, Console(highlight=False, soft_wrap=True)))
+
+
+@server_app.command("status")
+def server_status(config: ConfigOption = Path("server/federation.toml")) -> None:
+    """The hospitals the server knows (online or not) and the current run's progress."""
+    from rich.console import Console
+
+    from fedmed import config as config_mod
+    from fedmed.deployment import server
+
+    raise typer.Exit(server.status(config_mod.load(config), Console(highlight=False, soft_wrap=True)))
+
+
+@site_app.command("start")
+def site_start(config: ConfigOption) -> None:
+    """Check the site config, the data, the certificate and the server, then run this
+    hospital's node until Ctrl-C."""
+    from rich.console import Console
+
+    from fedmed import config as config_mod
+    from fedmed.deployment import site
+
+    raise typer.Exit(site.start(config_mod.load(config), config, Console(highlight=False, soft_wrap=True)))
+
+
+@app.command("model-digest")
+def model_digest(config: ConfigOption = Path("server/federation.toml")) -> None:
+    """The SHA-256 of the model architecture a config trains: what a hospital lists in
+    site.models to accept it."""
+    from fedmed import config as config_mod
+    from fedmed.audit.digests import architecture_digest
+    from fedmed.data.sites import num_classes
+    from fedmed.models import build_model
+
+    cfg = config_mod.load(config)
+    typer.echo(architecture_digest(build_model(cfg.model, num_classes(cfg), seed=0)))
 
 
 def main() -> None:

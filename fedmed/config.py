@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a hospital's name: it names files
 DEFAULT_CLASSES = "glioma,meningioma,no_tumour,pituitary"
 
 
@@ -163,6 +165,12 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of hospitals that train each round.")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of hospitals that evaluate each round.")
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for hospitals' replies in a round.")
+    min_hospitals: int = Field(
+        0,
+        ge=0,
+        le=128,
+        description="Hospitals that must be connected for a round to start; a round goes on without those that drop out or time out. 0: all `data.hospitals`.",
+    )
 
 
 class PrivacyConfig(_Section):
@@ -218,6 +226,42 @@ class OutputConfig(_Section):
     )
 
 
+class ServerConfig(_Section):
+    """The coordinating centre's deployment (`fedmed server start`); paths are relative
+    to the folder the command runs in."""
+
+    address: str = Field("0.0.0.0:9093", description="HOST:PORT the SuperLink listens on for hospitals (one HTTPS port).")
+    certs: str = Field("server/certs", description="Folder with `ca.crt`, `server.crt` and `server.key` (`fedmed certs init`).")
+    enrolled: str = Field("server/enrolled", description="Folder of enrolled hospitals' node keys, `NAME.pub` each (`fedmed certs site NAME`).")
+    state: str = Field("server/state", description="The SuperLink's database, logs and the current run's pointer (for `status` and `--resume`).")
+
+
+class SiteConfig(_Section):
+    """One hospital's node (`fedmed site start`) and its policy; paths are relative to
+    the folder the command runs in. Never sent to the server."""
+
+    name: str = Field("", description="This hospital's name in the federation, as enrolled (`fedmed certs site NAME`).")
+    server: str = Field("", description="The server's HOST:PORT, as its operator gives it.")
+    ca_cert: str = Field("sites/keys/ca.crt", description="The federation's CA certificate (`ca.crt` from the operator).")
+    key: str = Field("", description="This node's private key (`fedmed certs site`); empty: `sites/keys/<name>.key`.")
+    ledger_dir: str = Field("sites/ledgers", description="Where this hospital's signed ledgers, their key and the node's log are kept.")
+    max_epsilon: float = Field(
+        0.0, ge=0, description="Policy: the most epsilon this hospital spends in a run; it then requires sample-level DP with secret noise. 0: no DP required."
+    )
+    min_noise: float = Field(0.0, ge=0, description="Policy: the smallest DP-SGD noise multiplier (sigma) it accepts; it then requires sample-level DP. 0: any.")
+    models: str = Field(
+        "", description="Policy: architecture digests it accepts (`fedmed model-digest`), comma-separated. Empty: any."
+    )
+    max_rounds: int = Field(0, ge=0, description="Policy: the last round it trains in; later rounds are declined. 0: no limit.")
+    port: int = Field(0, ge=0, le=65535, description="Local port of the node's ClientApp API (loopback only). 0: a free one.")
+
+    @model_validator(mode="after")
+    def _named_safely(self) -> SiteConfig:
+        if self.name and not SITE_NAME.fullmatch(self.name):
+            raise ValueError(f"site.name {self.name!r}: use letters, digits, '.', '_' and '-' (it names the node's files)")
+        return self
+
+
 RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federation", "privacy")
 # Where things are on this machine: not part of what a run is, never written to a run directory.
 REDACTED = "<local, not recorded>"
@@ -238,6 +282,8 @@ class FedmedConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     simulation: SimulationConfig = SimulationConfig()
     output: OutputConfig = OutputConfig()
+    server: ServerConfig = ServerConfig()
+    site: SiteConfig = SiteConfig()
 
     @model_validator(mode="after")
     def _scanners_fit_the_data(self) -> FedmedConfig:
@@ -258,6 +304,10 @@ class FedmedConfig(_Section):
             raise ValueError(f"privacy.mode = {private} applies to federated runs; the {self.federation.mode} baseline has no privacy")
         if self.privacy.budgets:
             parse_budgets(self.privacy.budgets)
+        if self.federation.min_hospitals > self.data.hospitals:
+            raise ValueError(
+                f"federation.min_hospitals ({self.federation.min_hospitals}) is more than data.hospitals ({self.data.hospitals})"
+            )
         if 0 < self.privacy.canaries < 8:
             raise ValueError("privacy.canaries: use 0 (none) or at least 8; a few hundred give a useful bound")
         if self.privacy.canaries and not self.output.save_model:

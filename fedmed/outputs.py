@@ -89,6 +89,16 @@ class RunDirectory:
             raise FedmedError(f"cannot create run directory {path}: {exc.strerror}") from None
         return cls(path)
 
+    @classmethod
+    def reopen(cls, path: Path, after_round: int) -> RunDirectory:
+        """A run resumed after `after_round`: later rounds' records (from a round the
+        crash cut short) are dropped, so no round appears twice."""
+        if not (path / "config.toml").is_file():
+            raise FedmedError(f"{path} is not a run directory (no config.toml): nothing to resume")
+        kept = [r for r in read_metrics(path) if int(r.get("round", 0)) <= after_round]
+        atomic_write(path / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        return cls(path)
+
     def append_round(self, record: dict[str, Any]) -> None:
         with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(json_safe(record), sort_keys=True) + "\n")

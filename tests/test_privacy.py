@@ -169,13 +169,3 @@ def test_the_plan_counts_the_steps_opacus_takes():
     p = plan(settings, len(y))  # q = 1/93, and int(1 / q) == 92
     stats = train(build_model(settings.model, 4, seed=0), x, y, settings.train, seed=0, private=p)
     assert stats.steps == p.steps_per_round == 92
-
-
-def test_a_node_with_its_own_budget_refuses_weaker_protection():
-    from fedmed.privacy.hospital import policy_refusal
-
-    own = {"privacy.budget": 4.0}
-    assert policy_refusal(cfg(), own) is None
-    assert policy_refusal(cfg(), {}) is None
-    assert "requires sample-level DP" in policy_refusal(config_mod.load(None, []), own)
-    assert "refuses privacy.reproducible" in policy_refusal(cfg("privacy.reproducible=true"), own)

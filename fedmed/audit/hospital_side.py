@@ -14,7 +14,7 @@ from fedmed import __version__
 from fedmed.audit.canaries import Canaries
 from fedmed.audit.digests import architecture_digest, tensors_digest
 from fedmed.audit.keys import Signer
-from fedmed.audit.ledger import LedgerWriter
+from fedmed.audit.ledger import LedgerFile, LedgerWriter
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData
 from fedmed.errors import FedmedError
@@ -69,6 +69,18 @@ class HospitalLedger:
             })
         if CHECKPOINT_KEY in config:
             self.writer.append("server-checkpoint", server_round, json.loads(str(config[CHECKPOINT_KEY])))
+
+    def dp_spent(self) -> list[tuple[float, float, int]]:
+        """(sigma, sample rate, steps) of every DP-SGD round this hospital trained in this
+        run, from its own ledger: its budget survives a restart of the node or the server."""
+        if self.writer.seq == 0:
+            return []
+        spent = []
+        for record in LedgerFile.read(self.writer.path).records:
+            privacy = (record or {}).get("payload", {}).get("privacy") or {}
+            if record and record.get("event") == "train" and privacy.get("mode") == "sample" and privacy.get("steps"):
+                spent.append((float(privacy["sigma"]), float(privacy["sample_rate"]), int(privacy["steps"])))
+        return spent
 
     def record(self, event: str, server_round: int, payload: dict[str, Any]) -> None:
         self.writer.append(event, server_round, payload)

@@ -19,6 +19,7 @@ from fedmed.audit.empirical import empirical as empirical_check
 from fedmed.audit.evidence import AuditInputError, Evidence, Finding, load
 from fedmed.audit.integrity import chain, checkpoints
 from fedmed.audit.leakage import leakage
+from fedmed.errors import FedmedError
 from fedmed.outputs import atomic_write
 
 CHECKS = {
@@ -69,6 +70,10 @@ def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = Non
         findings["empirical"] = _guarded("empirical", run_empirical)
     report = _report(evidence, findings, spent, canaries, time.perf_counter() - started)
     target = out_dir or evidence.run_dir or Path.cwd()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedmedError(f"cannot create the audit's folder {target}: {exc.strerror}") from None
     atomic_write(target / "audit.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     atomic_write(target / "audit.md", markdown(report))
     show(console, report)

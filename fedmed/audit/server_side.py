@@ -39,9 +39,10 @@ def _checkpoint(msg: Message) -> dict[str, Any] | None:
 
 
 class ServerLedger:
-    def __init__(self, run_dir: Path, save_updates: bool) -> None:
+    def __init__(self, run_dir: Path, save_updates: bool, run_id: str = "") -> None:
+        """`run_id`: a resumed run's, to continue its ledger (and the hospitals' theirs)."""
         self.root = (run_dir / LEDGERS).resolve()
-        self.run_id = uuid.uuid4().hex[:16]
+        self.run_id = run_id or uuid.uuid4().hex[:16]
         signer = Signer.load_or_create(self.root / "keys", SERVER)
         self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", signer, self.run_id)
         self.updates = run_dir / UPDATES if save_updates else None
@@ -61,6 +62,11 @@ class ServerLedger:
             "privacy_mode": cfg.privacy.mode,
             "updates_saved": self.updates is not None,
         })
+
+    def resume(self, after_round: int, aggregation: str) -> None:
+        """A restarted server picks the run up after its last checkpoint."""
+        self.aggregation = aggregation
+        self.writer.append("resume", after_round, {"run": self.run_id, "after_round": after_round})
 
     def config_entries(self) -> dict[str, str]:
         """What every round's message carries: where simulated hospitals keep ledgers,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmed.config import SITE_NAME
 from fedmed.errors import FedmedError
 from fedmed.outputs import write_new
 
 CURVE = ec.SECP384R1()  # a NIST curve: Flower's node authentication accepts no other kind
-SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ def init_federation(folder: Path, hosts: list[str], days: int = 365, name: str =
         raise FedmedError("give the server's host names or addresses with --host (e.g. --host fl.example.org --host 10.0.0.5)")
     if days < 1:
         raise FedmedError(f"--days must be at least 1 (got {days})")
+    hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))  # the operator's own commands dial it locally
     files = ServerFiles.under(folder)
     existing = [p for p in (files.ca_cert, files.ca_key, files.server_cert, files.server_key) if p.exists()]
     if existing:

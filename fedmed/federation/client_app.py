@@ -8,20 +8,22 @@ about individual images (names, paths, pixels, per-image losses) leaves.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedmed.audit import canaries as canary_mod
-from fedmed.audit.digests import arrays_digest
+from fedmed.audit.digests import architecture_digest, arrays_digest
 from fedmed.audit.hospital_side import REPLY_KEY, HospitalLedger
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, num_classes, site_data
+from fedmed.deployment import policy
 from fedmed.errors import FedmedError
 from fedmed.federation.records import DECLINED_KEY, SITE_KEY, WEIGHT_KEY, config_from_record, metric_record
 from fedmed.models import build_model, norm_keys
-from fedmed.privacy.hospital import HospitalPrivacy, policy_refusal
+from fedmed.privacy.hospital import HospitalPrivacy
 from fedmed.seeds import derive_seed
 from fedmed.training.local import evaluate as evaluate_model
 from fedmed.training.partial import informative_examples, known_labels, label_metrics
@@ -30,38 +32,49 @@ from fedmed.training.local import train as train_model
 app = ClientApp()
 
 
-def _site(context: Context, cfg: FedmedConfig) -> SiteData:
-    """This node's hospital: `partition-id` in its node config (set by the simulation
-    engine, or by `flower-supernode --node-config`)."""
-    if "partition-id" not in context.node_config:
-        raise FedmedError("this node has no `partition-id` in its node config: it cannot find its data")
+def _site(context: Context, cfg: FedmedConfig, local: FedmedConfig | None) -> SiteData:
+    """This node's hospital: a real node's own data (its site config), or a simulated
+    hospital's share, `partition-id` in its node config (set by the simulation engine)."""
+    if local is not None:
+        index, data_cfg = 0, policy.hospital_config(cfg, local)
+    elif "partition-id" in context.node_config:
+        index, data_cfg = int(context.node_config["partition-id"]), cfg
+    else:
+        raise FedmedError(f"this node has neither `{policy.SITE_CONFIG}` nor `partition-id` in its node config: it cannot find its data")
     try:
-        return site_data(cfg, int(context.node_config["partition-id"]))
+        site = site_data(data_cfg, index)
     except Exception as exc:
         # The reason may name local files; it stays in this node's log, and the
         # server (which sees this exception's text) learns only that the data failed.
         print(f"fedmed: this hospital's data cannot be used: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise FedmedError("this hospital's data cannot be used (the reason is in the hospital's own log)") from None
+    return site if local is None else replace(site, name=local.site.name)
 
 
 LOCAL_STATE = "fedbn-local"  # in the node's context.state: this hospital's own normalisation layers
 
 
-def _canaries(cfg: FedmedConfig, site: SiteData) -> canary_mod.Canaries | None:
-    if not cfg.privacy.canaries or site.index != canary_mod.CANARY_HOSPITAL:
+def _canaries(cfg: FedmedConfig, site: SiteData, real: bool) -> canary_mod.Canaries | None:
+    """Simulated hospitals only: a real hospital never trains on images it did not see."""
+    if real or not cfg.privacy.canaries or site.index != canary_mod.CANARY_HOSPITAL:
         return None
     return canary_mod.make(canary_mod.seed_for(cfg.seed), cfg.privacy.canaries, cfg.data.image_size, num_classes(cfg))
 
 
-def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteData, nn.Module, int, HospitalLedger]:
-    """The round's settings, this hospital's data (with the audit's canaries, if any),
-    the global model (with FedBN, this hospital's own normalisation layers put back; the
-    int says how many arrays) and this hospital's ledger, the server's checkpoint in it."""
+Received = tuple[FedmedConfig, FedmedConfig | None, int, SiteData, nn.Module, int, HospitalLedger]
+
+
+def _receive(msg: Message, context: Context) -> Received:
+    """The round's settings, a real node's own settings (None when simulated), this
+    hospital's data (with the audit's canaries, if any), the global model (with FedBN,
+    this hospital's own normalisation layers put back; the int says how many arrays)
+    and this hospital's ledger, the server's checkpoint in it."""
     config = msg.content["config"]
     cfg = config_from_record(config)
+    local = policy.site_settings(dict(context.node_config))
     server_round = int(config["server-round"])
-    site = _site(context, cfg)
-    canaries = _canaries(cfg, site)
+    site = _site(context, cfg, local)
+    canaries = _canaries(cfg, site, local is not None)
     if canaries is not None:
         site = canary_mod.add_to(site, canaries)
     model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
@@ -70,10 +83,10 @@ def _receive(msg: Message, context: Context) -> tuple[FedmedConfig, int, SiteDat
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     restored = 0
     if cfg.federation.strategy == "fedbn" and LOCAL_STATE in context.state:
-        local = context.state[LOCAL_STATE].to_torch_state_dict()
-        model.load_state_dict(local, strict=False)
-        restored = len(local)
-    return cfg, server_round, site, model, restored, ledger
+        kept = context.state[LOCAL_STATE].to_torch_state_dict()
+        model.load_state_dict(kept, strict=False)
+        restored = len(kept)
+    return cfg, local, server_round, site, model, restored, ledger
 
 
 def _shared_arrays(cfg: FedmedConfig, model: nn.Module, context: Context) -> ArrayRecord:
@@ -109,10 +122,15 @@ def _privacy_entry(cfg: FedmedConfig, private: HospitalPrivacy | None, steps: in
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, server_round, site, model, restored, ledger = _receive(msg, context)
+    cfg, local, server_round, site, model, restored, ledger = _receive(msg, context)
     received = arrays_digest(msg.content["arrays"])
-    private = HospitalPrivacy.load(cfg, context, site.name, len(site.train.y)) if cfg.privacy.mode == "sample" else None
-    reason = policy_refusal(cfg, dict(context.node_config)) or (private.refusal() if private else None)
+    private = None
+    if cfg.privacy.mode == "sample":
+        private = HospitalPrivacy.load(cfg, site.name, len(site.train.y), ledger.dp_spent(), local.site.max_epsilon if local else 0.0)
+    reason = None
+    if local is not None:
+        reason = policy.refusal(local, cfg, server_round, architecture_digest(model), private.plan.sigma if private else None)
+    reason = reason or (private.refusal() if private else None)
     if reason:
         print(f"fedmed: {site.name} declines round {server_round}: {reason}", file=sys.stderr)
         ledger.record("declined", server_round, {"received_sha256": received, "reason": reason, "privacy": _privacy_entry(cfg, private, 0)})
@@ -127,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
         private=private.plan if private else None,
     )
     if private is not None:
-        private.spend(stats.steps, context)
+        private.spend(stats.steps)
     metrics = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
@@ -154,7 +172,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, server_round, site, model, _, ledger = _receive(msg, context)
+    cfg, _, server_round, site, model, _, ledger = _receive(msg, context)
     result = evaluate_model(model, site.test.x, site.test.y, cfg.train.device)
     metrics = {
         "eval-loss": result["loss"],

@@ -4,9 +4,10 @@ the run directory. The same object runs in simulation and in a real deployment."
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.audit.server_side import ServerLedger
@@ -14,7 +15,9 @@ from fedmed.config import FedmedConfig, from_flat
 from fedmed.data.sites import global_test, num_classes
 from fedmed import heterogeneity
 from fedmed.errors import FedmedError
+from fedmed.federation import checkpoint
 from fedmed.federation.records import config_record
+from fedmed.federation.rounds import run_rounds
 from fedmed.federation.strategy import build_strategy
 from fedmed.models import build_model, norm_keys
 from fedmed.outputs import RunDirectory
@@ -29,36 +32,56 @@ app = ServerApp()
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
+RESUME_KEY = "resume-from"  # run config entry, not a fedmed setting: the run directory to resume
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, from_flat(dict(context.run_config)))
+    values = dict(context.run_config)
+    resume = str(values.pop(RESUME_KEY, "") or "")
+    run(grid, from_flat(values), Path(resume) if resume else None)
 
 
-def run(grid: Grid, cfg: FedmedConfig) -> None:
+def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None) -> None:
+    """The whole run; with `resume` (a run directory), from the round after its last checkpoint."""
     started = time.time()
     client_dp = ClientLevelDP(cfg) if cfg.privacy.mode == "client" else None  # checks delta before anything is written
-    out = RunDirectory.create(cfg)
+    previous = checkpoint.load(resume) if resume else None
+    if previous is not None and previous.config_sha256 != cfg.digest():
+        raise FedmedError(f"the settings differ from those {resume} started with: resume with the same config, or start a new run")
+    out = RunDirectory.reopen(resume, previous.round) if resume and previous else RunDirectory.create(cfg)
     test_set = global_test(cfg)
     model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
     rounds = cfg.federation.rounds
-    reporter = RoundReporter(rounds, f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}")
     n = cfg.data.hospitals
-    ledger = ServerLedger(out.path, cfg.output.save_updates)
+    aggregation = "DP-FedAvg" if client_dp else STRATEGY_NAMES[cfg.federation.strategy]
+    title = f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}"
+    reporter = RoundReporter(rounds, title + (f" (resumed after round {previous.round})" if previous else ""))
+    ledger = ServerLedger(out.path, cfg.output.save_updates, previous.ledger_run if previous else "")
     initial = ArrayRecord(model.state_dict())
-    ledger.start(cfg, model, initial, "DP-FedAvg" if client_dp else STRATEGY_NAMES[cfg.federation.strategy])
+    minimum = cfg.federation.min_hospitals or n
     strategy = build_strategy(
         cfg.federation,
         norm_keys(model),
         client_dp,
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=cfg.federation.fraction_evaluate,
-        min_train_nodes=max(1, round(cfg.federation.fraction_train * n)),
-        min_evaluate_nodes=max(1, round(cfg.federation.fraction_evaluate * n)) if cfg.federation.fraction_evaluate else 0,
-        min_available_nodes=n,
+        min_train_nodes=min(minimum, max(1, round(cfg.federation.fraction_train * n))),
+        min_evaluate_nodes=min(minimum, max(1, round(cfg.federation.fraction_evaluate * n))) if cfg.federation.fraction_evaluate else 0,
+        min_available_nodes=minimum,
         ledger=ledger,
     )
     last_test: dict = {}
     label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
+    if previous is None:
+        ledger.start(cfg, model, initial, aggregation)
+    else:
+        ledger.resume(previous.round, aggregation)
+        strategy.restore(previous.strategy)
+        if client_dp is not None and previous.client_dp:
+            client_dp.restore(previous.client_dp)
+        last_test, label_counts = previous.server["last_test"], previous.server["label_counts"]
+        initial = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
 
     def note_hospitals(server_round: int) -> None:
         """(Re)write the heterogeneity report when hospitals report for the first time."""
@@ -81,6 +104,8 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         for site, why in sorted(strategy.declined.items()):
             if why["round"] == server_round:
                 reporter.console.print(f"round {server_round}: {site} declined to train: {why['reason']}")
+        for site in strategy.dropped.get(server_round, []):
+            reporter.console.print(f"round {server_round}: {site} dropped out (no update); the round goes on without it")
         if strategy.all_declined:  # every hospital has spent its budget: the model no longer changes
             return None
         if not any("train" in site for site in strategy.per_site.get(server_round, {}).values()):
@@ -103,21 +128,28 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
             round_record(
                 server_round, took, elapsed, last_test, hospitals, federated_eval=federated,
                 failures=len(strategy.failures.get(server_round, [])),
+                dropped=sorted(strategy.dropped.get(server_round, [])),
                 declined=sorted(s for s, why in strategy.declined.items() if why["round"] == server_round),
                 **({"privacy": client_dp.metrics()} if client_dp else {}),
             )
         )
         return MetricRecord({"accuracy": last_test["accuracy"], "loss": last_test["loss"]})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=rounds,
-        timeout=cfg.federation.round_timeout,
-        train_config=config_record(cfg),
-        evaluate_config=config_record(cfg),
-        evaluate_fn=evaluate_global,
-    )
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        evaluate_global(server_round, arrays)
+        checkpoint.save(out.path, checkpoint.Checkpoint(
+            round=server_round,
+            config_sha256=cfg.digest(),
+            arrays={k: v.numpy() for k, v in arrays.items()},
+            strategy=strategy.state(),
+            ledger_run=ledger.run_id,
+            client_dp=client_dp.state() if client_dp else None,
+            server={"last_test": last_test, "label_counts": label_counts},
+        ))
+
+    first = previous.round + 1 if previous else 1
+    config = config_record(cfg)
+    final_arrays = run_rounds(strategy, grid, initial, range(first, rounds + 1), cfg.federation.round_timeout, config, after_round)
     final = strategy.per_site.get(rounds, {})
     per_hospital = {
         site: {"accuracy": phases["eval"]["eval-accuracy"], "macro_f1": phases["eval"]["eval-macro-f1"]}
@@ -125,8 +157,8 @@ def run(grid: Grid, cfg: FedmedConfig) -> None:
         if "eval" in phases
     }
     if cfg.output.save_model:
-        out.save_model(result.arrays.to_torch_state_dict())
-    ledger.end(result.arrays, rounds, last_test.get("accuracy"))
+        out.save_model(final_arrays.to_torch_state_dict())
+    ledger.end(final_arrays, rounds, last_test.get("accuracy"))
     spent = privacy_report.table(cfg, strategy.per_site, strategy.declined, client_dp.metrics() if client_dp else None)
     privacy_report.print_table(reporter.console, spent)
     out.write_summary(summary(cfg, last_test, per_hospital, time.time() - started, **({"privacy": spent} if spent else {})))

@@ -82,15 +82,36 @@ class Recording:
         self.declined: dict[str, dict[str, Any]] = {}  # hospital -> {"round", "reason", "dp-..." figures}
         self.declined_nodes: set[int] = set()
         self.all_declined = False
+        self.names: dict[int, str] = {}  # node id -> hospital, from its replies
+        self.dropped: dict[int, list[str]] = {}  # round -> hospitals asked to train that sent no update
+        self.asked: list[int] = []  # node ids asked to train this round
         self._min_nodes = (self.min_train_nodes, self.min_available_nodes)
+
+    STATE = ("per_site", "failures", "federated_eval", "declined", "declined_nodes", "all_declined", "names", "dropped")
+    OPTIMISER_STATE = ("m_t", "v_t")  # FedAdam / FedYogi: the server optimiser's moments
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run aggregates as if it never stopped."""
+        out = {key: getattr(self, key) for key in self.STATE}
+        out["federated_eval"] = {r: dict(m) for r, m in self.federated_eval.items()}
+        out.update({key: getattr(self, key) for key in self.OPTIMISER_STATE if getattr(self, key, None) is not None})
+        return out
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.federated_eval = {r: MetricRecord(m) for r, m in self.federated_eval.items()}
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         sites = self.per_site.setdefault(server_round, {})
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
                 if phase == "train":
                     self.failures.setdefault(server_round, []).append(_last_line(msg.error.reason))
+                    self.dropped.setdefault(server_round, []).append(self.names.get(node, f"node {node}"))
                 continue
+            self.names[node] = site_name(msg.content)
             metrics = next(iter(msg.content.metric_records.values()))
             sites.setdefault(site_name(msg.content), {})[phase] = dict(metrics)
 
@@ -98,6 +119,11 @@ class Recording:
         return ConfigRecord({**dict(config), **self.ledger.config_entries()}) if self.ledger else config
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(self._configure_train(server_round, arrays, config, grid))
+        self.asked = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent = arrays
         config = self._with_ledger(config)
         if not self.declined_nodes:
@@ -117,6 +143,12 @@ class Recording:
         """Record every reply; return those that carry an update (or an error), in hospital
         order, and those that declined."""
         taken, declined = [], []
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in self.asked:
+            if node not in answered:  # no reply within the round's timeout
+                self.failures.setdefault(server_round, []).append("no reply in time")
+                self.dropped.setdefault(server_round, []).append(self.names.get(node, f"node {node}"))
         for msg in _order(replies):
             if not msg.has_error() and DECLINED_KEY in msg.content:
                 site = site_name(msg.content)

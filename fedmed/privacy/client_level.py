@@ -61,3 +61,11 @@ class ClientLevelDP:
             "steps": self.ledger.steps,
             "max_grad_norm": self.clip,
         }
+
+    def state(self) -> dict:
+        """What a server checkpoint keeps: the privacy spent, and where the noise is."""
+        return {"ledger": self.ledger.to_record(), "rng": self.rng.bit_generator.state}
+
+    def restore(self, state: dict) -> None:
+        self.ledger = Ledger.from_record(self.ledger.kind, state["ledger"])
+        self.rng.bit_generator.state = state["rng"]

@@ -1,40 +1,23 @@
-"""A hospital's side of sample-level DP: its plan, its ledger (kept in the node's state,
-so it survives from round to round in simulation and on a real node alike), and its
-budget, which it enforces itself before training."""
+"""A hospital's side of sample-level DP: its plan, the privacy it has spent (read back
+from its own signed ledger, so it survives restarts of the node and of the server, in
+simulation and on a real node alike), and its budget, which it enforces itself before
+training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from flwr.app import ConfigRecord, Context
 
 from fedmed.config import FedmedConfig, parse_budgets
 from fedmed.privacy.accounting import Ledger
 from fedmed.privacy.dpsgd import Plan, plan
 
-LEDGER_STATE = "dp-ledger"  # in the node's context.state
-NODE_BUDGET = "privacy.budget"  # a real node's own budget, from `flower-supernode --node-config`
 
-
-def budget(cfg: FedmedConfig, site: str, node_config: dict[str, Any]) -> float:
-    """The most epsilon this hospital spends (0: no limit): its node's own setting first,
-    then its entry in `privacy.budgets`, then `privacy.budget`."""
-    if NODE_BUDGET in node_config:
-        return float(node_config[NODE_BUDGET])
+def budget(cfg: FedmedConfig, site: str, own: float = 0.0) -> float:
+    """The most epsilon this hospital spends (0: no limit): its own policy's
+    `site.max_epsilon` first, then its entry in `privacy.budgets`, then `privacy.budget`."""
+    if own:
+        return own
     return parse_budgets(cfg.privacy.budgets).get(site, cfg.privacy.budget) if cfg.privacy.budgets else cfg.privacy.budget
-
-
-def policy_refusal(cfg: FedmedConfig, node_config: dict[str, Any]) -> str | None:
-    """A node with its own budget is a hospital that requires DP-SGD with secret noise,
-    whatever the server asks for."""
-    if NODE_BUDGET not in node_config:
-        return None
-    if cfg.privacy.mode != "sample":
-        return f"this hospital requires sample-level DP (its own privacy.budget); the server asked for privacy.mode = {cfg.privacy.mode}"
-    if cfg.privacy.reproducible:
-        return "this hospital refuses privacy.reproducible: noise drawn from the run's seed could be removed by anyone who has it"
-    return None
 
 
 @dataclass
@@ -44,10 +27,12 @@ class HospitalPrivacy:
     budget: float
 
     @classmethod
-    def load(cls, cfg: FedmedConfig, context: Context, site: str, n: int) -> HospitalPrivacy:
-        record = context.state[LEDGER_STATE] if LEDGER_STATE in context.state else None
-        ledger = Ledger.from_record(cfg.privacy.accountant, dict(record) if record is not None else None)
-        return cls(plan(cfg, n), ledger, budget(cfg, site, dict(context.node_config)))
+    def load(cls, cfg: FedmedConfig, site: str, n: int, spent: list[tuple[float, float, int]], own_budget: float = 0.0) -> HospitalPrivacy:
+        """`spent`: this hospital's earlier DP rounds in the run (from its ledger)."""
+        ledger = Ledger(cfg.privacy.accountant)
+        for sigma, rate, steps in spent:
+            ledger.add(sigma, rate, steps)
+        return cls(plan(cfg, n), ledger, budget(cfg, site, own_budget))
 
     def refusal(self) -> str | None:
         """Why this hospital will not train this round, if it will not."""
@@ -61,9 +46,8 @@ class HospitalPrivacy:
             f"to {after:.3f}, above this hospital's budget of {self.budget:g}"
         )
 
-    def spend(self, steps: int, context: Context) -> None:
+    def spend(self, steps: int) -> None:
         self.ledger.add(self.plan.sigma, self.plan.rate, steps)
-        context.state[LEDGER_STATE] = ConfigRecord(self.ledger.to_record())
 
     def metrics(self) -> dict[str, float | int]:
         """The same keys in every reply: cumulative over every round this hospital trained."""

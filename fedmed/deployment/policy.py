@@ -1,0 +1,60 @@
+"""A real hospital node's own settings: its data, its name and its policy, read from its
+site config on its own machine (the node config's `site-config`), never from the server."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from fedmed.config import FedmedConfig, LabelsConfig, SkewConfig, load
+from fedmed.errors import FedmedError
+
+SITE_CONFIG = "site-config"  # node config: the absolute path of the hospital's site config
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, mtime: float) -> FedmedConfig:
+    return load(path)
+
+
+def site_settings(node_config: dict) -> FedmedConfig | None:
+    """The hospital's own config, or None for a simulated hospital."""
+    if SITE_CONFIG not in node_config:
+        return None
+    path = Path(str(node_config[SITE_CONFIG]))
+    try:
+        return _load(str(path), path.stat().st_mtime)
+    except OSError as exc:
+        raise FedmedError(f"this node's site config cannot be read: {exc.strerror}") from None
+
+
+def hospital_config(federation: FedmedConfig, local: FedmedConfig) -> FedmedConfig:
+    """The federation's training settings over this hospital's own data (all of it its
+    own: one hospital, no simulated skew or label hiding)."""
+    theirs, mine = federation.data, local.data
+    if mine.image_size != theirs.image_size:
+        raise FedmedError(f"the federation trains on {theirs.image_size} px images; this hospital's site config says data.image_size = {mine.image_size}")
+    if mine.class_names() != theirs.class_names():
+        raise FedmedError(f"the federation's classes are {theirs.classes}; this hospital's site config says data.classes = {mine.classes}")
+    data = mine.model_copy(update={"hospitals": 1})
+    return federation.model_copy(update={"data": data, "skew": SkewConfig(), "labels": LabelsConfig()})
+
+
+def refusal(local: FedmedConfig, federation: FedmedConfig, server_round: int, architecture: str, sigma: float | None) -> str | None:
+    """Why this hospital's policy declines a training request, if it does. The reason goes
+    to the server and into the hospital's ledger: it names settings, never patients."""
+    policy = local.site
+    if policy.max_rounds and server_round > policy.max_rounds:
+        return f"this hospital trains in rounds 1-{policy.max_rounds} only (site.max_rounds); this is round {server_round}"
+    accepted = {d.strip() for d in policy.models.split(",") if d.strip()}
+    if accepted and architecture not in accepted:
+        return f"model architecture {architecture[:16]} is not one this hospital accepts (site.models)"
+    if not (policy.max_epsilon or policy.min_noise):
+        return None
+    if federation.privacy.mode != "sample":
+        return f"this hospital requires sample-level DP (its site.max_epsilon / site.min_noise); the server asked for privacy.mode = {federation.privacy.mode}"
+    if federation.privacy.reproducible:
+        return "this hospital refuses privacy.reproducible: noise drawn from the run's seed could be removed by anyone who has it"
+    if policy.min_noise and sigma is not None and sigma < policy.min_noise:
+        return f"noise multiplier {sigma:.3f} is below this hospital's minimum of {policy.min_noise:g} (site.min_noise)"
+    return None

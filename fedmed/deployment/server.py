@@ -1,0 +1,270 @@
+"""`fedmed server start` and `fedmed server status`: the coordinating centre's Flower
+SuperLink (TLS, node authentication), its enrolled hospitals, and one federated run of
+the ServerApp the simulation uses, watched until it finishes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedmed.config import FedmedConfig, from_flat
+from fedmed.deployment import checks
+from fedmed.errors import FedmedError
+from fedmed.federation import checkpoint
+from fedmed.federation.server_app import RESUME_KEY
+from fedmed.outputs import atomic_write, read_metrics, resolve_run_name, run_path
+
+CONNECTION = "fedmed"  # the SuperLink connection's name in the state folder's Flower home
+POLL_S = 3.0
+
+
+@dataclass(frozen=True)
+class State:
+    """The server's state folder: the SuperLink's database and log, the Flower home the
+    `flwr` commands use, the app bundle's source, and the current run."""
+
+    root: Path
+
+    @property
+    def database(self) -> Path:
+        return self.root / "superlink.db"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "superlink.log"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def app(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current.json"
+
+    @property
+    def nodes(self) -> Path:
+        return self.root / "nodes.json"
+
+    def read(self, path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise FedmedError(f"cannot read {path} ({exc}): is server.state the folder the server ran with?") from None
+
+
+def flwr(state: State, *args: str, timeout: float = 120) -> dict[str, Any]:
+    """One `flwr` command against this server's SuperLink; its JSON answer."""
+    command = ["flwr", *args, "--format", "json"]
+    try:
+        done = subprocess.run(command, env=checks.flower_env(state.home), capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise FedmedError(f"`flwr {args[0]}` got no answer in {timeout:.0f} s: is the SuperLink running? (log: {state.log})") from None
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        raise FedmedError(f"`flwr {args[0]}` failed: {(done.stderr or done.stdout).strip()[-300:]}") from None
+    if not answer.get("success", False):
+        message = str(answer.get("error-message", "unknown error")).strip().splitlines()
+        raise FedmedError(f"`flwr {args[0]}` failed: {message[-1] if message else 'unknown error'}")
+    return answer
+
+
+def _enrolled(folder: Path) -> dict[str, Path]:
+    keys = {p.stem: p for p in sorted(folder.glob("*.pub"))} if folder.is_dir() else {}
+    if not keys:
+        raise FedmedError(f"no enrolled hospitals: put each hospital's NAME.pub (from `fedmed certs site NAME`) in {folder} (server.enrolled)")
+    return keys
+
+
+def _write_connection(state: State, host: str, port: int, ca_cert: Path) -> None:
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    state.home.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        state.home / "config.toml",
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{local}:{port}"\nroot-certificates = "{ca_cert.resolve()}"\n',
+    )
+
+
+def _write_app(state: State, flat: dict[str, Any], resume_from: str) -> None:
+    """The Flower app bundle: no code, only which installed ServerApp and ClientApp to run
+    and the run's settings (hospitals run their own installed fedmed, never shipped code)."""
+    import tomli_w
+
+    state.app.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedmed-federation", "version": "1.0.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedmed",
+            "components": {"serverapp": "fedmed.federation.server_app:app", "clientapp": "fedmed.federation.client_app:app"},
+            "config": {**flat, RESUME_KEY: resume_from},
+        }}},
+    }
+    atomic_write(state.app / "pyproject.toml", tomli_w.dumps(project))
+
+
+def _launch(state: State, host: str, port: int, certs: tuple[Path, Path, Path]) -> subprocess.Popen:
+    ca, crt, key = certs
+    command = [
+        "flower-superlink", "--host", host, "--port", str(port),
+        "--ssl-ca-certfile", str(ca.resolve()), "--ssl-certfile", str(crt.resolve()), "--ssl-keyfile", str(key.resolve()),
+        "--enable-supernode-auth", "--database", str(state.database), "--disable-runtime-dependency-installation",
+    ]
+    log = state.log.open("ab")
+    # Its own working directory: the ServerApp runs there, and finds nothing else there.
+    return subprocess.Popen(command, cwd=state.root, env=checks.flower_env(state.home), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_ready(state: State, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            lines = state.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            raise FedmedError(f"the SuperLink stopped at start ({lines[-1] if lines else 'no output'}); its log: {state.log}")
+        try:
+            flwr(state, "list", CONNECTION, timeout=30)
+            return
+        except FedmedError:
+            time.sleep(1)
+    raise FedmedError(f"the SuperLink did not answer within {timeout:.0f} s; its log: {state.log}")
+
+
+def _register(state: State, enrolled: dict[str, Path]) -> dict[str, str]:
+    """Node ids by hospital; a key enrolled in an earlier start (the database keeps it) is kept."""
+    nodes = state.read(state.nodes)
+    for name, key in enrolled.items():
+        if name in nodes:
+            continue
+        nodes[name] = str(flwr(state, "supernode", "register", str(key.resolve()), CONNECTION)["node-id"])
+        atomic_write(state.nodes, json.dumps(nodes, indent=2, sort_keys=True) + "\n")
+    return nodes
+
+
+def _round_line(record: dict[str, Any], rounds: int) -> str:
+    trained = sum(1 for phases in record.get("hospitals", {}).values() if "train" in phases)
+    line = f"round {record['round']}/{rounds}: global test accuracy {record['test']['accuracy']:.3f}, {trained} hospitals trained"
+    if record.get("declined"):
+        line += f"; declined: {', '.join(record['declined'])}"
+    if record.get("dropped"):
+        line += f"; dropped out: {', '.join(record['dropped'])}"
+    return line
+
+
+def _watch(state: State, run_id: str, run_dir: Path, rounds: int, console: Console) -> bool:
+    """Print each round as it finishes; True when the run completed."""
+    shown = len(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").is_file() else 0
+    while True:
+        time.sleep(POLL_S)
+        run = flwr(state, "list", CONNECTION, "--run-id", run_id)["runs"][0]
+        records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+        for record in records[shown:]:
+            console.print(_round_line(record, rounds))
+        shown = len(records)
+        status = str(run.get("status", ""))
+        if status.startswith("finished"):
+            if status != "finished:completed":
+                console.print(f"[red]the run {status.split(':')[-1]}[/red]: {run.get('status-details') or 'no details'} (ServerApp output: {state.log})")
+            return status == "finished:completed"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run_config(cfg: FedmedConfig, state: State, enrolled: int, resume: bool) -> tuple[dict[str, Any], str]:
+    """The run's flat settings and, resuming, the run directory to resume."""
+    flat = cfg.flat()
+    flat["data.hospitals"] = enrolled
+    flat["output.dir"] = str(Path(cfg.output.dir).expanduser().resolve())
+    fresh = from_flat(flat)  # validates min_hospitals against the enrolled hospitals
+    if not resume:
+        return resolve_run_name(fresh).flat(), ""
+    current = state.read(state.current)
+    if not current:
+        raise FedmedError(f"there is no run to resume in {state.root} (server.state): start one without --resume")
+    saved = from_flat(current["config"])
+    if saved.digest() != fresh.digest():
+        raise FedmedError("the federation's settings (or its enrolled hospitals) changed since the run started: resume needs the same, or start a new run")
+    run_dir = Path(current["run_dir"])
+    done = checkpoint.load(run_dir).round
+    if done >= saved.federation.rounds:
+        raise FedmedError(f"the run in {run_dir} already finished its {done} rounds: nothing to resume")
+    return current["config"], str(run_dir)
+
+
+def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
+    """Start the SuperLink, enrol, run (or resume) the federation, stop the SuperLink.
+    Exit code: 0 completed, 1 the run failed, 130 interrupted."""
+    host, port = checks.parse_address(cfg.server.address, "server.address")
+    certs = checks.server_certificates(Path(cfg.server.certs))
+    enrolled = _enrolled(Path(cfg.server.enrolled))
+    state = State(Path(cfg.server.state).resolve())
+    flat, resume_from = _run_config(cfg, state, len(enrolled), resume)
+    run_dir = Path(resume_from) if resume_from else run_path(from_flat(flat))
+    checks.port_free(host, port, "server.address")
+    state.root.mkdir(parents=True, exist_ok=True)
+    _write_connection(state, host, port, certs[0])
+    console.print(f"fedmed server: SuperLink on {host}:{port} (TLS, node authentication); log {state.log}")
+    proc = _launch(state, host, port, certs)
+    try:
+        _wait_ready(state, proc)
+        nodes = _register(state, enrolled)
+        console.print(f"enrolled: {', '.join(f'{name} (node {nodes[name]})' for name in enrolled)}")
+        _write_app(state, flat, resume_from)
+        run_id = str(flwr(state, "run", str(state.app), CONNECTION)["run-id"])
+        atomic_write(state.current, json.dumps({"run_id": run_id, "run_dir": str(run_dir), "config": flat}, indent=2, sort_keys=True) + "\n")
+        rounds = int(flat["federation.rounds"])
+        action = f"resuming {run_dir} after round {checkpoint.load(run_dir).round}" if resume_from else f"run {run_id} -> {run_dir}"
+        console.print(f"{action}: {rounds} rounds, at least {flat['federation.min_hospitals'] or len(enrolled)} of {len(enrolled)} hospitals; waiting for them")
+        completed = _watch(state, run_id, run_dir, rounds, console)
+        if completed:
+            console.print(f"run finished: {run_dir}")
+        return 0 if completed else 1
+    except KeyboardInterrupt:
+        console.print(f"stopped; `fedmed server start --config ... --resume` continues after the last finished round ({run_dir})")
+        return 130
+    finally:
+        _stop(proc)
+
+
+def status(cfg: FedmedConfig, console: Console) -> int:
+    """Connected hospitals and the current run's progress, from another terminal."""
+    from rich.table import Table
+
+    state = State(Path(cfg.server.state).resolve())
+    current = state.read(state.current)
+    if not current:
+        raise FedmedError(f"no run has been started from {state.root} (server.state)")
+    names = {node: name for name, node in state.read(state.nodes).items()}
+    try:
+        nodes = flwr(state, "supernode", "list", CONNECTION, timeout=30)["nodes"]
+        run = flwr(state, "list", CONNECTION, "--run-id", current["run_id"], timeout=30)["runs"][0]
+        run_status = str(run.get("status", "unknown"))
+    except FedmedError:
+        nodes, run_status = [], "server not running"
+    table = Table("hospital", "node", "status")
+    for node in nodes:
+        table.add_row(names.get(str(node["node-id"]), "(not enrolled here)"), str(node["node-id"]), str(node["status"]))
+    console.print(table)
+    records = read_metrics(Path(current["run_dir"])) if (Path(current["run_dir"]) / "metrics.jsonl").is_file() else []
+    rounds = int(current["config"]["federation.rounds"])
+    console.print(f"run {current['run_id']}: {run_status}; {len(records)} of {rounds} rounds done ({current['run_dir']})")
+    if records:
+        console.print(_round_line(records[-1], rounds))
+    return 0
