@@ -28,6 +28,7 @@ app.add_typer(server_app, name="server")
 site_app = typer.Typer(help="A hospital: run its node against the federation's server.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 ConfigOption = Annotated[Path, typer.Option("--config", help="The TOML config (server/federation.toml, sites/NAME.toml).")]
+SetOption = Annotated[list[str], typer.Option("--set", help="Override one value: section.key=value.")]
 
 
 def _fail(message: str) -> None:
@@ -159,6 +160,7 @@ def data_check(
 def server_start(
     config: ConfigOption = Path("server/federation.toml"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last run after its last finished round.")] = False,
+    set_: SetOption = [],  # noqa: B006
 ) -> None:
     """Start the SuperLink (TLS, node authentication), enrol the hospitals in
     server.enrolled, run the federation and watch it to the end."""
@@ -167,7 +169,7 @@ def server_start(
     from fedmed import config as config_mod
     from fedmed.deployment import server
 
-    raise typer.Exit(server.start(config_mod.load(config), resume, Console(highlight=False, soft_wrap=True)))
+    raise typer.Exit(server.start(config_mod.load(config, list(set_)), resume, Console(highlight=False, soft_wrap=True)))
 
 
 @server_app.command("status")
@@ -182,7 +184,7 @@ def server_status(config: ConfigOption = Path("server/federation.toml")) -> None
 
 
 @site_app.command("start")
-def site_start(config: ConfigOption) -> None:
+def site_start(config: ConfigOption, set_: SetOption = []) -> None:  # noqa: B006
     """Check the site config, the data, the certificate and the server, then run this
     hospital's node until Ctrl-C."""
     from rich.console import Console
@@ -190,7 +192,7 @@ def site_start(config: ConfigOption) -> None:
     from fedmed import config as config_mod
     from fedmed.deployment import site
 
-    raise typer.Exit(site.start(config_mod.load(config), config, Console(highlight=False, soft_wrap=True)))
+    raise typer.Exit(site.start(config_mod.load(config, list(set_)), config, Console(highlight=False, soft_wrap=True)))
 
 
 @app.command("model-digest")

@@ -12,13 +12,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
-import torch
 
 from fedmed.config import FedmedConfig, unflatten
 from fedmed.errors import FedmedError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def json_safe(value: Any) -> Any:
@@ -108,6 +110,8 @@ class RunDirectory:
         atomic_write(self.path / "summary.json", json.dumps(json_safe(summary), indent=2, sort_keys=True) + "\n")
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
+        import torch  # seconds to import: not for the commands that only read run directories
+
         tmp = self.path / ".model.pt.tmp"
         torch.save(state_dict, tmp)
         os.replace(tmp, self.path / "model.pt")

@@ -30,7 +30,7 @@ def test_the_server_certificate_is_signed_by_the_federation_ca_for_its_hosts(tmp
     server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert names.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]  # localhost: the operator's own commands
     assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     for key in (files.ca_key, files.server_key):
         assert stat.S_IMODE(os.stat(key).st_mode) == 0o600

@@ -17,7 +17,7 @@ from fedmed.config import FedmedConfig, from_flat
 from fedmed.deployment import checks
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint
-from fedmed.federation.server_app import RESUME_KEY
+from fedmed.federation.records import NODES_KEY, RESUME_KEY
 from fedmed.outputs import atomic_write, read_metrics, resolve_run_name, run_path
 
 CONNECTION = "fedmed"  # the SuperLink connection's name in the state folder's Flower home
@@ -95,7 +95,7 @@ def _write_connection(state: State, host: str, port: int, ca_cert: Path) -> None
     )
 
 
-def _write_app(state: State, flat: dict[str, Any], resume_from: str) -> None:
+def _write_app(state: State, flat: dict[str, Any], resume_from: str, nodes: dict[str, str]) -> None:
     """The Flower app bundle: no code, only which installed ServerApp and ClientApp to run
     and the run's settings (hospitals run their own installed fedmed, never shipped code)."""
     import tomli_w
@@ -107,7 +107,7 @@ def _write_app(state: State, flat: dict[str, Any], resume_from: str) -> None:
         "tool": {"flwr": {"app": {
             "publisher": "fedmed",
             "components": {"serverapp": "fedmed.federation.server_app:app", "clientapp": "fedmed.federation.client_app:app"},
-            "config": {**flat, RESUME_KEY: resume_from},
+            "config": {**flat, RESUME_KEY: resume_from, NODES_KEY: json.dumps({node: name for name, node in nodes.items()})},
         }}},
     }
     atomic_write(state.app / "pyproject.toml", tomli_w.dumps(project))
@@ -139,14 +139,16 @@ def _wait_ready(state: State, proc: subprocess.Popen, timeout: float = 90) -> No
     raise FedmedError(f"the SuperLink did not answer within {timeout:.0f} s; its log: {state.log}")
 
 
-def _register(state: State, enrolled: dict[str, Path]) -> dict[str, str]:
-    """Node ids by hospital; a key enrolled in an earlier start (the database keeps it) is kept."""
-    nodes = state.read(state.nodes)
+def _register(state: State, enrolled: dict[str, Path], fresh: bool) -> dict[str, str]:
+    """Node ids by hospital. The database keeps registrations from an earlier start; a
+    key taken out of server.enrolled is unregistered, so that node can no longer join."""
+    nodes = {} if fresh else state.read(state.nodes)
+    for name in sorted(set(nodes) - set(enrolled)):
+        flwr(state, "supernode", "unregister", nodes.pop(name), CONNECTION)
     for name, key in enrolled.items():
-        if name in nodes:
-            continue
-        nodes[name] = str(flwr(state, "supernode", "register", str(key.resolve()), CONNECTION)["node-id"])
-        atomic_write(state.nodes, json.dumps(nodes, indent=2, sort_keys=True) + "\n")
+        if name not in nodes:
+            nodes[name] = str(flwr(state, "supernode", "register", str(key.resolve()), CONNECTION)["node-id"])
+    atomic_write(state.nodes, json.dumps(nodes, indent=2, sort_keys=True) + "\n")
     return nodes
 
 
@@ -221,12 +223,13 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
     state.root.mkdir(parents=True, exist_ok=True)
     _write_connection(state, host, port, certs[0])
     console.print(f"fedmed server: SuperLink on {host}:{port} (TLS, node authentication); log {state.log}")
+    fresh = not state.database.exists()
     proc = _launch(state, host, port, certs)
     try:
         _wait_ready(state, proc)
-        nodes = _register(state, enrolled)
+        nodes = _register(state, enrolled, fresh)
         console.print(f"enrolled: {', '.join(f'{name} (node {nodes[name]})' for name in enrolled)}")
-        _write_app(state, flat, resume_from)
+        _write_app(state, flat, resume_from, nodes)
         run_id = str(flwr(state, "run", str(state.app), CONNECTION)["run-id"])
         atomic_write(state.current, json.dumps({"run_id": run_id, "run_dir": str(run_dir), "config": flat}, indent=2, sort_keys=True) + "\n")
         rounds = int(flat["federation.rounds"])
@@ -258,10 +261,11 @@ def status(cfg: FedmedConfig, console: Console) -> int:
         run_status = str(run.get("status", "unknown"))
     except FedmedError:
         nodes, run_status = [], "server not running"
-    table = Table("hospital", "node", "status")
-    for node in nodes:
-        table.add_row(names.get(str(node["node-id"]), "(not enrolled here)"), str(node["node-id"]), str(node["status"]))
-    console.print(table)
+    if nodes:
+        table = Table("hospital", "node", "status")
+        for node in nodes:
+            table.add_row(names.get(str(node["node-id"]), "(not enrolled here)"), str(node["node-id"]), str(node["status"]))
+        console.print(table)
     records = read_metrics(Path(current["run_dir"])) if (Path(current["run_dir"]) / "metrics.jsonl").is_file() else []
     rounds = int(current["config"]["federation.rounds"])
     console.print(f"run {current['run_id']}: {run_status}; {len(records)} of {rounds} rounds done ({current['run_dir']})")

@@ -8,16 +8,19 @@ import subprocess
 import time
 from pathlib import Path
 
+import tomli_w
 from rich.console import Console
 
-from fedmed.config import FedmedConfig
+from fedmed.audit.hospital_side import NODE_LEDGER_DIR
+from fedmed.config import FedmedConfig, unflatten
 from fedmed.data.sites import ensure_data, site_data
 from fedmed.deployment import checks
 from fedmed.deployment.policy import SITE_CONFIG, hospital_config
 from fedmed.errors import FedmedError
-from fedmed.audit.hospital_side import NODE_LEDGER_DIR
+from fedmed.outputs import write_new
 
-REFUSED = ("FLEET_NODE_ACTIVATION_FAILED", "2004", "not registered", "PERMISSION_DENIED", "Unauthenticated")
+REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # what flower-supernode logs when refused
+REJOIN_S, RETRY_S = 90.0, 10.0
 
 
 def _key(cfg: FedmedConfig) -> Path:
@@ -46,9 +49,22 @@ def check(cfg: FedmedConfig, config_path: Path) -> tuple[str, int, Path, Path]:
     return host, port, ca, key
 
 
-def _refused(log: Path) -> bool:
-    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+def _refused(log: Path, start: int) -> bool:
+    """Whether the SuperLink refused to activate the node since byte `start` of its log."""
+    with log.open("rb") as handle:
+        handle.seek(start)
+        text = handle.read().decode("utf-8", errors="replace")
     return any(marker in text for marker in REFUSED)
+
+
+def _snapshot(cfg: FedmedConfig, folder: Path) -> Path:
+    """The settings this node runs with (after `--set`, paths made absolute), where the
+    ClientApp reads them; mode 0600, as they name local paths."""
+    data = cfg.data.model_copy(update={"path": str(Path(cfg.data.path).expanduser().resolve())})
+    path = folder / f"{cfg.site.name}.node.toml"
+    path.unlink(missing_ok=True)
+    write_new(path, tomli_w.dumps(unflatten(cfg.model_copy(update={"data": data}).flat())).encode(), 0o600)
+    return path
 
 
 def start(cfg: FedmedConfig, config_path: Path, console: Console) -> int:
@@ -60,29 +76,44 @@ def start(cfg: FedmedConfig, config_path: Path, console: Console) -> int:
     ledgers = Path(cfg.site.ledger_dir).expanduser().resolve()
     ledgers.mkdir(parents=True, exist_ok=True)
     log = ledgers / f"{cfg.site.name}-supernode.log"
-    node_config = f"{SITE_CONFIG}='{config_path.resolve()}' {NODE_LEDGER_DIR}='{ledgers}'"
+    node_config = f"{SITE_CONFIG}='{_snapshot(cfg, ledgers)}' {NODE_LEDGER_DIR}='{ledgers}'"
     command = [
         "flower-supernode", "--superlink", f"{host}:{port}", "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(key.resolve()), "--port", str(cfg.site.port or checks.free_port()),
         "--node-config", node_config,
     ]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(command, env=checks.flower_env(), stdout=out, stderr=subprocess.STDOUT)
     console.print(
-        f"{cfg.site.name}: node started against {host}:{port} with {len(data.train)} training and {len(data.test)} test images; "
+        f"{cfg.site.name}: starting the node against {host}:{port} with {len(data.train)} training and {len(data.test)} test images; "
         f"ledgers and log in {ledgers}. Only model updates and aggregate metrics leave this machine. Ctrl-C stops the node."
     )
+    # The server refuses a key it has not enrolled, and also, for up to a minute, the key
+    # of a node that vanished without saying goodbye (it still counts as connected).
+    deadline = time.time() + REJOIN_S
+    while True:
+        offset = log.stat().st_size if log.exists() else 0
+        code = _run_node(command, log)
+        if code is None:
+            console.print(f"{cfg.site.name}: node stopped")
+            return 0
+        if not _refused(log, offset):
+            console.print(f"[red]{cfg.site.name}: the node stopped (exit {code}); see {log}[/red]")
+            return 1
+        if time.time() > deadline:
+            raise FedmedError(
+                f"the server refused this node: its key {key} is not enrolled there (or a node with this key is still "
+                f"connected); send {key.with_suffix('.pub').name} to the server's operator"
+            )
+        console.print(f"{cfg.site.name}: the server does not accept this node's key yet; trying again in {RETRY_S:.0f} s")
+        time.sleep(RETRY_S)
+
+
+def _run_node(command: list[str], log: Path) -> int | None:
+    """The SuperNode until it exits (its exit code) or Ctrl-C (None)."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, env=checks.flower_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-        while proc.poll() is None:
-            time.sleep(1)
+        return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(timeout=30)
-        console.print(f"{cfg.site.name}: node stopped")
-        return 0
-    if _refused(log):
-        raise FedmedError(
-            f"the server refused this node: its key {key} is not enrolled there; send {key.with_suffix('.pub').name} to the server's operator"
-        )
-    console.print(f"[red]{cfg.site.name}: the node stopped (exit {proc.returncode}); see {log}[/red]")
-    return 1
+        return None

@@ -12,6 +12,9 @@ from fedmed.config import FedmedConfig, from_flat
 SITE_KEY = "site"  # ConfigRecord in every reply: {"name": hospital pseudonym}
 WEIGHT_KEY = "num-examples"
 DECLINED_KEY = "declined"  # ConfigRecord in a reply that trains nothing: {"reason": why}
+# Run config entries a deployment adds (not fedmed settings): the run directory to
+# resume, and the enrolled hospitals' names by node id (JSON), to name those that drop out.
+RESUME_KEY, NODES_KEY = "resume-from", "hospital-nodes"
 
 
 def config_record(cfg: FedmedConfig, server_round: int = 0) -> ConfigRecord:

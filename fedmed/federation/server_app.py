@@ -3,6 +3,7 @@ the run directory. The same object runs in simulation and in a real deployment."
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from fedmed.data.sites import global_test, num_classes
 from fedmed import heterogeneity
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint
-from fedmed.federation.records import config_record
+from fedmed.federation.records import NODES_KEY, RESUME_KEY, config_record
 from fedmed.federation.rounds import run_rounds
 from fedmed.federation.strategy import build_strategy
 from fedmed.models import build_model, norm_keys
@@ -32,18 +33,19 @@ app = ServerApp()
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
-RESUME_KEY = "resume-from"  # run config entry, not a fedmed setting: the run directory to resume
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     values = dict(context.run_config)
     resume = str(values.pop(RESUME_KEY, "") or "")
-    run(grid, from_flat(values), Path(resume) if resume else None)
+    nodes = {int(k): v for k, v in json.loads(str(values.pop(NODES_KEY, "") or "{}")).items()}
+    run(grid, from_flat(values), Path(resume) if resume else None, nodes)
 
 
-def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None) -> None:
-    """The whole run; with `resume` (a run directory), from the round after its last checkpoint."""
+def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[int, str] | None = None) -> None:
+    """The whole run; with `resume` (a run directory), from the round after its last
+    checkpoint. `nodes`: hospital names by node id, where the operator knows them."""
     started = time.time()
     client_dp = ClientLevelDP(cfg) if cfg.privacy.mode == "client" else None  # checks delta before anything is written
     previous = checkpoint.load(resume) if resume else None
@@ -71,6 +73,7 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None) -> None:
         min_available_nodes=minimum,
         ledger=ledger,
     )
+    strategy.names.update(nodes or {})
     last_test: dict = {}
     label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
     if previous is None:

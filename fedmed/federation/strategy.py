@@ -82,9 +82,9 @@ class Recording:
         self.declined: dict[str, dict[str, Any]] = {}  # hospital -> {"round", "reason", "dp-..." figures}
         self.declined_nodes: set[int] = set()
         self.all_declined = False
-        self.names: dict[int, str] = {}  # node id -> hospital, from its replies
+        self.names: dict[int, str] = {}  # node id -> hospital: the operator's enrolment, then the replies
         self.dropped: dict[int, list[str]] = {}  # round -> hospitals asked to train that sent no update
-        self.asked: list[int] = []  # node ids asked to train this round
+        self.asked: list[Message] = []  # this round's training requests (their ids are set once sent)
         self._min_nodes = (self.min_train_nodes, self.min_available_nodes)
 
     STATE = ("per_site", "failures", "federated_eval", "declined", "declined_nodes", "all_declined", "names", "dropped")
@@ -105,7 +105,7 @@ class Recording:
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         sites = self.per_site.setdefault(server_round, {})
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._node_of(msg)
             if msg.has_error():
                 if phase == "train":
                     self.failures.setdefault(server_round, []).append(_last_line(msg.error.reason))
@@ -115,13 +115,18 @@ class Recording:
             metrics = next(iter(msg.content.metric_records.values()))
             sites.setdefault(site_name(msg.content), {})[phase] = dict(metrics)
 
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the SuperLink itself signs the errors it makes
+        for a node that went away."""
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.asked}
+        return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     def _with_ledger(self, config: ConfigRecord) -> ConfigRecord:
         return ConfigRecord({**dict(config), **self.ledger.config_entries()}) if self.ledger else config
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(self._configure_train(server_round, arrays, config, grid))
-        self.asked = [m.metadata.dst_node_id for m in messages]
-        return messages
+        self.asked = list(self._configure_train(server_round, arrays, config, grid))
+        return self.asked
 
     def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent = arrays
@@ -144,8 +149,8 @@ class Recording:
         order, and those that declined."""
         taken, declined = [], []
         replies = list(replies)
-        answered = {m.metadata.src_node_id for m in replies}
-        for node in self.asked:
+        answered = {self._node_of(m) for m in replies}
+        for node in (m.metadata.dst_node_id for m in self.asked):
             if node not in answered:  # no reply within the round's timeout
                 self.failures.setdefault(server_round, []).append("no reply in time")
                 self.dropped.setdefault(server_round, []).append(self.names.get(node, f"node {node}"))
@@ -153,7 +158,7 @@ class Recording:
             if not msg.has_error() and DECLINED_KEY in msg.content:
                 site = site_name(msg.content)
                 self.declined[site] = {"round": server_round, **dict(msg.content[DECLINED_KEY])}
-                self.declined_nodes.add(msg.metadata.src_node_id)
+                self.declined_nodes.add(self._node_of(msg))
                 declined.append(msg)
             else:
                 taken.append(msg)
