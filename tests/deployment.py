@@ -38,7 +38,7 @@ def make_world(root: Path, cache_dir: str) -> None:
 
 class Federation:
     def __init__(self, root: Path, cache_dir: str, run: str) -> None:
-        self.root, self.cache_dir = root, cache_dir
+        self.root, self.cache_dir, self.name = root, cache_dir, run
         self.port = free_port()
         self.state = f"server/state-{run}"
         self.ledgers = f"sites/ledgers-{run}"
@@ -48,7 +48,7 @@ class Federation:
         settings = {"rounds": 2, "round_timeout": 240, **federation}
         lines = ["[federation]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
                  "[data]", "image_size = 32", "global_test_size = 24", f"cache_dir = {json.dumps(self.cache_dir)}",
-                 "[train]", "batch_size = 8",
+                 "[train]", "batch_size = 8", "[output]", f'dir = "runs-{self.name}"',
                  "[server]", f'address = "127.0.0.1:{self.port}"', f'state = "{self.state}"', 'enrolled = "server/enrolled"']
         path = self.root / f"{self.state}.toml"
         path.write_text("\n".join(lines) + "\n")
