@@ -31,6 +31,17 @@ ConfigOption = Annotated[Path, typer.Option("--config", help="The TOML config (s
 SetOption = Annotated[list[str], typer.Option("--set", help="Override one value: section.key=value.")]
 
 
+def _stop_on_sigterm() -> None:
+    """`kill` (or a service manager) stops a long-running command as Ctrl-C does, so it
+    stops the Flower processes it started instead of leaving them running."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -169,6 +180,7 @@ def server_start(
     from fedmed import config as config_mod
     from fedmed.deployment import server
 
+    _stop_on_sigterm()
     raise typer.Exit(server.start(config_mod.load(config, list(set_)), resume, Console(highlight=False, soft_wrap=True)))
 
 
@@ -192,6 +204,7 @@ def site_start(config: ConfigOption, set_: SetOption = []) -> None:  # noqa: B00
     from fedmed import config as config_mod
     from fedmed.deployment import site
 
+    _stop_on_sigterm()
     raise typer.Exit(site.start(config_mod.load(config, list(set_)), config, Console(highlight=False, soft_wrap=True)))
 
 
