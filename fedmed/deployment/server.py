@@ -204,9 +204,9 @@ def _run_config(cfg: FedmedConfig, state: State, enrolled: int, resume: bool) ->
     if saved.digest() != fresh.digest():
         raise FedmedError("the federation's settings (or its enrolled hospitals) changed since the run started: resume needs the same, or start a new run")
     run_dir = Path(current["run_dir"])
-    done = checkpoint.load(run_dir).round
-    if done >= saved.federation.rounds:
-        raise FedmedError(f"the run in {run_dir} already finished its {done} rounds: nothing to resume")
+    if (run_dir / "summary.json").is_file():
+        raise FedmedError(f"the run in {run_dir} has finished: nothing to resume")
+    checkpoint.load(run_dir)  # one clear line if no round finished
     return current["config"], str(run_dir)
 
 

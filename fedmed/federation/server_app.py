@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.audit.server_side import ServerLedger
@@ -31,8 +31,6 @@ from fedmed.training.metrics import from_confusion
 
 app = ServerApp()
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
-
-
 
 
 @app.main()
@@ -100,21 +98,20 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
             if server_round == 1:
                 heterogeneity.print_table(reporter.console, rep)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
+        """The server's test of the round's model, and the round's record."""
         nonlocal last_test
-        if server_round == 0:  # nothing trained yet: skip, save the time
-            return None
         for site, why in sorted(strategy.declined.items()):
             if why["round"] == server_round:
                 reporter.console.print(f"round {server_round}: {site} declined to train: {why['reason']}")
         for site in strategy.dropped.get(server_round, []):
             reporter.console.print(f"round {server_round}: {site} dropped out (no update); the round goes on without it")
         if strategy.all_declined:  # every hospital has spent its budget: the model no longer changes
-            return None
+            return
         if not any("train" in site for site in strategy.per_site.get(server_round, {}).values()):
             if not strategy.failures.get(server_round) and any(w["round"] == server_round for w in strategy.declined.values()):
                 reporter.console.print(f"round {server_round}: every hospital asked declined; the model stays as it is")
-                return None
+                return
             reasons = "; ".join(sorted(set(strategy.failures.get(server_round, ["no reply in time"]))))
             raise FedmedError(f"round {server_round}: no hospital returned an update ({reasons})")
         note_hospitals(server_round)
@@ -136,7 +133,6 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
                 **({"privacy": client_dp.metrics()} if client_dp else {}),
             )
         )
-        return MetricRecord({"accuracy": last_test["accuracy"], "loss": last_test["loss"]})
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:
         evaluate_global(server_round, arrays)
