@@ -158,6 +158,7 @@ def test_a_hospital_whose_policy_forbids_the_privacy_settings_declines_and_the_o
     fed, _ = runs("resume")
     rounds = fed.rounds_done()
     assert rounds[0]["declined"] == ["hospital-03"]
+    assert "requires sample-level DP" in rounds[0]["declined_reasons"]["hospital-03"]
     assert [sorted(r["hospitals"]) for r in rounds] == [["hospital-01", "hospital-02"]] * 2
     mine = LedgerFile.read(next((fed.root / fed.ledgers).glob("*/hospital-03.jsonl"))).records
     declined = [r for r in mine if r["event"] == "declined"]

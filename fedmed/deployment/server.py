@@ -155,8 +155,8 @@ def _register(state: State, enrolled: dict[str, Path], fresh: bool) -> dict[str,
 def _round_line(record: dict[str, Any], rounds: int) -> str:
     trained = sum(1 for phases in record.get("hospitals", {}).values() if "train" in phases)
     line = f"round {record['round']}/{rounds}: global test accuracy {record['test']['accuracy']:.3f}, {trained} hospitals trained"
-    if record.get("declined"):
-        line += f"; declined: {', '.join(record['declined'])}"
+    for site, reason in record.get("declined_reasons", {}).items():
+        line += f"; {site} declined: {reason}"
     if record.get("dropped"):
         line += f"; dropped out: {', '.join(record['dropped'])}"
     return line

@@ -130,6 +130,7 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
                 failures=len(strategy.failures.get(server_round, [])),
                 dropped=sorted(strategy.dropped.get(server_round, [])),
                 declined=sorted(s for s, why in strategy.declined.items() if why["round"] == server_round),
+                declined_reasons={s: why["reason"] for s, why in sorted(strategy.declined.items()) if why["round"] == server_round},
                 **({"privacy": client_dp.metrics()} if client_dp else {}),
             )
         )
