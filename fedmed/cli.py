@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -40,6 +41,14 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def _one_line(run: Callable[..., int], *args: Any) -> int:
+    """A file-system error in a long-running command is one line too."""
+    try:
+        return run(*args)
+    except OSError as exc:
+        raise FedmedError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
 
 
 def _fail(message: str) -> None:
@@ -181,7 +190,7 @@ def server_start(
     from fedmed.deployment import server
 
     _stop_on_sigterm()
-    raise typer.Exit(server.start(config_mod.load(config, list(set_)), resume, Console(highlight=False, soft_wrap=True)))
+    raise typer.Exit(_one_line(server.start, config_mod.load(config, list(set_)), resume, Console(highlight=False, soft_wrap=True)))
 
 
 @server_app.command("status")
@@ -205,7 +214,7 @@ def site_start(config: ConfigOption, set_: SetOption = []) -> None:  # noqa: B00
     from fedmed.deployment import site
 
     _stop_on_sigterm()
-    raise typer.Exit(site.start(config_mod.load(config, list(set_)), config, Console(highlight=False, soft_wrap=True)))
+    raise typer.Exit(_one_line(site.start, config_mod.load(config, list(set_)), config, Console(highlight=False, soft_wrap=True)))
 
 
 @app.command("model-digest")

@@ -192,7 +192,7 @@ class PrivacyConfig(_Section):
         0.0, ge=0, description="`sample`: the most epsilon each hospital will spend in a run; a hospital declines a round that would exceed it. 0: no limit."
     )
     budgets: str = Field(
-        "", description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated (a real node's own `site.max_epsilon` wins)."
+        "", description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated (a real node's own `site.max_epsilon` applies where stricter)."
     )
     reproducible: bool = Field(
         False,

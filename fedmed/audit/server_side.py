@@ -81,7 +81,9 @@ class ServerLedger:
         declined: list[Message],
         new: ArrayRecord | None,
         privacy: dict[str, Any] | None = None,
+        silent: int = 0,
     ) -> None:
+        """`silent`: hospitals asked that sent nothing before the timeout (failures too)."""
         ok = [m for m in accepted if not m.has_error()]
         participants = [
             {
@@ -102,7 +104,7 @@ class ServerLedger:
             "sent_sha256": arrays_digest(sent),
             "participants": participants,
             "declined": refusals,
-            "failures": len(accepted) - len(ok),
+            "failures": len(accepted) - len(ok) + silent,
             "new_global_sha256": arrays_digest(new) if new is not None else None,
             **({"privacy": privacy} if privacy else {}),
         })

@@ -18,7 +18,7 @@ from fedmed.deployment import checks
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint
 from fedmed.federation.records import NODES_KEY, RESUME_KEY
-from fedmed.outputs import atomic_write, read_metrics, resolve_run_name, run_path
+from fedmed.outputs import atomic_write, resolve_run_name, run_path
 
 CONNECTION = "fedmed"  # the SuperLink connection's name in the state folder's Flower home
 POLL_S = 3.0
@@ -86,6 +86,15 @@ def _enrolled(folder: Path) -> dict[str, Path]:
     return keys
 
 
+def _rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The rounds finished so far; a line the ServerApp is still writing is left for later."""
+    try:
+        text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
 def _write_connection(state: State, host: str, port: int, ca_cert: Path) -> None:
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     state.home.mkdir(parents=True, exist_ok=True)
@@ -120,9 +129,9 @@ def _launch(state: State, host: str, port: int, certs: tuple[Path, Path, Path]) 
         "--ssl-ca-certfile", str(ca.resolve()), "--ssl-certfile", str(crt.resolve()), "--ssl-keyfile", str(key.resolve()),
         "--enable-supernode-auth", "--database", str(state.database), "--disable-runtime-dependency-installation",
     ]
-    log = state.log.open("ab")
     # Its own working directory: the ServerApp runs there, and finds nothing else there.
-    return subprocess.Popen(command, cwd=state.root, env=checks.flower_env(state.home), stdout=log, stderr=subprocess.STDOUT)
+    with state.log.open("ab") as log:
+        return subprocess.Popen(command, cwd=state.root, env=checks.flower_env(state.home), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _wait_ready(state: State, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -148,6 +157,7 @@ def _register(state: State, enrolled: dict[str, Path], fresh: bool) -> dict[str,
     for name, key in enrolled.items():
         if name not in nodes:
             nodes[name] = str(flwr(state, "supernode", "register", str(key.resolve()), CONNECTION)["node-id"])
+            atomic_write(state.nodes, json.dumps(nodes, indent=2, sort_keys=True) + "\n")  # each, as the database has it
     atomic_write(state.nodes, json.dumps(nodes, indent=2, sort_keys=True) + "\n")
     return nodes
 
@@ -162,20 +172,30 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
     return line
 
 
-def _watch(state: State, run_id: str, run_dir: Path, rounds: int, console: Console) -> bool:
-    """Print each round as it finishes; True when the run completed."""
-    shown = len(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").is_file() else 0
+def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, shown: int, console: Console) -> bool:
+    """Print each round after the first `shown` as it finishes; True when the run completed."""
+    rounds = int(state.read(state.current)["config"]["federation.rounds"])
+    misses = 0
     while True:
         time.sleep(POLL_S)
-        run = flwr(state, "list", CONNECTION, "--run-id", run_id)["runs"][0]
-        records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+        if proc.poll() is not None:
+            raise FedmedError(f"the SuperLink stopped (exit {proc.returncode}; log {state.log}): `fedmed server start --resume` continues the run")
+        try:
+            run = flwr(state, "list", CONNECTION, "--run-id", run_id)["runs"][0]
+            misses = 0
+        except FedmedError:
+            misses += 1  # a busy SuperLink may miss one answer
+            if misses == 5:
+                raise
+            continue
+        records = _rounds(run_dir)
         for record in records[shown:]:
             console.print(_round_line(record, rounds))
         shown = len(records)
         status = str(run.get("status", ""))
         if status.startswith("finished"):
             if status != "finished:completed":
-                console.print(f"[red]the run {status.split(':')[-1]}[/red]: {run.get('status-details') or 'no details'} (ServerApp output: {state.log})")
+                console.print(f"[red]the run {status.split(':')[-1]}[/red]: {run.get('status-details') or 'no details'} (SuperLink log: {state.log})")
             return status == "finished:completed"
 
 
@@ -232,10 +252,10 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
         _write_app(state, flat, resume_from, nodes)
         run_id = str(flwr(state, "run", str(state.app), CONNECTION)["run-id"])
         atomic_write(state.current, json.dumps({"run_id": run_id, "run_dir": str(run_dir), "config": flat}, indent=2, sort_keys=True) + "\n")
-        rounds = int(flat["federation.rounds"])
-        action = f"resuming {run_dir} after round {checkpoint.load(run_dir).round}" if resume_from else f"run {run_id} -> {run_dir}"
-        console.print(f"{action}: {rounds} rounds, at least {flat['federation.min_hospitals'] or len(enrolled)} of {len(enrolled)} hospitals; waiting for them")
-        completed = _watch(state, run_id, run_dir, rounds, console)
+        done = checkpoint.load(run_dir).round if resume_from else 0
+        action = f"resuming {run_dir} after round {done}" if resume_from else f"run {run_id} -> {run_dir}"
+        console.print(f"{action}: {flat['federation.rounds']} rounds, at least {flat['federation.min_hospitals'] or len(enrolled)} of {len(enrolled)} hospitals; waiting for them")
+        completed = _watch(state, proc, run_id, run_dir, done, console)
         if completed:
             console.print(f"run finished: {run_dir}")
         return 0 if completed else 1
@@ -266,7 +286,7 @@ def status(cfg: FedmedConfig, console: Console) -> int:
         for node in nodes:
             table.add_row(names.get(str(node["node-id"]), "(not enrolled here)"), str(node["node-id"]), str(node["status"]))
         console.print(table)
-    records = read_metrics(Path(current["run_dir"])) if (Path(current["run_dir"]) / "metrics.jsonl").is_file() else []
+    records = _rounds(Path(current["run_dir"]))
     rounds = int(current["config"]["federation.rounds"])
     console.print(f"run {current['run_id']}: {run_status}; {len(records)} of {rounds} rounds done ({current['run_dir']})")
     if records:

@@ -7,6 +7,7 @@ about individual images (names, paths, pixels, per-image losses) leaves.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import replace
 
@@ -48,7 +49,11 @@ def _site(context: Context, cfg: FedmedConfig, local: FedmedConfig | None) -> Si
         # server (which sees this exception's text) learns only that the data failed.
         print(f"fedmed: this hospital's data cannot be used: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise FedmedError("this hospital's data cannot be used (the reason is in the hospital's own log)") from None
-    return site if local is None else replace(site, name=local.site.name)
+    if local is None:
+        return site
+    # Its own name, and a stream of its own for batches and noise: every real node's data is index 0.
+    stream = int.from_bytes(hashlib.sha256(local.site.name.encode()).digest()[:4], "big")
+    return replace(site, name=local.site.name, index=stream)
 
 
 LOCAL_STATE = "fedbn-local"  # in the node's context.state: this hospital's own normalisation layers

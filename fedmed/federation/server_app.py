@@ -70,8 +70,8 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
         min_evaluate_nodes=min(minimum, max(1, round(cfg.federation.fraction_evaluate * n))) if cfg.federation.fraction_evaluate else 0,
         min_available_nodes=minimum,
         ledger=ledger,
+        hospitals=n,
     )
-    strategy.names.update(nodes or {})
     last_test: dict = {}
     label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
     if previous is None:
@@ -83,6 +83,7 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
             client_dp.restore(previous.client_dp)
         last_test, label_counts = previous.server["last_test"], previous.server["label_counts"]
         initial = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
+    strategy.names.update(nodes or {})  # the operator's enrolment now, over the checkpoint's
 
     def note_hospitals(server_round: int) -> None:
         """(Re)write the heterogeneity report when hospitals report for the first time."""

@@ -68,7 +68,9 @@ class Recording:
     the global model as they were: hospitals never send them, and stops asking a
     hospital to train once it has declined (its privacy budget is spent)."""
 
-    def __init__(self, *, keep_local: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, keep_local: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, hospitals: int = 0, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
@@ -86,6 +88,7 @@ class Recording:
         self.dropped: dict[int, list[str]] = {}  # round -> hospitals asked to train that sent no update
         self.asked: list[Message] = []  # this round's training requests (their ids are set once sent)
         self._min_nodes = (self.min_train_nodes, self.min_available_nodes)
+        self.hospitals = hospitals or self.min_available_nodes  # all of them, not the minimum per round
 
     STATE = ("per_site", "failures", "federated_eval", "declined", "declined_nodes", "all_declined", "names", "dropped")
     OPTIMISER_STATE = ("m_t", "v_t")  # FedAdam / FedYogi: the server optimiser's moments
@@ -134,11 +137,11 @@ class Recording:
         if not self.declined_nodes:
             return super().configure_train(server_round, arrays, config, grid)
         min_train, min_available = self._min_nodes
-        available = min_available - len(self.declined_nodes)
+        available = self.hospitals - len(self.declined_nodes)
         if available <= 0:
             self.all_declined = True
             return []
-        self.min_train_nodes, self.min_available_nodes = min(min_train, available), available
+        self.min_train_nodes, self.min_available_nodes = min(min_train, available), min(min_available, available)
         try:
             return super().configure_train(server_round, arrays, config, _Without(grid, self.declined_nodes))
         finally:
@@ -180,7 +183,8 @@ class Recording:
         taken, declined = self._accept(server_round, replies)
         arrays, metrics = self._aggregate(server_round, taken)
         if self.ledger is not None and self.sent is not None:
-            self.ledger.train_round(server_round, self.sent, taken, declined, arrays, self._privacy())
+            silent = self.failures.get(server_round, []).count("no reply in time")
+            self.ledger.train_round(server_round, self.sent, taken, declined, arrays, self._privacy(), silent)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

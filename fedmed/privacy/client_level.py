@@ -31,6 +31,7 @@ class ClientLevelDP:
         # The divisor is fixed (hospitals asked per round), not the replies that arrived:
         # who replied must not change the noise.
         self.per_round = max(1, round(cfg.federation.fraction_train * hospitals))
+        self.reproducible = p.reproducible
         self.rng = np.random.default_rng([cfg.seed, 53]) if p.reproducible else np.random.default_rng()
 
     def aggregate(self, start: dict[str, np.ndarray], updated: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -63,9 +64,13 @@ class ClientLevelDP:
         }
 
     def state(self) -> dict:
-        """What a server checkpoint keeps: the privacy spent, and where the noise is."""
-        return {"ledger": self.ledger.to_record(), "rng": self.rng.bit_generator.state}
+        """What a server checkpoint keeps: the privacy spent and, only for reproducible
+        noise (seeded anyway), the generator's position. Secret noise's generator is never
+        written down (its state would let anyone replay every draw) and a resumed run
+        draws afresh, so a round re-run after a crash never repeats released noise."""
+        return {"ledger": self.ledger.to_record(), "rng": self.rng.bit_generator.state if self.reproducible else None}
 
     def restore(self, state: dict) -> None:
         self.ledger = Ledger.from_record(self.ledger.kind, state["ledger"])
-        self.rng.bit_generator.state = state["rng"]
+        if state.get("rng") is not None:
+            self.rng.bit_generator.state = state["rng"]

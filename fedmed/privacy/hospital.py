@@ -13,11 +13,11 @@ from fedmed.privacy.dpsgd import Plan, plan
 
 
 def budget(cfg: FedmedConfig, site: str, own: float = 0.0) -> float:
-    """The most epsilon this hospital spends (0: no limit): its own policy's
-    `site.max_epsilon` first, then its entry in `privacy.budgets`, then `privacy.budget`."""
-    if own:
-        return own
-    return parse_budgets(cfg.privacy.budgets).get(site, cfg.privacy.budget) if cfg.privacy.budgets else cfg.privacy.budget
+    """The most epsilon this hospital spends (0: no limit): the stricter of its own
+    policy's `site.max_epsilon` and what the server sets for it (its entry in
+    `privacy.budgets`, else `privacy.budget`)."""
+    theirs = parse_budgets(cfg.privacy.budgets).get(site, cfg.privacy.budget) if cfg.privacy.budgets else cfg.privacy.budget
+    return min(b for b in (own, theirs) if b) if (own or theirs) else 0.0
 
 
 @dataclass
