@@ -1,6 +1,6 @@
 """Checks run before starting a Flower process, so that a wrong path, an expired or
 foreign certificate, a busy port or an unreachable server is one clear line (exit 2)
-instead of a Flower process retrying forever."""
+instead of a Flower process retrying forever; and starting and stopping those processes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import socket
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,3 +104,14 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Ask a Flower process to stop; kill it if it has not within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -3,8 +3,7 @@ site config on its own machine (the node config's `site-config`), never from the
 
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
+import sys
 
 from fedmed.config import FedmedConfig, LabelsConfig, SkewConfig, load
 from fedmed.errors import FedmedError
@@ -12,20 +11,17 @@ from fedmed.errors import FedmedError
 SITE_CONFIG = "site-config"  # node config: the absolute path of the hospital's site config
 
 
-@lru_cache(maxsize=4)
-def _load(path: str, mtime: float) -> FedmedConfig:
-    return load(path)
-
-
 def site_settings(node_config: dict) -> FedmedConfig | None:
-    """The hospital's own config, or None for a simulated hospital."""
+    """The hospital's own config, or None for a simulated hospital. (Each request runs in
+    a fresh ClientApp process: read once per request.)"""
     if SITE_CONFIG not in node_config:
         return None
-    path = Path(str(node_config[SITE_CONFIG]))
     try:
-        return _load(str(path), path.stat().st_mtime)
-    except OSError as exc:
-        raise FedmedError(f"this node's site config cannot be read: {exc.strerror}") from None
+        return load(str(node_config[SITE_CONFIG]))
+    except FedmedError as exc:
+        # The reason names local paths: it stays in this node's log; the server learns only that it failed.
+        print(f"fedmed: this node's site config cannot be used: {exc}", file=sys.stderr)
+        raise FedmedError("this node's site config cannot be used (the reason is in the hospital's own log)") from None
 
 
 def hospital_config(federation: FedmedConfig, local: FedmedConfig) -> FedmedConfig:

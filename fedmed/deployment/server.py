@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +23,15 @@ CONNECTION = "fedmed"  # the SuperLink connection's name in the state folder's F
 POLL_S = 3.0
 
 
-@dataclass(frozen=True)
 class State:
     """The server's state folder: the SuperLink's database and log, the Flower home the
     `flwr` commands use, the app bundle's source, and the current run."""
 
-    root: Path
-
-    @property
-    def database(self) -> Path:
-        return self.root / "superlink.db"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "superlink.log"
-
-    @property
-    def home(self) -> Path:
-        return self.root / "flwr"
-
-    @property
-    def app(self) -> Path:
-        return self.root / "app"
-
-    @property
-    def current(self) -> Path:
-        return self.root / "current.json"
-
-    @property
-    def nodes(self) -> Path:
-        return self.root / "nodes.json"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.database, self.log = root / "superlink.db", root / "superlink.log"
+        self.home, self.app = root / "flwr", root / "app"
+        self.current, self.nodes = root / "current.json", root / "nodes.json"
 
     def read(self, path: Path) -> dict[str, Any]:
         try:
@@ -199,16 +177,6 @@ def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, sho
             return status == "finished:completed"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _run_config(cfg: FedmedConfig, state: State, enrolled: int, resume: bool) -> tuple[dict[str, Any], str]:
     """The run's flat settings and, resuming, the run directory to resume."""
     flat = cfg.flat()
@@ -263,7 +231,7 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
         console.print(f"stopped; `fedmed server start --config ... --resume` continues after the last finished round ({run_dir})")
         return 130
     finally:
-        _stop(proc)
+        checks.stop(proc)
 
 
 def status(cfg: FedmedConfig, console: Console) -> int:

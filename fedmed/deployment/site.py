@@ -114,10 +114,5 @@ def _run_node(command: list[str], log: Path) -> int | None:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        checks.stop(proc)
         return None

@@ -102,15 +102,15 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
         """The server's test of the round's model, and the round's record."""
         nonlocal last_test
-        for site, why in sorted(strategy.declined.items()):
-            if why["round"] == server_round:
-                reporter.console.print(f"round {server_round}: {site} declined to train: {why['reason']}")
+        declined = {site: why["reason"] for site, why in sorted(strategy.declined.items()) if why["round"] == server_round}
+        for site, reason in declined.items():
+            reporter.console.print(f"round {server_round}: {site} declined to train: {reason}")
         for site in strategy.dropped.get(server_round, []):
             reporter.console.print(f"round {server_round}: {site} dropped out (no update); the round goes on without it")
         if strategy.all_declined:  # every hospital has spent its budget: the model no longer changes
             return
         if not any("train" in site for site in strategy.per_site.get(server_round, {}).values()):
-            if not strategy.failures.get(server_round) and any(w["round"] == server_round for w in strategy.declined.values()):
+            if not strategy.failures.get(server_round) and declined:
                 reporter.console.print(f"round {server_round}: every hospital asked declined; the model stays as it is")
                 return
             reasons = "; ".join(sorted(set(strategy.failures.get(server_round, ["no reply in time"]))))
@@ -130,8 +130,8 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
                 server_round, took, elapsed, last_test, hospitals, federated_eval=federated,
                 failures=len(strategy.failures.get(server_round, [])),
                 dropped=sorted(strategy.dropped.get(server_round, [])),
-                declined=sorted(s for s, why in strategy.declined.items() if why["round"] == server_round),
-                declined_reasons={s: why["reason"] for s, why in sorted(strategy.declined.items()) if why["round"] == server_round},
+                declined=sorted(declined),
+                declined_reasons=declined,
                 **({"privacy": client_dp.metrics()} if client_dp else {}),
             )
         )
