@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench reference clean
 
 install: $(VENV)/.installed
 
@@ -17,14 +17,23 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmed simulate simulations/quickstart.toml
 
+# The layers contract and the linter first (seconds), then the suite on both cores: the
+# deployment tests on one worker, the Ray tests on the other, the rest beside them
+# (tests/conftest.py's scheduler).
 test: install
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check fedmed tests benchmarks
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -n 2 --durations=15
 
 bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/data_load.py
 	$(BIN)/python benchmarks/dp_overhead.py
 	$(BIN)/python benchmarks/audit.py
+
+# docs/config.md and pyproject.toml's Flower run config, from the config schema.
+reference: install
+	$(BIN)/python -m fedmed.reference
 
 clean:
 	rm -rf $(VENV) runs

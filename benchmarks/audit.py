@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedmed import config as config_mod
 from fedmed.federation.simulation import run_simulation
+from fedmed.run.directory import RunDirectory
 
 
 def main() -> None:
@@ -29,13 +30,13 @@ def main() -> None:
         started = time.perf_counter()
         run = run_simulation(cfg)
         print(f"training: {time.perf_counter() - started:.1f} s -> {run}")
-    ledgers = sorted((run / "ledgers").glob("*/*.jsonl"))
+    ledgers = sorted((run / RunDirectory.LEDGERS).glob("*/*.jsonl"))
     records = sum(len(p.read_text().splitlines()) for p in ledgers)
-    updates = sum(p.stat().st_size for p in (run / "updates").glob("*.npz")) / 2**20
+    updates = sum(p.stat().st_size for p in (run / RunDirectory.UPDATES).glob("*.npz")) / 2**20
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fedmed.cli", "audit", str(run)], capture_output=True, text=True)
     wall = time.perf_counter() - started
-    report = json.loads((run / "audit.json").read_text())
+    report = json.loads((run / RunDirectory.AUDIT).read_text())
     print(f"ledgers: {len(ledgers)} ({records} records); saved updates: {updates:.1f} MiB")
     print(f"audit exit code: {done.returncode} ({'passed' if report['passed'] else 'FAILED'})")
     print(f"audit checks: {report['seconds']:.2f} s")

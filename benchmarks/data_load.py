@@ -69,7 +69,7 @@ def plan(total: int) -> list[tuple[str, str, int]]:
     # Largest remainders get the images left over, so the counts add up to `total`.
     for i in sorted(range(len(cells)), key=lambda i: exact[i] - counts[i], reverse=True)[: total - sum(counts)]:
         counts[i] += 1
-    return [(split, name, n) for (split, name, _), n in zip(cells, counts)]
+    return [(split, name, n) for (split, name, _), n in zip(cells, counts, strict=True)]
 
 
 def _init_worker(seed: int) -> None:

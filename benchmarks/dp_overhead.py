@@ -17,17 +17,17 @@ import time
 import torch
 
 from fedmed import config as config_mod
-from fedmed.data.sites import ensure_data, num_classes, site_data
+from fedmed.data.sites import ensure_data, site_data
 from fedmed.models import build_model
-from fedmed.privacy.dpsgd import plan
-from fedmed.training.local import train
+from fedmed.privacy.dpsgd import DPSGD, plan
+from fedmed.training.loop import train
 
 
 def throughput(cfg: config_mod.FedmedConfig, x: torch.Tensor, y: torch.Tensor, private: bool, seed: int) -> float:
-    model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
-    p = plan(cfg, len(y)) if private else None
+    model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
+    dp = DPSGD(plan(cfg, len(y))) if private else None
     start = time.perf_counter()
-    stats = train(model, x, y, cfg.train, seed=seed, private=p)
+    stats = train(model, x, y, cfg.train, seed=seed, private=dp)
     return stats.examples / (time.perf_counter() - start)
 
 

@@ -12,7 +12,6 @@ cached. Prints wall times, their ratio, time to the first round and peak memory
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from fedmed.run.directory import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "simulations" / "quickstart.toml"
@@ -68,8 +69,8 @@ def run(mode: str, out: Path, overrides: list[str]) -> dict:
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"{mode} run failed:\n{output}")
-    records = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((out / mode / "summary.json").read_text())
+    run = RunDirectory(out / mode)
+    records, summary = run.rounds(), run.summary()
     return {
         "wall": wall,
         "first_round": records[0]["finished_at"] - start,

@@ -14,15 +14,15 @@ import time
 import numpy as np
 import torch
 
-from fedmed import heterogeneity
 from fedmed.config import FedmedConfig
-from fedmed.data.sites import SiteData, Split, ensure_data, global_test, num_classes, site_data
+from fedmed.data.sites import SiteData, Split, describe, ensure_data, global_test, site_data
 from fedmed.models import build_model
-from fedmed.outputs import RunDirectory, resolve_run_name
-from fedmed.progress import RoundReporter
-from fedmed.reporting import round_record, summary
+from fedmed.run import heterogeneity
+from fedmed.run.directory import RunDirectory, resolve_run_name
+from fedmed.run.progress import RoundReporter
+from fedmed.run.record import round_record, summary
 from fedmed.seeds import derive_seed
-from fedmed.training.local import evaluate, resolve_device, train
+from fedmed.training.loop import evaluate, resolve_device, train
 from fedmed.training.partial import known_labels
 
 
@@ -54,7 +54,7 @@ def pool(splits: list[Split]) -> Split:
 def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
     pooled = pool([s.train for s in sites])
     x, y = pooled.x, pooled.y
-    model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
+    model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     reporter = RoundReporter(cfg.federation.rounds, f"fedmed: pooled baseline, {len(y)} images -> {out.path}")
     metrics: dict = {}
     for rnd in range(1, cfg.federation.rounds + 1):
@@ -71,7 +71,7 @@ def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test
 
 
 def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
-    models = {s.name: build_model(cfg.model, num_classes(cfg), seed=cfg.seed) for s in sites}
+    models = {s.name: build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed) for s in sites}
     reporter = RoundReporter(cfg.federation.rounds, f"fedmed: local-only baseline, {len(sites)} hospitals -> {out.path}")
     hospitals: dict = {}
     for rnd in range(1, cfg.federation.rounds + 1):
@@ -112,12 +112,12 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     ensure_data(cfg, announce=print)
     out = RunDirectory.create(cfg)
     sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
-    counts = {s.name: np.bincount(s.train.y[s.train.y >= 0].numpy(), minlength=num_classes(cfg)).tolist() for s in sites}
-    rep = heterogeneity.report(counts, cfg.data.class_names())
-    heterogeneity.write(out.path, rep)
+    counts = {s.name: np.bincount(s.train.y[s.train.y >= 0].numpy(), minlength=cfg.data.num_classes).tolist() for s in sites}
+    rep = heterogeneity.report(counts, cfg.data.classes)
+    heterogeneity.write(out, rep)
     test = global_test(cfg)
     runner = run_pooled if cfg.federation.mode == "pooled" else run_local
     result = runner(cfg, out, sites, test)
-    out.write_summary(summary(cfg, result["test"], result["per_hospital"], time.time() - started))
-    print(f"run directory: {out.path}")  # noqa: T201
+    out.write_summary(summary(cfg, describe(cfg), result["test"], result["per_hospital"], time.time() - started))
+    print(f"run directory: {out.path}")
     return out

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
-from typing import Annotated, Any, Optional
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -58,10 +58,10 @@ def _fail(message: str) -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[Optional[Path], typer.Argument(help="TOML config (default: the quickstart settings).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="TOML config (default: the quickstart settings).")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override one value: section.key=value (repeatable).")] = [],  # noqa: B006
-    out: Annotated[Optional[Path], typer.Option("--out", help="Parent folder for the run directory (output.dir).")] = None,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Attach to a running Ray cluster HOST:PORT.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Parent folder for the run directory (output.dir).")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Attach to a running Ray cluster HOST:PORT.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's own logs.")] = False,
 ) -> None:
     """Train across simulated hospitals (or a baseline: federation.mode = pooled | local)."""
@@ -86,7 +86,7 @@ def simulate(
 @app.command()
 def sweep(
     study: Annotated[Path, typer.Argument(help="Study file: a fedmed config plus a [sweep] table.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the cells and results (default: runs/studies/STUDY).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the cells and results (default: runs/studies/STUDY).")] = None,
 ) -> None:
     """Run a study's grid (variants x grid x seeds), skipping cells already done, then write
     results.csv, results.md (mean ± std over seeds) and plots."""
@@ -101,7 +101,7 @@ def sweep(
 def audit(
     paths: Annotated[list[Path], typer.Argument(help="A run directory, or ledger files (*.jsonl) and public keys (*.pub) from a deployment.")],
     empirical: Annotated[bool, typer.Option("--empirical", help="Also score the run's canaries: an empirical lower bound on epsilon.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for audit.json and audit.md (default: the run directory, else here).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for audit.json and audit.md (default: the run directory, else here).")] = None,
 ) -> None:
     """Verify a training's ledgers: chains and signatures, cross-recorded checkpoints, model
     digests, privacy claims (recomputed with dp-accounting) and leakage of patient data.
@@ -141,7 +141,7 @@ def certs_site(
 @data_app.command("make-demo")
 def make_demo(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the hospitals' images into.")],
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config whose [data] and seed to use.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML config whose [data] and seed to use.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override one value: section.key=value.")] = [],  # noqa: B006
 ) -> None:
     """Write the demo hospitals as PNGs in the Kaggle layout, plus a contact sheet."""
@@ -157,7 +157,7 @@ def make_demo(
 def data_check(
     path: Annotated[Path, typer.Argument(help="The dataset: a folder, or an .npz file.")],
     format_: Annotated[str, typer.Option("--format", help="auto | imagefolder | nifti | dicom | npz")] = "auto",
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config whose [data] settings to use.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML config whose [data] settings to use.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override one value: section.key=value.")] = [],  # noqa: B006
     strict: Annotated[bool, typer.Option("--strict", help="Fail if any file had to be skipped.")] = False,
 ) -> None:
@@ -222,12 +222,11 @@ def model_digest(config: ConfigOption = Path("server/federation.toml")) -> None:
     """The SHA-256 of the model architecture a config trains: what a hospital lists in
     site.models to accept it."""
     from fedmed import config as config_mod
-    from fedmed.audit.digests import architecture_digest
-    from fedmed.data.sites import num_classes
+    from fedmed.ledger.digests import architecture_digest
     from fedmed.models import build_model
 
     cfg = config_mod.load(config)
-    typer.echo(architecture_digest(build_model(cfg.model, num_classes(cfg), seed=0)))
+    typer.echo(architecture_digest(build_model(cfg.model, cfg.data.num_classes, seed=0)))
 
 
 def main() -> None:

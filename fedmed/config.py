@@ -1,8 +1,10 @@
 """The one configuration schema shared by simulations, sites and the server.
 
 A config is a TOML file with the sections below; every field has a default, so an
-empty file is the quickstart. Flower carries the same config as a flat run config
-(`"federation.rounds": 10`), so every value is a scalar.
+empty file is the quickstart. Values are typed once, here: list-valued settings
+(`data.classes`, `privacy.budgets`, ...) are tuples after validation. Flower carries the
+same config as a flat run config (`"federation.rounds": 10`), where every value is a
+scalar: `flat()` writes the lists back as comma-joined strings, `from_flat` reads them.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
 
 from fedmed.errors import FedmedError
 
@@ -24,7 +26,48 @@ class _Section(BaseModel):
 
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a hospital's name: it names files
-DEFAULT_CLASSES = "glioma,meningioma,no_tumour,pituitary"
+DEFAULT_CLASSES = ("glioma", "meningioma", "no_tumour", "pituitary")
+TUMOUR_FREE = "no_tumour"  # the class coarse labels know apart from the tumours
+
+
+def _items(value: Any) -> Any:
+    """`"a, b"` (a TOML string, or Flower's wire) -> ("a", "b"); a TOML array -> a tuple."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _pairs(separator: str, number: bool) -> BeforeValidator:
+    """`"k1<sep>v1, k2<sep>v2"` -> (("k1", v1), ("k2", v2)); a malformed item is left as
+    it is, for the section's validator to name."""
+
+    def parse(value: Any) -> Any:
+        out = []
+        for item in _items(value) if isinstance(value, str) else value:
+            if not isinstance(item, str):
+                out.append(item)
+                continue
+            key, sep, raw = item.partition(separator)
+            try:
+                out.append((key.strip(), float(raw) if number else raw.strip()) if sep and key.strip() and raw.strip() else item)
+            except ValueError:
+                out.append(item)
+        return tuple(out)
+
+    return BeforeValidator(parse)
+
+
+def _joined(separator: str) -> PlainSerializer:
+    def join(value: tuple) -> str:
+        return ",".join(item if isinstance(item, str) else f"{item[0]}{separator}{item[1]}" for item in value)
+
+    return PlainSerializer(join, return_type=str)
+
+
+Names = Annotated[tuple[str, ...], BeforeValidator(_items), _joined("")]
+# Malformed items stay strings until the section's validator names them.
+Aliases = Annotated[tuple[tuple[str, str] | str, ...], _pairs(":", number=False), _joined(":")]
+Budgets = Annotated[tuple[tuple[str, float] | str, ...], _pairs("=", number=True), _joined("=")]
 
 
 class DataConfig(_Section):
@@ -37,9 +80,9 @@ class DataConfig(_Section):
     format: Literal["auto", "imagefolder", "nifti", "dicom", "npz"] = Field(
         "auto", description="`auto` (from the files found), `imagefolder`, `nifti`, `dicom` or `npz`."
     )
-    classes: str = Field(DEFAULT_CLASSES, description="Class names, comma-separated, in label order.")
-    class_map: str = Field(
-        "",
+    classes: Names = Field(DEFAULT_CLASSES, description="Class names, comma-separated, in label order.")
+    class_map: Aliases = Field(
+        (),
         description="Extra folder-name aliases, `folder:class` comma-separated (built in: `notumor`, `no_tumor`, `*_tumor`).",
     )
     labels_csv: str = Field(
@@ -74,17 +117,26 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
-        names = self.class_names()
-        if len(names) < 2 or len(set(names)) != len(names) or not all(names):
-            raise ValueError(f"data.classes needs two or more distinct names, comma-separated (got {self.classes!r})")
-        if self.source == "demo" and ",".join(names) != DEFAULT_CLASSES:
-            raise ValueError(f"the demo data has the classes {DEFAULT_CLASSES}; data.classes applies to source = disk")
+        names = self.classes
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"data.classes needs two or more distinct names, comma-separated (got {','.join(names)!r})")
+        if self.source == "demo" and names != DEFAULT_CLASSES:
+            raise ValueError(f"the demo data has the classes {','.join(DEFAULT_CLASSES)}; data.classes applies to source = disk")
         if self.source == "disk" and not self.path:
             raise ValueError("data.source = disk needs data.path (the dataset's folder or .npz file)")
+        for item in self.class_map:
+            if isinstance(item, str) or item[1] not in names:
+                shown = item if isinstance(item, str) else ":".join(item)
+                raise ValueError(f"data.class_map entry {shown!r} must be `folder:class` with class one of {', '.join(names)}")
         return self
 
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(c.strip() for c in self.classes.split(","))
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def aliases(self) -> dict[str, str]:
+        """`data.class_map` as folder name -> class."""
+        return dict(self.class_map)  # type: ignore[arg-type]  # validated: pairs only
 
 
 class SkewConfig(_Section):
@@ -118,7 +170,7 @@ class LabelsConfig(_Section):
     )
     hospitals: float = Field(0.5, gt=0, le=1, description="Share of hospitals the scenario applies to (chosen by `seed`); the others are fully labelled.")
     fraction: float = Field(0.3, ge=0, le=1, description="`fraction`: share of an affected hospital's images that carry a label.")
-    annotated: str = Field("glioma,no_tumour", description="`subset`: the classes affected hospitals annotate, comma-separated.")
+    annotated: Names = Field(("glioma", "no_tumour"), description="`subset`: the classes affected hospitals annotate, comma-separated.")
     unlabelled: Literal["ignore", "pseudo"] = Field(
         "ignore", description="Images without a (full) label: `ignore` them, or `pseudo`-label them with the received global model (a `subset` hospital's unknown image may take any class, and then trains over all classes)."
     )
@@ -136,7 +188,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Local training, the same at every hospital and in the baselines."""
+    """Training at each hospital, the same everywhere and in the baselines."""
 
     local_epochs: int = Field(1, ge=1, le=1000, description="Passes over a hospital's data per round.")
     batch_size: int = Field(4, ge=1, le=4096, description="Mini-batch size.")
@@ -191,8 +243,8 @@ class PrivacyConfig(_Section):
     budget: float = Field(
         0.0, ge=0, description="`sample`: the most epsilon each hospital will spend in a run; a hospital declines a round that would exceed it. 0: no limit."
     )
-    budgets: str = Field(
-        "", description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated (a real node's own `site.max_epsilon` applies where stricter)."
+    budgets: Budgets = Field(
+        (), description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated (a real node's own `site.max_epsilon` applies where stricter)."
     )
     reproducible: bool = Field(
         False,
@@ -204,6 +256,18 @@ class PrivacyConfig(_Section):
         le=10000,
         description="Empirical privacy audit: this many synthetic canary images, each added to the first hospital's training data with probability 1/2; `fedmed audit --empirical` scores them (needs `output.save_model`). 0: none; otherwise at least 8 (a few hundred give a useful bound).",
     )
+
+    @model_validator(mode="after")
+    def _budgets_are_pairs(self) -> PrivacyConfig:
+        for item in self.budgets:
+            if isinstance(item, str) or item[1] <= 0:
+                shown = item if isinstance(item, str) else f"{item[0]}={item[1]:g}"
+                raise ValueError(f"privacy.budgets expects hospital=epsilon pairs with epsilon > 0, comma-separated (got {shown!r})")
+        return self
+
+    def budget_for(self, hospital: str) -> float:
+        """What the server sets for this hospital: its `budgets` entry, else `budget` (0: none)."""
+        return dict(self.budgets).get(hospital, self.budget)  # type: ignore[arg-type]  # validated: pairs only
 
 
 class SimulationConfig(_Section):
@@ -249,11 +313,11 @@ class SiteConfig(_Section):
         0.0, ge=0, description="Policy: the most epsilon this hospital spends in a run; it then requires sample-level DP with secret noise. 0: no DP required."
     )
     min_noise: float = Field(0.0, ge=0, description="Policy: the smallest DP-SGD noise multiplier (sigma) it accepts; it then requires sample-level DP. 0: any.")
-    models: str = Field(
-        "", description="Policy: architecture digests it accepts (`fedmed model-digest`), comma-separated. Empty: any."
+    models: Names = Field(
+        (), description="Policy: architecture digests it accepts (`fedmed model-digest`), comma-separated. Empty: any."
     )
     max_rounds: int = Field(0, ge=0, description="Policy: the last round it trains in; later rounds are declined. 0: no limit.")
-    port: int = Field(0, ge=0, le=65535, description="Local port of the node's ClientApp API (loopback only). 0: a free one.")
+    port: int = Field(0, ge=0, le=65535, description="Port of the node's ClientApp API on this machine (loopback only). 0: a free one.")
 
     @model_validator(mode="after")
     def _named_safely(self) -> SiteConfig:
@@ -266,7 +330,7 @@ RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federati
 # Where things are on this machine: not part of what a run is, never written to a run directory.
 REDACTED = "<local, not recorded>"
 PATH_KEYS = ("data.path", "data.labels_csv", "data.cache_dir")
-LOCAL_KEYS = (*PATH_KEYS, "data.workers")
+MACHINE_KEYS = (*PATH_KEYS, "data.workers")
 
 
 class FedmedConfig(_Section):
@@ -294,6 +358,19 @@ class FedmedConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _labels_fit_the_classes(self) -> FedmedConfig:
+        names = self.data.classes
+        if self.labels.scenario == "subset":
+            unknown = [c for c in self.labels.annotated if c not in names]
+            if unknown or not self.labels.annotated:
+                raise ValueError(f"labels.annotated names {', '.join(unknown) or 'no class'}: choose among {', '.join(names)}")
+            if len(self.labels.annotated) < 2:
+                raise ValueError("labels.annotated needs two or more classes: a softmax over one class learns nothing")
+        if self.labels.scenario == "coarse" and TUMOUR_FREE not in names:
+            raise ValueError(f"labels.scenario = coarse needs a `{TUMOUR_FREE}` class in data.classes")
+        return self
+
+    @model_validator(mode="after")
     def _privacy_fits(self) -> FedmedConfig:
         private = self.privacy.mode
         if private != "off" and self.model.name == "cnn" and self.model.norm == "batch":
@@ -302,8 +379,6 @@ class FedmedConfig(_Section):
             raise ValueError("privacy.mode = client averages the updates itself (DP-FedAvg): use federation.strategy fedavg, fedprox or fedbn")
         if private != "off" and self.federation.mode != "federated":
             raise ValueError(f"privacy.mode = {private} applies to federated runs; the {self.federation.mode} baseline has no privacy")
-        if self.privacy.budgets:
-            parse_budgets(self.privacy.budgets)
         if self.federation.min_hospitals > self.data.hospitals:
             raise ValueError(
                 f"federation.min_hospitals ({self.federation.min_hospitals}) is more than data.hospitals ({self.data.hospitals})"
@@ -322,32 +397,17 @@ class FedmedConfig(_Section):
 
     def digest(self) -> str:
         """SHA-256 of the settings that decide the results (not where outputs go)."""
-        flat = {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS and k not in LOCAL_KEYS}
+        flat = {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS and k not in MACHINE_KEYS}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
     def shareable(self) -> dict[str, Any]:
-        """The flat config with local paths replaced: what a run directory records."""
+        """The flat config with paths on this machine replaced: what a run directory records."""
         return {k: (REDACTED if k in PATH_KEYS and v else v) for k, v in self.flat().items()}
 
     def for_hospitals(self) -> dict[str, Any]:
         """What the server sends each hospital: the settings that decide results. Simulated
         hospitals also find their data through it (data.path is the researcher's own)."""
         return {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS}
-
-
-def parse_budgets(text: str) -> dict[str, float]:
-    """`hospital-02=2.0,hospital-05=4` -> {"hospital-02": 2.0, ...}."""
-    out: dict[str, float] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        try:
-            budget = float(value) if sep and name.strip() else -1.0
-        except ValueError:
-            budget = -1.0
-        if budget <= 0:
-            raise ValueError(f"privacy.budgets expects hospital=epsilon pairs with epsilon > 0, comma-separated (got {item.strip()!r})")
-        out[name.strip()] = budget
-    return out
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -382,9 +442,10 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown config key `{loc}` (known here: {known})"
     got = error.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict) else ""
-    if not loc:
-        return error["msg"].removeprefix("Value error, ")
-    return f"`{loc}`: {error['msg'].removeprefix('Value error, ')}{shown}"
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc or message.startswith(f"{loc}."):  # a section's own check names its key
+        return message
+    return f"`{loc}`: {message}{shown}"
 
 
 def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -456,7 +517,9 @@ def load(
 
 
 def reference() -> list[tuple[str, str, str]]:
-    """(key, default, description) for every field: the config reference in the docs."""
+    """(key, default as it is written in TOML, description) for every field: the config
+    reference in the docs (`docs/config.md`)."""
+    defaults = FedmedConfig().flat()
     rows = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -464,7 +527,8 @@ def reference() -> list[tuple[str, str, str]]:
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 walk(field.annotation, f"{prefix}{name}.")
             else:
-                rows.append((f"{prefix}{name}", json.dumps(field.default), field.description or ""))
+                key = f"{prefix}{name}"
+                rows.append((key, json.dumps(defaults[key]), field.description or ""))
 
     walk(FedmedConfig, "")
     return rows

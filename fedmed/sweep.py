@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmed import config as config_mod
 from fedmed.errors import FedmedError
+from fedmed.run.directory import RunDirectory, atomic_write
 
 Scalar = bool | int | float | str
 
@@ -96,7 +97,7 @@ def cells(spec: SweepSpec) -> list[Cell]:
         if both:
             raise FedmedError(f"study error: {both[0]} is set by a variant and by the grid: keep it in one of them")
         for values in itertools.product(*(spec.grid[k] for k in keys)):
-            settings = {**variant, **dict(zip(keys, values))}
+            settings = {**variant, **dict(zip(keys, values, strict=True))}
             out += [Cell(settings, seed) for seed in spec.seeds]
     return out
 
@@ -104,11 +105,11 @@ def cells(spec: SweepSpec) -> list[Cell]:
 def finished(base: dict[str, Any], cell: Cell, out: Path) -> bool:
     """Done, with the settings the study now asks for (a cell run before the study file
     changed is run again)."""
-    summary = out / "cells" / cell.name / "summary.json"
-    if not summary.is_file():
+    run = RunDirectory(out / "cells" / cell.name)
+    if not (run / RunDirectory.SUMMARY).is_file():
         return False
     expected = config_mod.from_flat({**base, **cell.settings, "seed": cell.seed}).digest()
-    return json.loads(summary.read_text(encoding="utf-8")).get("config_sha256") == expected
+    return run.summary().get("config_sha256") == expected
 
 
 def run_cell(base: dict[str, Any], cell: Cell, out: Path) -> dict[str, Any]:
@@ -117,17 +118,17 @@ def run_cell(base: dict[str, Any], cell: Cell, out: Path) -> dict[str, Any]:
     flat = {**base, **cell.settings, "seed": cell.seed, "output.dir": str(folder), "output.name": cell.name}
     cfg_path = folder / f".{cell.name}.toml"
     folder.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(tomli_w.dumps(config_mod.unflatten(flat)), encoding="utf-8")
-    run_dir = folder / cell.name
-    if run_dir.exists():  # interrupted, or run with other settings: start it again
-        shutil.rmtree(run_dir)
+    atomic_write(cfg_path, tomli_w.dumps(config_mod.unflatten(flat)))
+    run_dir = RunDirectory(folder / cell.name)
+    if run_dir.path.exists():  # interrupted, or run with other settings: start it again
+        shutil.rmtree(run_dir.path)
     log = folder / f".{cell.name}.log"
     with log.open("w", encoding="utf-8") as handle:
         result = subprocess.run([sys.executable, "-m", "fedmed.cli", "simulate", str(cfg_path)], stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         last = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()][-1:] or ["no output"]
         raise FedmedError(f"cell {cell.label} seed {cell.seed} failed: {last[0]} (log: {log})")
-    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return run_dir.summary()
 
 
 def run_sweep(study: Path, out: Path) -> Path:
@@ -153,9 +154,8 @@ def run_sweep(study: Path, out: Path) -> Path:
 
 
 def _row(cell: Cell, out: Path) -> dict[str, Any]:
-    run = out / "cells" / cell.name
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    run = RunDirectory(out / "cells" / cell.name)
+    summary, rounds = run.summary(), run.rounds()
     # Accuracy on the hospitals' own test sets, pooled: FedAvg's federated evaluation, and
     # the same measure for FedBN (its global model keeps untrained normalisation layers)
     # and for the baselines.
@@ -165,7 +165,7 @@ def _row(cell: Cell, out: Path) -> dict[str, Any]:
         evals = [h["eval"] for h in (rounds[-1]["hospitals"].values() if rounds else []) if "eval" in h]
         total = sum(e["examples"] for e in evals)
         hospital_acc = sum(e["accuracy"] * e["examples"] for e in evals) / total if total else None
-    hetero = run / "heterogeneity.json"
+    hetero = run.heterogeneity()
     return {
         "cell": cell.label,
         "seed": cell.seed,
@@ -174,7 +174,7 @@ def _row(cell: Cell, out: Path) -> dict[str, Any]:
         "macro_f1": summary["test"].get("macro_f1"),
         "auroc": summary["test"].get("auroc"),
         "hospital_test_accuracy": hospital_acc,
-        "heterogeneity": json.loads(hetero.read_text())["index"] if hetero.exists() else None,
+        "heterogeneity": hetero["index"] if hetero else None,
         "wall_s": summary.get("wall_seconds"),
         "round_accuracy": [r["test"]["accuracy"] for r in rounds],
     }
@@ -250,7 +250,7 @@ def _lines(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
 
     series_key = spec.series or next(iter(spec.grid))
     by_series: dict[str, dict[str, list[float]]] = {}
-    for cell, row in zip(todo, rows):
+    for cell, row in zip(todo, rows, strict=True):
         series = str(cell.settings.get(series_key, "all"))
         x = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.settings.items() if k != series_key) or "base"
         by_series.setdefault(series, {}).setdefault(x, []).append(row[spec.metric])

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny federation that trains in seconds, with its own data cache."""
+"""Shared fixtures: a tiny federation that trains in seconds, with its own data cache;
+one Ray head for the session; the command line run in this process."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -10,14 +12,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from fedmed import config as config_mod  # noqa: E402
+from fedmed import config as config_mod
 
 TINY = [
     "data.image_size=32",
@@ -30,15 +34,45 @@ TINY = [
 ]
 
 
+# Test files that must share one worker under `pytest -n 2`: the Ray tests share the
+# session's Ray head and DP run; the deployment tests' federations are one module fixture.
+WORKER_GROUPS = {
+    "test_deployment.py": "deployment",
+    "test_simulation.py": "ray",
+    "test_privacy_simulation.py": "ray",
+    "test_audit.py": "ray",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scope scheduling, the scopes being WORKER_GROUPS and otherwise single
+    tests. (xdist 3.8's own `--dist loadgroup` marks no longer group under pytest 9.2.)
+    The largest scopes go first: the Ray tests and the deployment tests start at once,
+    one on each worker, and the short tests fill in beside them."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Grouped(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return WORKER_GROUPS.get(Path(nodeid.split("::")[0]).name, nodeid)
+
+    return Grouped(config, log)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("fedmed-cache"))
 
 
+@dataclass(frozen=True)
+class RayHead:
+    address: str
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
-def ray_head_on_loopback() -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real Ray head on a free loopback port, as a user's cluster: yields its address and
-    process; stopped and cleaned up on exit."""
+def ray_head_on_loopback() -> Iterator[RayHead]:
+    """A real Ray head on a free loopback port, as a user's cluster; stopped and cleaned
+    up on exit."""
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="fedmed-ray-", dir="/tmp")  # Ray's sockets need a short path
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
@@ -50,7 +84,7 @@ def ray_head_on_loopback() -> Iterator[tuple[str, subprocess.Popen]]:
         )
     try:
         wait_for_port(port, timeout=90, alive=head)
-        yield f"127.0.0.1:{port}", head
+        yield RayHead(f"127.0.0.1:{port}", head)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -62,24 +96,91 @@ def ray_head_on_loopback() -> Iterator[tuple[str, subprocess.Popen]]:
 
 
 @pytest.fixture(scope="session")
-def ray_head() -> Iterator[str]:
-    """One Ray head for the whole session: each simulation attaches to it
-    (`simulation.ray_address`) instead of starting and stopping its own Ray, which saves
-    about 10 s a simulation. The sweep and CLI tests still run fedmed's own Ray."""
-    with ray_head_on_loopback() as (address, _):
-        yield address
+def ray_head() -> Iterator[RayHead]:
+    """One Ray head for the session, as a user's cluster: every Ray simulation attaches to
+    it (`simulation.ray_address`) instead of starting and stopping its own."""
+    with ray_head_on_loopback() as head:
+        yield head
 
 
 @pytest.fixture
-def tiny_config(cache_dir, tmp_path, request):
-    """3 hospitals, 32x32 images, 2 rounds; outputs under tmp_path/runs. Slow tests (the
-    simulations) attach to the session's Ray head."""
-    shared = [f"simulation.ray_address='{request.getfixturevalue('ray_head')}'"] if request.node.get_closest_marker("slow") else []
+def tiny_config(cache_dir, tmp_path):
+    """3 hospitals, 32x32 images, 2 rounds; outputs under tmp_path/runs."""
 
     def make(*extra: str) -> config_mod.FedmedConfig:
-        return config_mod.load(None, [*TINY, *shared, *extra], {"data.cache_dir": cache_dir, "output.dir": str(tmp_path / "runs")})
+        return config_mod.load(None, [*TINY, *extra], {"data.cache_dir": cache_dir, "output.dir": str(tmp_path / "runs")})
 
     return make
+
+
+@pytest.fixture
+def ray_config(tiny_config, ray_head):
+    """A tiny config whose simulation runs on the session's Ray head."""
+
+    def make(*extra: str) -> config_mod.FedmedConfig:
+        return tiny_config(f"simulation.ray_address='{ray_head.address}'", *extra)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dp_run(cache_dir, ray_head, tmp_path_factory) -> Path:
+    """One real Ray simulation with DP-SGD that several tests read: 3 hospitals, 3 rounds
+    at epsilon 6 (PRV accountant); hospital-02's budget allows one round only, so it
+    declines round 2 and the others go on."""
+    from fedmed.federation.simulation import run_simulation
+    from fedmed.privacy.accounting import StepHistory
+    from fedmed.privacy.dpsgd import plan
+
+    settings = [*TINY, f"simulation.ray_address='{ray_head.address}'", "privacy.mode=sample", "privacy.epsilon=6", "federation.rounds=3"]
+    values = {"data.cache_dir": cache_dir, "output.dir": str(tmp_path_factory.mktemp("dp-run"))}
+    cfg = config_mod.load(None, settings, values)
+    p = plan(cfg, cfg.data.train_per_hospital)
+    one, two = (StepHistory(p.accountant, [(p.sigma, p.rate, k * p.steps_per_round)]).epsilon(p.delta) for k in (1, 2))
+    return run_simulation(config_mod.load(None, [*settings, f'privacy.budgets="hospital-02={(one + two) / 2:.3f}"'], values))
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def fedmed(*args: object, cwd: Path | None = None) -> Result:
+    """`fedmed ARGS`, run in this process through the command's own entry point
+    (`fedmed.cli.main`), its output captured. Not from threads: it changes directory."""
+    from fedmed.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["fedmed", *map(str, args)]
+    try:
+        with contextlib.chdir(cwd or Path.cwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, sigterm)  # `server start` and `site start` take SIGTERM over
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def fedmed_process(*args: object, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`fedmed ARGS` as its own process, as a user types it."""
+    return subprocess.run([str(Path(sys.executable).parent / "fedmed"), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def assert_clean_failure(result: Result | subprocess.CompletedProcess, *needles: str) -> None:
+    """Bad input: exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
 
 
 def free_port() -> int:
@@ -88,10 +189,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float, alive=None) -> None:
-    """Wait until something listens on the loopback port (and `alive`, a Popen, has not died)."""
-    import time
-
+def wait_for_port(port: int, timeout: float, alive: subprocess.Popen | None = None) -> None:
+    """Wait until something listens on the loopback port (and `alive` has not died)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if alive is not None and alive.poll() is not None:

@@ -8,27 +8,25 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmed.federation import client_app as honest
-from fedmed.training import local
+from fedmed.privacy.dpsgd import DPSGD
 
 app = ClientApp()
+honest_attach = DPSGD.attach
 
 
-def _noiseless(*args, **kwargs):
-    optimizer, loader, cleanup = honest_make_private(*args, **kwargs)
+def _noiseless(self, *args, **kwargs):
+    optimizer, loader = honest_attach(self, *args, **kwargs)
     optimizer.noise_multiplier = 0.0
-    return optimizer, loader, cleanup
-
-
-honest_make_private = local.make_private
+    return optimizer, loader
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    local.make_private = _noiseless
+    DPSGD.attach = _noiseless
     try:
         return honest.train(msg, context)
     finally:
-        local.make_private = honest_make_private
+        DPSGD.attach = honest_attach
 
 
 @app.evaluate()

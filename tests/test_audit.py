@@ -9,45 +9,29 @@ import shutil
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
-from fedmed import config as config_mod
-from fedmed.audit.keys import Signer
-from fedmed.audit.ledger import LedgerWriter, canonical, line_hash, signed_part
-from fedmed.audit.report import audit
 from fedmed.errors import FedmedError
 from fedmed.federation.simulation import run_simulation
+from fedmed.ledger.chain import LedgerWriter, canonical, line_hash, signed_part
+from fedmed.ledger.keys import Signer
 
 from . import dishonest_client
-from .conftest import TINY
-from .test_cli import _assert_clean_failure, fedmed
+from .auditing import CANARY_RUN, audit_of, dp_config
 
 pytestmark = pytest.mark.slow
 
 
-def _config(cache_dir: str, ray_head: str, out: Path, *extra: str) -> config_mod.FedmedConfig:
-    settings = [*TINY, f"simulation.ray_address='{ray_head}'", "privacy.mode=sample", *extra]
-    return config_mod.load(None, settings, {"data.cache_dir": cache_dir, "output.dir": str(out)})
-
-
 @pytest.fixture(scope="module")
-def clean_run(cache_dir, ray_head, tmp_path_factory) -> Path:
-    """3 hospitals, 2 rounds of DP-SGD, hospital-02's budget spent after round 1 (it
-    declines round 2): the evidence every tampering test starts from."""
-    return run_simulation(_config(cache_dir, ray_head, tmp_path_factory.mktemp("audit"), "privacy.budgets='hospital-02=7.0'"))
+def clean_run(dp_run) -> Path:
+    """The session's DP run on Ray (3 hospitals, 3 rounds of DP-SGD, hospital-02's budget
+    spent after round 1, so it declines round 2): the evidence every tampering test starts from."""
+    return dp_run
 
 
 @pytest.fixture
 def run(clean_run, tmp_path) -> Path:
     """A private copy of the clean run, to tamper with."""
     return Path(shutil.copytree(clean_run, tmp_path / clean_run.name))
-
-
-def _audit(path: Path | list[Path], **kwargs) -> tuple[int, dict]:
-    paths = path if isinstance(path, list) else [path]
-    code = audit(paths, console=Console(quiet=True), **kwargs)
-    target = kwargs.get("out_dir") or paths[0]
-    return code, json.loads((target / "audit.json").read_text())
 
 
 def _findings(report: dict, check: str) -> list[str]:
@@ -71,7 +55,7 @@ def _index(path: Path, event: str) -> int:
 
 
 def test_clean_run_passes_and_epsilon_recomputes_within_tolerance(clean_run, tmp_path):
-    code, report = _audit(clean_run, out_dir=tmp_path)
+    code, report = audit_of(clean_run, out_dir=tmp_path)
     assert code == 0, report["checks"]
     assert all(check["passed"] for check in report["checks"].values())
     assert set(report["parties"]) == {"server", "hospital-01", "hospital-02", "hospital-03"}
@@ -84,7 +68,7 @@ def test_clean_run_passes_and_epsilon_recomputes_within_tolerance(clean_run, tmp
 
 def test_ledger_files_and_public_keys_from_a_deployment_pass(clean_run, tmp_path):
     files = sorted((clean_run / "ledgers").glob("*/*.jsonl")) + sorted((clean_run / "ledgers" / "keys").glob("*.pub"))
-    code, report = _audit(files, out_dir=tmp_path)
+    code, report = audit_of(files, out_dir=tmp_path)
     assert code == 0, report["checks"]
 
 
@@ -95,7 +79,7 @@ def test_one_byte_changed_in_a_payload(run):
     lines[i] = lines[i].replace(b'"train-accuracy":0.', b'"train-accuracy":1.', 1)
     assert lines[i] != _lines(path)[i]
     _write(path, lines)
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     found = _findings(report, "integrity")
     assert f"hospital-02.jsonl record {i} (train, round 1): signature does not verify: the record was altered after signing, or its signature replaced" in found
@@ -107,7 +91,7 @@ def test_two_records_swapped(run):
     lines = _lines(path)
     lines[1], lines[2] = lines[2], lines[1]
     _write(path, lines)
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     found = _findings(report, "integrity")
     assert any(f.startswith("server.jsonl record 1 ") and "carries sequence number 2 at position 1: records were deleted, inserted or reordered" in f for f in found)
@@ -119,7 +103,7 @@ def test_a_middle_record_deleted(run):
     lines = _lines(path)
     del lines[3]
     _write(path, lines)
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     assert any(f.startswith("hospital-01.jsonl record 3 ") and "carries sequence number 4 at position 3" in f for f in _findings(report, "integrity"))
 
@@ -128,12 +112,12 @@ def test_the_tail_truncated(run):
     hospital, server = _ledger(run, "hospital-03"), _ledger(run, "server")
     original, n, s = hospital.read_bytes(), len(_lines(hospital)), len(_lines(server))
     _write(hospital, _lines(hospital)[:-2])
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     assert any(f"hospital-03 signed a checkpoint at record {n - 1}, but hospital-03.jsonl has only {n - 2} records: it was truncated" in f for f in _findings(report, "checkpoints"))
     hospital.write_bytes(original)
     _write(server, _lines(server)[:-2])
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     found = _findings(report, "checkpoints")
     assert any(f.startswith(f"server.jsonl record {s - 3} ") and "does not end with run-end" in f for f in found)
@@ -147,7 +131,7 @@ def test_a_signature_replaced(run):
     records[2]["sig"] = records[1]["sig"]  # a real signature by the right key, of another record
     lines[2] = canonical(records[2])
     _write(path, lines)
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     assert any(f.startswith("hospital-01.jsonl record 2 ") and "signature does not verify" in f for f in _findings(report, "integrity"))
 
@@ -161,7 +145,7 @@ def test_a_record_re_signed_with_another_key(run, tmp_path):
     record["sig"] = base64.b64encode(intruder.sign(signed_part(record))).decode()
     lines[2] = canonical(record)
     _write(path, lines)
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     published = Signer.load_or_create(run / "ledgers" / "keys", "hospital-02").key_id
     assert any(
@@ -176,7 +160,7 @@ def test_a_hospitals_claimed_epsilon_lowered_in_the_summary(run):
     true = row["epsilon"]
     row["epsilon"] = round(true / 4, 3)
     (run / "summary.json").write_text(json.dumps(summary))
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     assert [f for f in _findings(report, "privacy") if f.startswith(f"summary.json: reports epsilon {true / 4:.3f} for hospital-02; its ledger's parameters give ")]
 
@@ -196,7 +180,7 @@ def test_a_hospital_rewriting_its_own_ledger_with_a_lower_epsilon(run):
         r["sig"] = base64.b64encode(signer.sign(signed_part(r))).decode()
         lines[i] = canonical(r)
     _write(path, lines)
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     assert report["checks"]["integrity"]["passed"]
     assert any(f"hospital-02 claims epsilon 0.500; its logged parameters give {report['privacy']['hospital-02']['recomputed_epsilon']:.3f}" in f for f in _findings(report, "privacy"))
@@ -204,15 +188,16 @@ def test_a_hospital_rewriting_its_own_ledger_with_a_lower_epsilon(run):
 
 
 def test_a_planted_path_and_patient_id_in_the_metrics(run):
+    n = len((run / "metrics.jsonl").read_text().splitlines())
     with (run / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps({"round": 3, "note": "worst image /data/hospital-02/Training/glioma/Tr-gl_0042.jpg"}) + "\n")
-        handle.write(json.dumps({"round": 3, "hardest": "patient 004217"}) + "\n")
-    code, report = _audit(run)
+        handle.write(json.dumps({"round": n, "note": "worst image /data/hospital-02/Training/glioma/Tr-gl_0042.jpg"}) + "\n")
+        handle.write(json.dumps({"round": n, "hardest": "patient 004217"}) + "\n")
+    code, report = audit_of(run)
     assert code == 1
     found = _findings(report, "leakage")
-    assert any(f.startswith("metrics.jsonl line 3: `note` holds a file path") for f in found)
-    assert any(f.startswith("metrics.jsonl line 3: `note` holds an image file name") for f in found)
-    assert any(f.startswith("metrics.jsonl line 4: `hardest` holds a patient identifier") for f in found)
+    assert any(f.startswith(f"metrics.jsonl line {n + 1}: `note` holds a file path") for f in found)
+    assert any(f.startswith(f"metrics.jsonl line {n + 1}: `note` holds an image file name") for f in found)
+    assert any(f.startswith(f"metrics.jsonl line {n + 2}: `hardest` holds a patient identifier") for f in found)
     assert "004217" not in json.dumps(report)  # the audit does not repeat the identifier whole
 
 
@@ -220,7 +205,7 @@ def test_a_torn_last_line_is_reported_and_never_appended_to(run):
     path = _ledger(run, "hospital-01")
     with path.open("ab") as handle:
         handle.write(b'{"event":"train","key_id"')
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     assert any("incomplete last line (25 bytes): a torn write" in f for f in _findings(report, "integrity"))
     signer = Signer.load_or_create(run / "ledgers" / "keys", "hospital-01")
@@ -236,50 +221,33 @@ def test_a_replaced_final_model(run):
     first = next(iter(state))
     state[first] = state[first] + 1e-3
     torch.save(state, run / "model.pt")
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     assert "model.pt: is not the final model the server's ledger recorded (final_model_sha256)" in _findings(report, "consistency")
 
 
-def test_unusable_input_exits_2_with_one_line(tmp_path):
-    _assert_clean_failure(fedmed("audit", str(tmp_path)), "has no ledgers/ folder")
-
-
 def test_empirical_audit_catches_a_hospital_training_without_the_noise_it_logs(cache_dir, ray_head, tmp_path):
     """Canaries at hospital-01; every hospital clips and samples but adds no noise, and logs
-    the sigma for epsilon 1. Chains, checkpoints and the recomputation all hold; the canaries do not."""
-    settings = ("data.hospitals=2", "data.train_per_hospital=64", "privacy.epsilon=1", "privacy.reproducible=true", "privacy.canaries=128", "federation.rounds=2",
-                "train.local_epochs=10", "train.batch_size=16", "train.optimizer=sgd", "train.lr=0.5")
-    dishonest = run_simulation(_config(cache_dir, ray_head, tmp_path / "dishonest", *settings), client_app=dishonest_client.app)
-    code, report = _audit(dishonest, empirical=True)
+    the sigma for epsilon 1 (a real Ray simulation). Chains, checkpoints and the
+    recomputation all hold; the canaries do not."""
+    cfg = dp_config(cache_dir, tmp_path, f"simulation.ray_address='{ray_head.address}'", *CANARY_RUN)
+    code, report = audit_of(run_simulation(cfg, client_app=dishonest_client.app), empirical=True)
     assert code == 1
     assert [name for name, check in report["checks"].items() if not check["passed"]] == ["empirical"]
     assert report["empirical"]["claimed_epsilon"] == pytest.approx(1.0, abs=0.03)
     assert report["empirical"]["epsilon_lower_bound"] > 1.0
-    honest = run_simulation(_config(cache_dir, ray_head, tmp_path / "honest", *settings))
-    code, report = _audit(honest, empirical=True)
-    assert code == 0, report["checks"]
-    assert report["empirical"]["epsilon_lower_bound"] <= report["empirical"]["claimed_epsilon"]
-
-
-def test_a_run_of_another_shape_passes(cache_dir, ray_head, tmp_path):
-    """Two of three hospitals a round, FedAdam (its aggregate is not recomputed), no DP,
-    no federated evaluation."""
-    settings = ("privacy.mode=off", "federation.fraction_train=0.67", "federation.strategy=fedadam", "federation.fraction_evaluate=0.0")
-    code, report = _audit(run_simulation(_config(cache_dir, ray_head, tmp_path, *settings)))
-    assert code == 0, report["checks"]
-    assert report["privacy"] == {}
 
 
 def test_reported_results_that_differ_from_the_ledgers(run):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     records[-1]["hospitals"]["hospital-03"]["eval"]["accuracy"] = 0.99
+    last = records[-1]["round"]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = json.loads((run / "summary.json").read_text())
     summary["test"]["accuracy"] = 0.99
     (run / "summary.json").write_text(json.dumps(summary))
-    code, report = _audit(run)
+    code, report = audit_of(run)
     assert code == 1
     found = _findings(report, "consistency")
-    assert f"metrics.jsonl line {len(records)}: hospital-03's eval figures in round 2 (accuracy) are not those its ledger recorded" in found
+    assert f"metrics.jsonl line {len(records)}: hospital-03's eval figures in round {last} (accuracy) are not those its ledger recorded" in found
     assert any(f.startswith("summary.json: reports test accuracy 0.99; the server's ledger recorded ") for f in found)

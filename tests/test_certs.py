@@ -20,8 +20,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from fedmed.deployment.certs import init_federation, site_keys
 from fedmed.errors import FedmedError
 
-from .conftest import free_port, wait_for_port
-from .test_cli import _assert_clean_failure, fedmed
+from .conftest import assert_clean_failure, fedmed, free_port, wait_for_port
 
 
 def test_the_server_certificate_is_signed_by_the_federation_ca_for_its_hosts(tmp_path):
@@ -49,8 +48,8 @@ def test_a_site_key_pair_is_what_flower_reads_and_nothing_is_overwritten(tmp_pat
 
 
 def test_bad_certificate_requests_fail_with_one_line(tmp_path):
-    _assert_clean_failure(fedmed("certs", "site", "../escape", "--out", str(tmp_path)), "site name '../escape'")
-    _assert_clean_failure(fedmed("certs", "init", "--out", str(tmp_path), "--days", "0"), "--days must be at least 1")
+    assert_clean_failure(fedmed("certs", "site", "../escape", "--out", str(tmp_path)), "site name '../escape'")
+    assert_clean_failure(fedmed("certs", "init", "--out", str(tmp_path), "--days", "0"), "--days must be at least 1")
 
 
 @pytest.mark.slow

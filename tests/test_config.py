@@ -10,8 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_flower_config_lists_every_setting_with_its_default():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["tool"]["flwr"]["app"]["config"] == config_mod.FedmedConfig().flat()
+    from fedmed.reference import with_flower_table
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert tomllib.loads(text)["tool"]["flwr"]["app"]["config"] == config_mod.FedmedConfig().flat()
+    assert with_flower_table(text) == text, "pyproject.toml's Flower run config is stale: run `make reference`"
 
 
 def test_quickstart_is_the_default_config():
@@ -65,14 +68,28 @@ def test_invalid_toml_is_a_clear_error(tmp_path):
         config_mod.load(bad)
 
 
-def test_readme_documents_every_setting_with_its_default():
-    readme = (ROOT / "README.md").read_text()
+def test_the_config_reference_documents_every_setting_with_its_default():
+    from fedmed.reference import config_markdown
+
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert page == config_markdown(), "docs/config.md is stale: run `make reference`"
     for key, default, _ in config_mod.reference():
-        assert f"| `{key}` | `{default}` |" in readme, key
+        assert f"| `{key}` | `{default}` |" in page, key
+
+
+def test_list_settings_are_typed_once_and_written_back_for_flower():
+    cfg = config_mod.load(None, ['privacy.budgets="hospital-02=2.0, hospital-05=4"', 'site.models="ab, cd"', "labels.annotated=['glioma', 'pituitary']"])
+    assert cfg.privacy.budgets == (("hospital-02", 2.0), ("hospital-05", 4.0))
+    assert cfg.privacy.budget_for("hospital-05") == 4.0 and cfg.privacy.budget_for("hospital-01") == cfg.privacy.budget
+    assert cfg.site.models == ("ab", "cd") and cfg.labels.annotated == ("glioma", "pituitary")
+    assert cfg.data.num_classes == 4
+    flat = cfg.flat()
+    assert (flat["privacy.budgets"], flat["site.models"], flat["labels.annotated"]) == ("hospital-02=2.0,hospital-05=4.0", "ab,cd", "glioma,pituitary")
+    assert config_mod.from_flat(flat) == cfg
 
 
 def test_timestamped_run_names_never_reuse_a_directory(tmp_path):
-    from fedmed.outputs import resolve_run_name, run_path
+    from fedmed.run.directory import resolve_run_name, run_path
 
     cfg = config_mod.load(None, [], {"output.dir": str(tmp_path)})
     first = resolve_run_name(cfg)

@@ -1,68 +1,76 @@
 """A real deployment on loopback: `fedmed server start` (SuperLink with TLS and node
 authentication) and `fedmed site start` (SuperNodes), the same ServerApp and ClientApp
-as the simulation, through crashes, dropouts, refusals and policy declines.
+as the simulation, through refusals, a crash, a dropout, a policy decline and a resume.
 
-Three federations (each its own port, state and ledgers) run at once: most of a
-deployed round is Flower's polling and each request's fresh ClientApp process, so
-together they take little longer than the slowest alone."""
+Three federations (each its own port, state and ledgers) run at once: most of a deployed
+round is Flower's polling and each request's fresh ClientApp process. Every step waits
+for an event, never for one timer to beat another."""
 
 from __future__ import annotations
 
 import http.client
+import os
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from fedmed.audit.ledger import LedgerFile
+from fedmed.deployment import server as server_commands
+from fedmed.ledger.chain import LedgerFile
 
+from .conftest import fedmed_process
 from .deployment import HOSPITALS, Federation, make_world
-from .test_cli import fedmed
 
-pytestmark = pytest.mark.slow
-WAIT_S = 600  # for a round under the load of three federations on two cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the module's federations run in the first test's setup
 
 
 def healthy(fed: Federation) -> dict[str, Any]:
-    """Three hospitals, 2 rounds; while it runs, `server status`, a node whose key was
-    never enrolled, and a client speaking plain HTTP."""
+    """Three hospitals, 2 rounds; while it runs, `server status` and a client speaking plain HTTP."""
     config = fed.server_config()
     fed.start_server(config)
-    fed.start_sites(*((name, ()) for name in HOSPITALS))
-    fed.wait_for(lambda: any((fed.root / fed.ledgers).glob("*/hospital-0*.jsonl")), WAIT_S, "round 1 to start", fed.procs["server"])
-    status = fedmed("server", "status", "--config", str(config), cwd=fed.root)
-    intruder = fed.start("hospital-99", "site", "start", "--config", str(fed.site_config("hospital-99")))
-    plain = _plain_http(fed.port)
-    return {"status": status, "plain": plain, "intruder": intruder.wait(timeout=WAIT_S), "code": fed.finish(timeout=WAIT_S)}
+    for name in HOSPITALS:
+        fed.start_site(name)
+    fed.wait_for(lambda: any((fed.root / fed.ledgers).glob("*/hospital-0*.jsonl")), "round 1 to start", fed.procs["server"])
+    status = fedmed_process("server", "status", "--config", config, cwd=fed.root)
+    return {"status": status, "plain": _plain_http(fed.port), "code": fed.finish()}
 
 
-def dropout(fed: Federation) -> dict[str, Any]:
-    """hospital-03 killed once its first training request has arrived (its ClientApp is
-    still starting: seconds of imports)."""
-    node_log = fed.root / fed.ledgers / "hospital-03-supernode.log"
-    fed.start_server(fed.server_config(min_hospitals=2, fraction_evaluate=0.0, round_timeout=300))
-    fed.start_sites(*((name, ()) for name in HOSPITALS))
-    fed.wait_for(lambda: node_log.is_file() and "Receiving: train message" in node_log.read_text(errors="replace"),
-                 WAIT_S, "round 1 to reach hospital-03", fed.procs["server"])
-    fed.crash("hospital-03")
-    return {"code": fed.finish(timeout=WAIT_S)}
+def intruder(fed: Federation) -> dict[str, Any]:
+    """A node whose key was never enrolled, against a server that waits for its hospitals
+    (none come), so the server is up until the node's verdict."""
+    fed.start_server(fed.server_config(rounds=1))
+    node = fed.start_site("hospital-99")
+    return {"code": fed.finish("hospital-99"), "server_alive": fed.procs["server"].poll() is None, "node": node}
 
 
-def resume(fed: Federation) -> dict[str, Any]:
-    """The server killed once round 1 is checkpointed, then `--resume`; hospital-03's
-    policy requires DP-SGD, which this federation does not use."""
-    config = fed.server_config(fraction_evaluate=0.0, min_hospitals=2)
+def dropout_and_resume(fed: Federation) -> dict[str, Any]:
+    """Four hospitals, all needed to start a round. Round 1: hospital-04's policy requires
+    DP-SGD, which this federation does not use, so it declines (and is not asked again);
+    hospital-03 is killed mid-round (its ClientApp is held opening its signing key, a FIFO
+    nobody writes, so it has certainly not replied). Round 2 then waits for a third
+    hospital: the server is killed there, hospital-03 comes back, the server resumes."""
+    config = fed.server_config(enrolled="server/enrolled-4", fraction_evaluate=0.0)
     fed.start_server(config)
-    fed.start_sites(("hospital-01", ()), ("hospital-02", ()), ("hospital-03", ("min_noise = 1.0",)))
-    fed.wait_for(lambda: (fed.run_dir() / "checkpoint.pkl").is_file(), WAIT_S, "round 1's checkpoint", fed.procs["server"])
+    blocked_key = fed.root / fed.ledgers / "keys" / "hospital-03.key"
+    blocked_key.parent.mkdir(parents=True)
+    os.mkfifo(blocked_key, 0o600)
+    for name in ("hospital-01", "hospital-02", "hospital-03"):
+        fed.start_site(name)
+    fed.start_site("hospital-04", "min_noise = 1.0")
+    fed.wait_for(lambda: "Receiving: train message" in fed.node_log("hospital-03"), "round 1 to reach hospital-03", fed.procs["server"])
+    fed.crash("hospital-03")
+    fed.wait_for(lambda: (fed.run_dir() / "checkpoint.pkl").is_file(), "round 1's checkpoint", fed.procs["server"])
     fed.crash("server")
     before = [r["round"] for r in fed.rounds_done()]
     fed.start_server(config, "--resume", label="resumed")
-    return {"before": before, "code": fed.finish("resumed", timeout=WAIT_S)}
+    blocked_key.unlink()
+    fed.start_site("hospital-03", label="hospital-03-again")
+    return {"before": before, "code": fed.finish("resumed")}
 
 
-SCENARIOS: dict[str, Callable[[Federation], dict[str, Any]]] = {"healthy": healthy, "dropout": dropout, "resume": resume}
+SCENARIOS: dict[str, Callable[[Federation], dict[str, Any]]] = {"healthy": healthy, "intruder": intruder, "dropout": dropout_and_resume}
 
 
 def _plain_http(port: int) -> str:
@@ -86,13 +94,13 @@ def runs(tmp_path_factory, cache_dir):
     def play(name: str) -> dict[str, Any] | BaseException:
         try:
             return SCENARIOS[name](feds[name])
-        except Exception as exc:  # re-raised by the scenario's own tests
+        except Exception as exc:  # noqa: BLE001 - re-raised by the scenario's own tests
             return exc
         finally:
             feds[name].stop_all()
 
     with ThreadPoolExecutor(len(SCENARIOS)) as pool:
-        results = dict(zip(SCENARIOS, pool.map(play, SCENARIOS)))
+        results = dict(zip(SCENARIOS, pool.map(play, SCENARIOS), strict=True))
 
     def get(name: str) -> tuple[Federation, dict[str, Any]]:
         if isinstance(results[name], BaseException):
@@ -122,32 +130,34 @@ def test_server_status_shows_the_connected_hospitals_and_the_runs_progress(runs)
     assert status.stdout.count("online") == 3 and "of 2 rounds done" in status.stdout
 
 
-def test_a_node_whose_key_was_not_enrolled_is_refused_and_the_run_goes_on(runs):
-    fed, out = runs("healthy")
-    assert out["intruder"] == 2
-    assert "is not enrolled" in fed.output("hospital-99") and "Traceback" not in fed.output("hospital-99")
-    assert out["code"] == 0 and all("hospital-99" not in r["hospitals"] for r in fed.rounds_done())
-
-
 def test_a_plain_text_connection_to_the_tls_server_fails(runs):
     _, out = runs("healthy")
     assert out["plain"].startswith("failed"), out["plain"]
 
 
-def test_a_hospital_killed_during_a_round_drops_out_and_the_others_finish(runs):
+def test_a_node_whose_key_was_not_enrolled_is_refused_while_the_server_waits(runs):
+    fed, out = runs("intruder")
+    assert out["code"] == 2 and out["server_alive"]
+    assert "is not enrolled" in fed.output("hospital-99") and "Traceback" not in fed.output("hospital-99")
+    assert fed.rounds_done() == []
+
+
+def test_a_hospital_killed_during_a_round_drops_out_and_the_others_finish_it(runs):
     fed, out = runs("dropout")
-    assert out["code"] == 0, fed.output("server")[-3000:]
-    rounds = fed.rounds_done()
-    assert [sorted(r["hospitals"]) for r in rounds] == [["hospital-01", "hospital-02"]] * 2
-    assert [r["dropped"] for r in rounds] == [["hospital-03"], []]
-    assert "dropped out: hospital-03" in fed.output("server")
+    assert out["code"] == 0, fed.output("resumed")[-3000:]
+    first = fed.rounds_done()[0]
+    assert sorted(s for s, h in first["hospitals"].items() if "train" in h) == ["hospital-01", "hospital-02"]
+    assert first["dropped"] == ["hospital-03"]
+    assert "dropped out: hospital-03" in server_commands._round_line(first, 2)  # what the operator's terminal shows
 
 
 def test_a_crashed_server_resumes_after_its_last_round_without_a_gap_or_repeat(runs):
-    fed, out = runs("resume")
+    fed, out = runs("dropout")
     assert out["before"] == [1]
     assert out["code"] == 0, fed.output("resumed")[-3000:]
-    assert [r["round"] for r in fed.rounds_done()] == [1, 2]
+    rounds = fed.rounds_done()
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert sorted(rounds[1]["hospitals"]) == ["hospital-01", "hospital-02", "hospital-03"]  # back after its restart
     assert "resuming" in fed.output("resumed")
     server = LedgerFile.read(next(fed.run_dir().glob("ledgers/*/server.jsonl"))).records
     assert [r["event"] for r in server].count("resume") == 1
@@ -155,11 +165,11 @@ def test_a_crashed_server_resumes_after_its_last_round_without_a_gap_or_repeat(r
 
 
 def test_a_hospital_whose_policy_forbids_the_privacy_settings_declines_and_the_others_go_on(runs):
-    fed, _ = runs("resume")
-    rounds = fed.rounds_done()
-    assert rounds[0]["declined"] == ["hospital-03"]
-    assert "requires sample-level DP" in rounds[0]["declined_reasons"]["hospital-03"]
-    assert [sorted(r["hospitals"]) for r in rounds] == [["hospital-01", "hospital-02"]] * 2
-    mine = LedgerFile.read(next((fed.root / fed.ledgers).glob("*/hospital-03.jsonl"))).records
+    fed, _ = runs("dropout")
+    first = fed.rounds_done()[0]
+    assert first["declined"] == ["hospital-04"]
+    assert "requires sample-level DP" in first["declined_reasons"]["hospital-04"]
+    assert "hospital-04" not in fed.rounds_done()[1]["hospitals"]  # not asked again
+    mine = LedgerFile.read(next((fed.root / fed.ledgers).glob("*/hospital-04.jsonl"))).records
     declined = [r for r in mine if r["event"] == "declined"]
     assert declined and "site.min_noise" in declined[0]["payload"]["reason"]

@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fedmed.deployment.certs import init_federation, site_keys
 
-from .conftest import free_port
-from .test_cli import _assert_clean_failure, fedmed
+from .conftest import assert_clean_failure, fedmed, free_port
 
 
 @pytest.fixture
@@ -52,7 +50,7 @@ def _expire(cert_path: Path, key_path: Path) -> None:
     """Re-issue the certificate self-signed and expired yesterday."""
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
             .sign(key, hashes.SHA384()))
@@ -62,17 +60,17 @@ def _expire(cert_path: Path, key_path: Path) -> None:
 def test_a_site_config_without_a_data_path_is_refused(site, tmp_path):
     path = site("127.0.0.1:1")
     path.write_text(path.read_text().replace('source = "disk"', 'source = "demo"').replace(f'path = "{tmp_path / "images"}"\n', ""))
-    _assert_clean_failure(fedmed("site", "start", "--config", str(path)), "names no data")
+    assert_clean_failure(fedmed("site", "start", "--config", str(path)), "names no data")
 
 
 def test_a_missing_or_expired_ca_certificate_is_refused(site, tmp_path):
-    _assert_clean_failure(fedmed("site", "start", "--config", str(site("127.0.0.1:1", ca="nowhere/ca.crt"))), "does not exist")
+    assert_clean_failure(fedmed("site", "start", "--config", str(site("127.0.0.1:1", ca="nowhere/ca.crt"))), "does not exist")
     _expire(tmp_path / "server/certs/ca.crt", tmp_path / "server/certs/ca.key")
-    _assert_clean_failure(fedmed("site", "start", "--config", str(site("127.0.0.1:1"))), "expired on")
+    assert_clean_failure(fedmed("site", "start", "--config", str(site("127.0.0.1:1"))), "expired on")
 
 
 def test_an_unreachable_server_is_refused(site):
-    _assert_clean_failure(fedmed("site", "start", "--config", str(site(f"127.0.0.1:{free_port()}"))), "cannot reach the server")
+    assert_clean_failure(fedmed("site", "start", "--config", str(site(f"127.0.0.1:{free_port()}"))), "cannot reach the server")
 
 
 def test_a_server_with_a_certificate_from_another_ca_is_refused(site, tmp_path):
@@ -92,7 +90,7 @@ def test_a_server_with_a_certificate_from_another_ca_is_refused(site, tmp_path):
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        _assert_clean_failure(fedmed("site", "start", "--config", str(site(f"127.0.0.1:{port}"))), "is not the federation's")
+        assert_clean_failure(fedmed("site", "start", "--config", str(site(f"127.0.0.1:{port}"))), "is not the federation's")
     finally:
         listener.close()
         thread.join(timeout=5)
@@ -102,10 +100,10 @@ def test_the_server_refuses_a_busy_port_missing_or_expired_certificates(tmp_path
     init_federation(tmp_path / "server/certs", ["localhost"])
     with socket.create_server(("127.0.0.1", 0)) as busy:
         config = _server_config(tmp_path, busy.getsockname()[1])
-        _assert_clean_failure(fedmed("server", "start", "--config", str(config)), "is not free")
+        assert_clean_failure(fedmed("server", "start", "--config", str(config)), "is not free")
     config = _server_config(tmp_path, free_port(), certs="elsewhere")
-    _assert_clean_failure(fedmed("server", "start", "--config", str(config)), "does not exist")
+    assert_clean_failure(fedmed("server", "start", "--config", str(config)), "does not exist")
     _expire(tmp_path / "server/certs/server.crt", tmp_path / "server/certs/server.key")
     config = _server_config(tmp_path, free_port())
-    _assert_clean_failure(fedmed("server", "start", "--config", str(config)), "expired on")
+    assert_clean_failure(fedmed("server", "start", "--config", str(config)), "expired on")
     assert not (tmp_path / "state").exists()  # nothing started, nothing written

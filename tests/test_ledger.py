@@ -9,13 +9,13 @@ import stat
 import numpy as np
 import pytest
 
-from fedmed.audit import canaries
 from fedmed.audit.evidence import PartyLedger
 from fedmed.audit.integrity import chain
-from fedmed.audit.keys import Signer
 from fedmed.audit.leakage import scan_value
-from fedmed.audit.ledger import LedgerFile, LedgerWriter
 from fedmed.errors import FedmedError
+from fedmed.ledger.chain import LedgerFile, LedgerWriter
+from fedmed.ledger.keys import Signer
+from fedmed.privacy import canaries
 
 
 def test_a_key_pair_is_created_once_readable_by_its_owner_only(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from fedmed import config as config_mod
 from fedmed.data.labels import affected_hospitals, knowledge
 from fedmed.errors import FedmedError
-from fedmed.training.local import pseudo_label, set_loss
+from fedmed.training.loop import pseudo_label, set_loss
 
 Y = torch.tensor([0, 1, 2, 3] * 5)
 
@@ -99,7 +99,7 @@ def test_subset_settings_that_cannot_work_are_refused():
 def test_fedbn_hospitals_keep_normalisation_arrays_out_of_their_reply():
     from flwr.app import Context, RecordDict
 
-    from fedmed.federation.client_app import LOCAL_STATE, _shared_arrays
+    from fedmed.federation.client_app import FEDBN_LAYERS, _shared_arrays
     from fedmed.models import build_model, norm_keys
 
     settings = cfg("federation.strategy=fedbn")
@@ -108,5 +108,5 @@ def test_fedbn_hospitals_keep_normalisation_arrays_out_of_their_reply():
     sent = _shared_arrays(settings, model, context)
     local = norm_keys(model)
     assert local and not local & set(sent.keys())
-    assert set(context.state[LOCAL_STATE].keys()) == local
+    assert set(context.state[FEDBN_LAYERS].keys()) == local
     assert set(_shared_arrays(cfg(), model, context).keys()) == set(model.state_dict())

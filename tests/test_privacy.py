@@ -10,10 +10,10 @@ import torch
 from fedmed import config as config_mod
 from fedmed.errors import FedmedError
 from fedmed.models import build_model
-from fedmed.privacy.accounting import Ledger, TOLERANCE, check_delta
+from fedmed.privacy.accounting import TOLERANCE, StepHistory, check_delta
 from fedmed.privacy.client_level import ClientLevelDP
-from fedmed.privacy.dpsgd import plan
-from fedmed.training.local import train
+from fedmed.privacy.dpsgd import DPSGD, plan
+from fedmed.training.loop import train
 
 from .privacy_check import independent_epsilon
 
@@ -23,13 +23,13 @@ def cfg(*settings: str) -> config_mod.FedmedConfig:
 
 
 @pytest.mark.parametrize(("kind", "tolerance"), [("rdp", 0.01), ("prv", 0.02)])
-def test_ledger_epsilon_matches_dp_accounting(kind, tolerance):
-    ledger = Ledger(kind)
+def test_step_history_epsilon_matches_dp_accounting(kind, tolerance):
+    history = StepHistory(kind)
     for _ in range(20):  # 20 rounds of 13 steps, as a hospital would log them
-        ledger.add(1.0, 1 / 13, 13)
-    assert ledger.entries == [(1.0, 1 / 13, 260)]
+        history.add(1.0, 1 / 13, 13)
+    assert history.entries == [(1.0, 1 / 13, 260)]
     expected = independent_epsilon(kind, 1.0, 1 / 13, 260, 1e-5)
-    assert ledger.epsilon(1e-5) == pytest.approx(expected, rel=tolerance)
+    assert history.epsilon(1e-5) == pytest.approx(expected, rel=tolerance)
 
 
 @pytest.mark.parametrize("kind", ["rdp", "prv"])
@@ -37,11 +37,11 @@ def test_sigma_calibrated_for_the_whole_run_meets_the_target(kind):
     settings = cfg(f"privacy.accountant={kind}", "privacy.epsilon=4.0", "train.batch_size=16", "federation.rounds=12")
     p = plan(settings, n=200)
     assert p.planned_steps == 12 * 13 == 12 * len(range(0, 200, 16))
-    ledger = Ledger(kind)
+    history = StepHistory(kind)
     for _ in range(12):
-        ledger.add(p.sigma, p.rate, p.steps_per_round)
-    assert 4.0 - TOLERANCE - 0.05 <= ledger.epsilon(p.delta) <= 4.0
-    one_round = Ledger(kind, [(p.sigma, p.rate, p.steps_per_round)]).epsilon(p.delta)
+        history.add(p.sigma, p.rate, p.steps_per_round)
+    assert 4.0 - TOLERANCE - 0.05 <= history.epsilon(p.delta) <= 4.0
+    one_round = StepHistory(kind, [(p.sigma, p.rate, p.steps_per_round)]).epsilon(p.delta)
     assert one_round < 4.0 / 2  # not calibrated per round
 
 
@@ -85,7 +85,7 @@ def test_dp_sgd_is_reproducible_only_when_asked():
     twice = []
     for _ in range(2):
         model = build_model(secret.model, 4, seed=0)
-        train(model, x, y, secret.train, seed=1, private=p)
+        train(model, x, y, secret.train, seed=1, private=DPSGD(p))
         twice.append(model.state_dict()["head.2.weight"])
     assert not torch.equal(*twice)  # noise and batches from the system's entropy, not the public seed
 
@@ -97,7 +97,7 @@ def test_dp_sgd_is_reproducible_and_noisy_in_simulation_mode():
     runs = []
     for seed in (1, 1, 2):
         model = build_model(settings.model, 4, seed=0)
-        stats = train(model, x, y, settings.train, seed=seed, private=p)
+        stats = train(model, x, y, settings.train, seed=seed, private=DPSGD(p))
         runs.append(model.state_dict())
         assert stats.steps == p.steps_per_round
         assert not any(hasattr(q, "grad_sample") for q in model.parameters())  # Opacus's hooks removed
@@ -116,7 +116,7 @@ def test_fedprox_term_still_acts_under_dp():
     weights = []
     for mu in (0.0, 5.0):
         model = build_model(settings.model, 4, seed=0)
-        train(model, x, y, settings.train, seed=3, proximal_mu=mu, private=p)
+        train(model, x, y, settings.train, seed=3, proximal_mu=mu, private=DPSGD(p))
         weights.append(model.state_dict()["head.2.weight"])
     start = build_model(settings.model, 4, seed=0).state_dict()["head.2.weight"]
     assert (weights[1] - start).norm() < (weights[0] - start).norm()  # pulled back towards the start
@@ -142,7 +142,7 @@ def test_both_models_take_a_private_step(name):
     x, y = _data(8)
     model = build_model(settings.model, 4, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = train(model, x, y, settings.train, seed=0, private=plan(settings, len(y)))
+    stats = train(model, x, y, settings.train, seed=0, private=DPSGD(plan(settings, len(y))))
     assert stats.steps == 2 and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -167,5 +167,5 @@ def test_the_plan_counts_the_steps_opacus_takes():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(93, 1, 16, 16, generator=g), torch.randint(0, 4, (93,), generator=g)
     p = plan(settings, len(y))  # q = 1/93, and int(1 / q) == 92
-    stats = train(build_model(settings.model, 4, seed=0), x, y, settings.train, seed=0, private=p)
+    stats = train(build_model(settings.model, 4, seed=0), x, y, settings.train, seed=0, private=DPSGD(p))
     assert stats.steps == p.steps_per_round == 92

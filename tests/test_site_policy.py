@@ -3,8 +3,8 @@
 import pytest
 
 from fedmed import config as config_mod
-from fedmed.deployment import policy
 from fedmed.errors import FedmedError
+from fedmed.federation import policy
 
 ARCH = "ab" * 32
 

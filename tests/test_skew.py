@@ -8,8 +8,9 @@ import pytest
 
 from fedmed.config import SkewConfig
 from fedmed.data import demo
-from fedmed.data.skew import counts, deal, heterogeneity, share_matrix
+from fedmed.data.skew import counts, deal, share_matrix
 from fedmed.errors import FedmedError
+from fedmed.run.heterogeneity import index as heterogeneity
 
 SUPPLY = np.array([300, 300, 300, 300])
 

@@ -1,11 +1,9 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.federation.strategy import RecordingFedAvg
-
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +36,7 @@ def test_fedavg_is_the_sample_weighted_mean():
         np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
     assert abs(metrics["train-accuracy"] - (0.5 * 10 + 0.7 * 30 + 0.9 * 60) / 100) < 1e-12
     assert metrics["confusion"] == [100, 0]
-    assert set(strategy.per_site[1]) == {"hospital-01", "hospital-02", "hospital-03"}
+    assert set(strategy.log.rounds[1].trained) == {"hospital-01", "hospital-02", "hospital-03"}
 
 
 def test_aggregation_does_not_depend_on_reply_order():

@@ -1,12 +1,15 @@
-"""`fedmed sweep`: a grid of runs that resumes where it stopped."""
+"""`fedmed sweep`: a grid of runs that resumes where it stopped. (Each cell is its own
+`fedmed simulate` process, as in a real study; the sweep itself runs in this process.)"""
 
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 
 import pytest
+
+from fedmed.run.directory import RunDirectory
+
+from .conftest import fedmed
 
 STUDY = """
 seed = 0
@@ -29,28 +32,46 @@ seeds = [0]
 """
 
 
-def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedmed.cli", "sweep", *args], capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A finished two-cell study: its file, its folder, and the first run's output."""
+    root = tmp_path_factory.mktemp("study")
+    path = root / "study.toml"
+    path.write_text(STUDY.format(cache=root / "cache"))
+    first = fedmed("sweep", path, "--out", root / "out")
+    assert first.returncode == 0, first.stderr
+    return path, root / "out", first
 
 
-def test_a_resumed_sweep_skips_finished_cells(tmp_path):
-    study = tmp_path / "study.toml"
-    study.write_text(STUDY.format(cache=tmp_path / "cache"))
-    out = tmp_path / "out"
-    assert sweep(str(study), "--out", str(out)).returncode == 0
-    summaries = sorted((out / "cells").glob("*/summary.json"))
-    assert len(summaries) == 2
-    finished, interrupted = summaries
+def test_a_study_writes_a_results_table_and_plots(study):
+    _, out, first = study
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["train.lr"] for r in rows) == ["0.001", "0.01"]
+    reported = sorted(float(r["accuracy"]) for r in rows)
+    assert reported == sorted(RunDirectory(p.parent).summary()["test"]["accuracy"] for p in (out / "cells").glob("*/summary.json"))
+    assert "± " in (out / "results.md").read_text()
+    assert (out / "final_accuracy.png").exists() and (out / "accuracy_per_round.png").exists()
+    assert "0 done before" in first.stdout
+
+
+def test_a_resumed_sweep_skips_finished_cells(study):
+    path, out, _ = study
+    finished, interrupted = sorted((out / "cells").glob("*/summary.json"))
     stamp = finished.stat().st_mtime_ns
     interrupted.unlink()  # as if the run had been stopped during this cell
-    result = sweep(str(study), "--out", str(out))
+    result = fedmed("sweep", path, "--out", out)
     assert result.returncode == 0, result.stderr
     assert "1 done before" in result.stdout
     assert finished.stat().st_mtime_ns == stamp and interrupted.exists()
+
+
+def test_an_edited_study_runs_its_cells_again(study):
+    path, out, _ = study
+    path.write_text(path.read_text().replace('"train.lr" = [0.001, 0.01]', '"train.lr" = [0.001]').replace("rounds = 1", "rounds = 2"))
+    result = fedmed("sweep", path, "--out", out)
+    assert result.returncode == 0 and "0 done before" in result.stdout
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert sorted(r["train.lr"] for r in rows) == ["0.001", "0.01"]
-    assert "± " in (out / "results.md").read_text()
-    assert (out / "final_accuracy.png").exists() and (out / "accuracy_per_round.png").exists()
+    assert [r["train.lr"] for r in rows] == ["0.001"]
 
 
 @pytest.mark.parametrize(
@@ -58,24 +79,14 @@ def test_a_resumed_sweep_skips_finished_cells(tmp_path):
     [('"train.lrr" = [1]', "unknown config key `train.lrr`"), ('"skew.beta" = [0.0]', "`skew.beta`")],
 )
 def test_a_bad_study_is_one_line(tmp_path, grid, needle):
-    study = tmp_path / "study.toml"
-    study.write_text(f"[sweep]\nseeds = [0]\n[sweep.grid]\n{grid}\n")
-    result = sweep(str(study), "--out", str(tmp_path / "out"))
+    path = tmp_path / "study.toml"
+    path.write_text(f"[sweep]\nseeds = [0]\n[sweep.grid]\n{grid}\n")
+    result = fedmed("sweep", path, "--out", tmp_path / "out")
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
 
 
-def test_an_edited_study_runs_its_cells_again(tmp_path):
-    study = tmp_path / "study.toml"
-    study.write_text(STUDY.format(cache=tmp_path / "cache"))
-    out = tmp_path / "out"
-    assert sweep(str(study), "--out", str(out)).returncode == 0
-    study.write_text(STUDY.format(cache=tmp_path / "cache").replace("rounds = 1", "rounds = 2"))
-    result = sweep(str(study), "--out", str(out))
-    assert result.returncode == 0 and "0 done before" in result.stdout
-
-
 def test_a_setting_in_both_a_variant_and_the_grid_is_refused(tmp_path):
-    study = tmp_path / "study.toml"
-    study.write_text('[sweep]\nvariants = [{"train.lr" = 0.1}]\n[sweep.grid]\n"train.lr" = [0.01]\n')
-    result = sweep(str(study))
+    path = tmp_path / "study.toml"
+    path.write_text('[sweep]\nvariants = [{"train.lr" = 0.1}]\n[sweep.grid]\n"train.lr" = [0.01]\n')
+    result = fedmed("sweep", path)
     assert result.returncode == 2 and "set by a variant and by the grid" in result.stderr

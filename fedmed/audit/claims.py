@@ -15,7 +15,8 @@ from typing import Any
 import dp_accounting
 
 from fedmed.audit.evidence import Evidence, Finding, PartyLedger
-from fedmed.privacy.accounting import Ledger
+from fedmed.privacy.accounting import StepHistory
+from fedmed.run.directory import RunDirectory
 
 # Like against like (REFERENCE section 3): dp-accounting's PLD against Opacus's PRV agree
 # to about 0.01; RDP against RDP to about 1 %.
@@ -69,7 +70,7 @@ class Spent:
 
 def _entries(records: list[tuple[int, dict[str, Any]]], kind: str) -> tuple[tuple[float, float, int], ...]:
     """The logged rounds as the accountant's (sigma, sample rate, steps) history."""
-    history = Ledger(kind)
+    history = StepHistory(kind)
     for _, record in records:
         p = record["payload"]["privacy"]
         history.add(float(p["sigma"]), float(p["sample_rate"]), int(p["steps"]))
@@ -120,12 +121,12 @@ def _reported(evidence: Evidence, spent: dict[str, Spent]) -> list[Finding]:
     if evidence.run_dir is None:
         return []
     out = []
-    summary_path = evidence.run_dir / "summary.json"
+    summary_path = evidence.run_dir / RunDirectory.SUMMARY
     if summary_path.exists():
         try:
             table = json.loads(summary_path.read_text(encoding="utf-8")).get("privacy") or {}
         except json.JSONDecodeError:
-            return [Finding("privacy", "summary.json", "not valid JSON")]
+            return [Finding("privacy", RunDirectory.SUMMARY, "not valid JSON")]
         rows = table.get("hospitals", {}) if table.get("mode") == "sample" else ({"server": table.get("federation", {})} if table else {})
         for party, row in rows.items():
             s = spent.get(party)
@@ -133,9 +134,9 @@ def _reported(evidence: Evidence, spent: dict[str, Spent]) -> list[Finding]:
             if claimed is None or (s is None and claimed == 0):  # declined before ever training
                 continue
             if s is None:
-                out.append(Finding("privacy", "summary.json", f"reports epsilon {claimed} for {party}, whose ledger logged no private training"))
+                out.append(Finding("privacy", RunDirectory.SUMMARY, f"reports epsilon {claimed} for {party}, whose ledger logged no private training"))
             elif not agree(s.accountant, float(claimed), s.recomputed):
-                out.append(Finding("privacy", "summary.json", f"reports epsilon {_fmt(claimed)} for {party}; its ledger's parameters give {_fmt(s.recomputed)}"))
+                out.append(Finding("privacy", RunDirectory.SUMMARY, f"reports epsilon {_fmt(claimed)} for {party}; its ledger's parameters give {_fmt(s.recomputed)}"))
     return out
 
 

@@ -14,14 +14,13 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedmed.audit.digests import arrays_digest
 from fedmed.audit.evidence import Evidence, Finding, PartyLedger
-from fedmed.audit.server_side import UPDATES
 from fedmed.config import FedmedConfig, load
 from fedmed.errors import FedmedError
-from fedmed.federation.records import WEIGHT_KEY
-from fedmed.reporting import strip_prefix
-
+from fedmed.federation import wire
+from fedmed.ledger.digests import arrays_digest
+from fedmed.run.directory import RunDirectory
+from fedmed.run.record import strip_prefix
 
 RECOMPUTABLE = ("FedAvg", "FedProx", "FedBN")  # plain weighted means; FedAdam/FedYogi keep optimiser state, DP-FedAvg adds noise
 
@@ -31,7 +30,7 @@ def _by_round(party: PartyLedger, event: str) -> dict[int, tuple[int, dict[str, 
 
 
 def run_config(evidence: Evidence) -> FedmedConfig | None:
-    path = evidence.run_dir / "config.toml" if evidence.run_dir else None
+    path = evidence.run_dir / RunDirectory.CONFIG if evidence.run_dir else None
     if path is None or not path.exists():
         return None
     try:
@@ -57,7 +56,7 @@ def consistency(evidence: Evidence) -> list[Finding]:
 def _reported_metrics(evidence: Evidence) -> list[Finding]:
     """The hospitals' figures in metrics.jsonl (their epsilon among them), and the final
     accuracy in summary.json, are those the ledgers recorded."""
-    if evidence.run_dir is None or not (evidence.run_dir / "metrics.jsonl").exists():
+    if evidence.run_dir is None or not (evidence.run_dir / RunDirectory.METRICS).exists():
         return []
     logged = {
         (name, int(r["round"]), phase): strip_prefix(r["payload"].get("metrics", {}))
@@ -66,12 +65,12 @@ def _reported_metrics(evidence: Evidence) -> list[Finding]:
         for _, r in h.events(event)
     }
     out = []
-    lines = (evidence.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (evidence.run_dir / RunDirectory.METRICS).read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError:
-            out.append(Finding("consistency", f"metrics.jsonl line {number}", "not valid JSON"))
+            out.append(Finding("consistency", f"{RunDirectory.METRICS} line {number}", "not valid JSON"))
             continue
         for name, phases in (record.get("hospitals") or {}).items():
             for phase, reported in (phases or {}).items():
@@ -80,13 +79,13 @@ def _reported_metrics(evidence: Evidence) -> list[Finding]:
                     continue
                 changed = sorted(k for k, v in reported.items() if k in mine and mine[k] != v and not (v is None and mine[k] is None))
                 if changed:
-                    out.append(Finding("consistency", f"metrics.jsonl line {number}", f"{name}'s {phase} figures in round {record.get('round')} ({', '.join(changed)}) are not those its ledger recorded"))
+                    out.append(Finding("consistency", f"{RunDirectory.METRICS} line {number}", f"{name}'s {phase} figures in round {record.get('round')} ({', '.join(changed)}) are not those its ledger recorded"))
     ends = evidence.server.events("run-end")
-    summary = evidence.run_dir / "summary.json"
+    summary = evidence.run_dir / RunDirectory.SUMMARY
     if ends and summary.exists():
         claimed = (json.loads(summary.read_text(encoding="utf-8")).get("test") or {}).get("accuracy")
         if claimed != ends[-1][1]["payload"].get("test_accuracy"):
-            out.append(Finding("consistency", "summary.json", f"reports test accuracy {claimed}; the server's ledger recorded {ends[-1][1]['payload'].get('test_accuracy')}"))
+            out.append(Finding("consistency", RunDirectory.SUMMARY, f"reports test accuracy {claimed}; the server's ledger recorded {ends[-1][1]['payload'].get('test_accuracy')}"))
     return out
 
 
@@ -112,7 +111,7 @@ def _hospital_side(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
 
 def _same_run(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
     out = []
-    for name, hospital in evidence.hospitals.items():
+    for hospital in evidence.hospitals.values():
         mine = hospital.events("run-start")
         if not mine:
             out.append(Finding("consistency", hospital.name, "no run-start record"))
@@ -124,9 +123,9 @@ def _same_run(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
     cfg = run_config(evidence)
     if evidence.run_dir is not None:
         if cfg is None:
-            out.append(Finding("consistency", "config.toml", "missing or not a valid fedmed config"))
+            out.append(Finding("consistency", RunDirectory.CONFIG, "missing or not a valid fedmed config"))
         elif cfg.digest() != start.get("config_sha256"):
-            out.append(Finding("consistency", "config.toml", "its settings differ from those the server's ledger recorded at run start (config_sha256)"))
+            out.append(Finding("consistency", RunDirectory.CONFIG, "its settings differ from those the server's ledger recorded at run start (config_sha256)"))
     return out
 
 
@@ -163,9 +162,9 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
         elif event == "run-end":
             if payload.get("final_model_sha256") != current:
                 out.append(Finding("consistency", where, "the final model is not the last round's global model"))
-            model = evidence.run_dir / "model.pt" if evidence.run_dir else None
+            model = evidence.run_dir / RunDirectory.MODEL if evidence.run_dir else None
             if model is not None and model.exists() and arrays_digest(torch.load(model, weights_only=True)) != payload.get("final_model_sha256"):
-                out.append(Finding("consistency", "model.pt", "is not the final model the server's ledger recorded (final_model_sha256)"))
+                out.append(Finding("consistency", RunDirectory.MODEL, "is not the final model the server's ledger recorded (final_model_sha256)"))
     return out
 
 
@@ -183,8 +182,8 @@ def _train_entry(evidence: Evidence, hospital_train: dict, where: str, rnd: int,
         out.append(Finding("consistency", hwhere, "trained from a model other than the one the server recorded sending"))
     if theirs.get("update_sha256") != entry.get("update_sha256"):
         out.append(Finding("consistency", where, f"the update it recorded from {name} is not the one {name} recorded sending ({hwhere})"))
-    if theirs.get("metrics", {}).get(WEIGHT_KEY) != entry.get("weight"):
-        out.append(Finding("consistency", where, f"weights {name}'s update by {entry.get('weight')}, but {name} reported {theirs.get('metrics', {}).get(WEIGHT_KEY)} examples"))
+    if theirs.get("metrics", {}).get(wire.WEIGHT) != entry.get("weight"):
+        out.append(Finding("consistency", where, f"weights {name}'s update by {entry.get('weight')}, but {name} reported {theirs.get('metrics', {}).get(wire.WEIGHT)} examples"))
     return out
 
 
@@ -192,9 +191,10 @@ def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: d
     """Recompute the round's aggregate from the saved updates, as the server did."""
     if not start.get("updates_saved") or evidence.run_dir is None or start.get("aggregation") not in RECOMPUTABLE:
         return []
-    path = evidence.run_dir / UPDATES / f"round-{rnd:03d}.npz"
+    path = evidence.run_dir.updates_of(rnd)
+    shown = f"{RunDirectory.UPDATES}/{path.name}"
     if not path.exists():
-        return [Finding("consistency", where, f"the server saved updates, but {UPDATES}/{path.name} is missing")]
+        return [Finding("consistency", where, f"the server saved updates, but {shown} is missing")]
     with np.load(path) as saved:
         arrays = {name: saved[name] for name in saved.files}
     groups: dict[str, dict[str, np.ndarray]] = {}
@@ -203,19 +203,19 @@ def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: d
         groups.setdefault(owner, {})[key] = value
     sent = groups.pop("sent", {})
     if arrays_digest(sent) != payload.get("sent_sha256"):
-        return [Finding("consistency", str(path.relative_to(evidence.run_dir)), "the saved model sent is not the one the ledger recorded")]
+        return [Finding("consistency", shown, "the saved model sent is not the one the ledger recorded")]
     records = []
     for entry in payload.get("participants", []):
         update = groups.get(entry["hospital"])
         if update is None or arrays_digest(update) != entry.get("update_sha256"):
-            return [Finding("consistency", str(path.relative_to(evidence.run_dir)), f"the saved update of {entry['hospital']} is missing or not the one the ledger recorded")]
-        records.append(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}), "m": MetricRecord({WEIGHT_KEY: entry["weight"]})}))
+            return [Finding("consistency", shown, f"the saved update of {entry['hospital']} is missing or not the one the ledger recorded")]
+        records.append(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), wire.METRICS: MetricRecord({wire.WEIGHT: entry["weight"]})}))
     if not records:
         return []
-    mean = aggregate_arrayrecords(records, WEIGHT_KEY)
+    mean = aggregate_arrayrecords(records, wire.WEIGHT)
     new = {k: mean[k].numpy() for k in mean}
     if start.get("aggregation") == "FedBN":
         new = {k: (sent[k] if k not in new else new[k]) for k in sent}
     if arrays_digest(new) != payload.get("new_global_sha256"):
-        return [Finding("consistency", where, f"the new global model does not follow from the recorded updates ({start.get('aggregation')} recomputed from {UPDATES}/{path.name})")]
+        return [Finding("consistency", where, f"the new global model does not follow from the recorded updates ({start.get('aggregation')} recomputed from {shown})")]
     return []

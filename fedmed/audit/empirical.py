@@ -9,20 +9,20 @@ from typing import Any
 
 import torch
 
-from fedmed.audit import canaries as canary_mod
 from fedmed.audit.claims import Spent
-from fedmed.audit.digests import arrays_digest
 from fedmed.audit.consistency import run_config
 from fedmed.audit.evidence import AuditInputError, Evidence, Finding
-from fedmed.data.sites import num_classes
+from fedmed.ledger.digests import arrays_digest
 from fedmed.models import build_model
+from fedmed.privacy import canaries as canary_mod
+from fedmed.run.directory import RunDirectory
 
 DEFAULT_DELTA = 1e-5  # for a run without DP, whose ledger logs no delta
 
 
 def empirical(evidence: Evidence, spent: list[Spent]) -> tuple[list[Finding], dict[str, Any]]:
     cfg = run_config(evidence)
-    model_path = evidence.run_dir / "model.pt" if evidence.run_dir else None
+    model_path = evidence.run_dir / RunDirectory.MODEL if evidence.run_dir else None
     if cfg is None or model_path is None or not model_path.exists():
         raise AuditInputError("--empirical needs a run directory with config.toml and the final model (model.pt)")
     committed = _committed(evidence)
@@ -34,12 +34,12 @@ def empirical(evidence: Evidence, spent: list[Spent]) -> tuple[list[Finding], di
     where = evidence.parties[hospital].where(index)
     if (m, seed) != (cfg.privacy.canaries, canary_mod.seed_for(cfg.seed)):
         return [Finding("empirical", where, f"the canaries committed ({m}, seed {seed}) are not those config.toml makes ({cfg.privacy.canaries}, seed {canary_mod.seed_for(cfg.seed)})")], {}
-    canaries = canary_mod.make(seed, m, cfg.data.image_size, num_classes(cfg))
-    initial = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
+    canaries = canary_mod.make(seed, m, cfg.data.image_size, cfg.data.num_classes)
+    initial = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     starts = evidence.server.events("run-start")
     if not starts or arrays_digest(initial.state_dict()) != starts[0][1]["payload"].get("initial_model_sha256"):
-        return [Finding("empirical", "config.toml", "the initial model it builds is not the one the server's ledger recorded: the canaries cannot be scored")], {}
-    final = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
+        return [Finding("empirical", RunDirectory.CONFIG, "the initial model it builds is not the one the server's ledger recorded: the canaries cannot be scored")], {}
+    final = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     final.load_state_dict(torch.load(model_path, weights_only=True))
     scores = canary_mod.scores(initial, final, canaries)
     k = max(1, m // 4)

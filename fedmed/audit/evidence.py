@@ -9,10 +9,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedmed.audit.keys import load_public
-from fedmed.audit.ledger import LedgerFile, line_hash
-from fedmed.audit.server_side import LEDGERS, SERVER
 from fedmed.errors import FedmedError
+from fedmed.ledger.chain import LedgerFile, line_hash
+from fedmed.ledger.keys import load_public
+from fedmed.ledger.server import SERVER
+from fedmed.run.directory import RunDirectory
 
 
 class AuditInputError(FedmedError):
@@ -54,7 +55,7 @@ class PartyLedger:
 @dataclass
 class Evidence:
     parties: dict[str, PartyLedger]
-    run_dir: Path | None = None
+    run_dir: RunDirectory | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -81,11 +82,12 @@ def load(paths: list[Path]) -> Evidence:
     return Evidence(_parties(ledgers, keys))
 
 
-def _from_run_dir(run_dir: Path) -> Evidence:
-    folder = run_dir / LEDGERS
-    runs = sorted(p for p in folder.glob("*") if p.is_dir() and p.name != "keys") if folder.is_dir() else []
+def _from_run_dir(path: Path) -> Evidence:
+    run_dir = RunDirectory(path)
+    folder = run_dir / RunDirectory.LEDGERS
+    runs = run_dir.ledger_runs()
     if not runs:
-        raise AuditInputError(f"{run_dir} has no ledgers/ folder with a run's ledgers (the pooled and local baselines, and runs from before ledgers existed, have none)")
+        raise AuditInputError(f"{path} has no ledgers/ folder with a run's ledgers (the pooled and local baselines, and runs from before ledgers existed, have none)")
     if len(runs) > 1:
         raise AuditInputError(f"{folder} holds {len(runs)} runs' ledgers; pass one run's ledger files and keys instead")
     return Evidence(_parties(sorted(runs[0].glob("*.jsonl")), sorted((folder / "keys").glob("*.pub"))), run_dir=run_dir)

@@ -8,8 +8,8 @@ import binascii
 from typing import Any
 
 from fedmed.audit.evidence import Evidence, Finding, PartyLedger
-from fedmed.audit.keys import key_id, valid
-from fedmed.audit.ledger import GENESIS, SIGNED, canonical, checkpoint_body, line_hash, signed_part
+from fedmed.ledger.chain import GENESIS, SIGNED, canonical, checkpoint_body, line_hash, signed_part
+from fedmed.ledger.keys import key_id, valid
 
 
 def chain(party: PartyLedger) -> list[Finding]:
@@ -19,7 +19,7 @@ def chain(party: PartyLedger) -> list[Finding]:
         out.append(Finding("integrity", party.where(index), message))
 
     expected_key = key_id(party.public) if party.public else None
-    for i, (line, record) in enumerate(zip(party.file.lines, party.file.records)):
+    for i, (line, record) in enumerate(zip(party.file.lines, party.file.records, strict=True)):
         try:
             _record(party, i, line, record, expected_key, fail)
         except Exception as exc:  # noqa: BLE001 - a tampered record must be reported, never crash the audit

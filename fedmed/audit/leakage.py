@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.audit.evidence import Evidence, Finding
+from fedmed.run.directory import RunDirectory
 
 PIXEL_LIKE = 1024  # numbers in one array: a 32x32 image
 SCANNED = (".jsonl", ".json", ".toml", ".md", ".csv", ".log", ".txt")
-NOT_EVIDENCE = ("audit.json", "audit.md")
+NOT_EVIDENCE = (RunDirectory.AUDIT, RunDirectory.AUDIT_REPORT)
 # Keys whose values are fedmed's own, not a hospital's: the researcher's output folder,
 # digests, signatures and key ids.
 ALLOWED_KEYS = re.compile(r"^(dir|sig|head|prev|key_id|run|.*_sha256)$")
@@ -97,7 +98,7 @@ def scan_file(path: Path, name: str) -> list[Finding]:
 
 def leakage(evidence: Evidence) -> list[Finding]:
     files = {party.file.path for party in evidence.parties.values()}
-    root = evidence.run_dir
+    root = evidence.run_dir.path if evidence.run_dir else None
     if root is not None:
         files |= {p for p in root.rglob("*") if p.is_file() and p.suffix in SCANNED and p.name not in NOT_EVIDENCE}
     out = []

@@ -20,7 +20,7 @@ from fedmed.audit.evidence import AuditInputError, Evidence, Finding, load
 from fedmed.audit.integrity import chain, checkpoints
 from fedmed.audit.leakage import leakage
 from fedmed.errors import FedmedError
-from fedmed.outputs import atomic_write
+from fedmed.run.directory import RunDirectory
 
 CHECKS = {
     "integrity": "every record's hash chain and Ed25519 signature",
@@ -69,15 +69,14 @@ def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = Non
 
         findings["empirical"] = _guarded("empirical", run_empirical)
     report = _report(evidence, findings, spent, canaries, time.perf_counter() - started)
-    target = out_dir or evidence.run_dir or Path.cwd()
+    target = out_dir or (evidence.run_dir.path if evidence.run_dir else Path.cwd())
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FedmedError(f"cannot create the audit's folder {target}: {exc.strerror}") from None
-    atomic_write(target / "audit.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    atomic_write(target / "audit.md", markdown(report))
+    RunDirectory(target).write_audit(json.dumps(report, indent=2, sort_keys=True) + "\n", markdown(report))
     show(console, report)
-    console.print(f"report: {target / 'audit.md'}, {target / 'audit.json'}")
+    console.print(f"report: {target / RunDirectory.AUDIT_REPORT}, {target / RunDirectory.AUDIT}")
     return 0 if report["passed"] else 1
 
 
@@ -88,7 +87,7 @@ def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[
         "fedmed_version": __version__,
         "audited_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 2),
-        "run_directory": evidence.run_dir.name if evidence.run_dir else None,
+        "run_directory": evidence.run_dir.path.name if evidence.run_dir else None,
         "parties": parties,
         "checks": {
             name: {"what": CHECKS[name], "passed": not found, "findings": [f.__dict__ for f in found]} for name, found in findings.items()

@@ -35,7 +35,7 @@ def check(data: DataConfig, skew: SkewConfig, seed: int, console: Console) -> No
     for line in warnings:
         console.print(f"[yellow]warning:[/yellow] {line}")
     console.print(
-        f"[green]usable:[/green] {len(dataset)} images of {len(data.class_names())} classes, "
+        f"[green]usable:[/green] {len(dataset)} images of {data.num_classes} classes, "
         f"for {data.hospitals} hospital(s) (data.partition = {data.partition})"
     )
 
@@ -62,7 +62,7 @@ def _sources(console: Console, dataset: Dataset) -> None:
 
 
 def _counts(console: Console, dataset: Dataset, data: DataConfig, split: np.ndarray) -> None:
-    names = data.class_names()
+    names = data.classes
     given = (dataset.split >= 0).any()
     table = Table(title="images per class" + ("" if given else f" (no Training/Testing folders: {data.test_fraction:.0%} of each class drawn for test, by patient)"))
     for column in ("class", "train", "test", "total"):

@@ -72,11 +72,12 @@ def resolve_root(data: DataConfig) -> Path:
 
 
 def _decode_settings(data: DataConfig) -> dict[str, Any]:
+    written = data.model_dump()  # the lists as the config writes them: the cache key predates typed lists
     return {
         "version": DECODER_VERSION,
         "image_size": data.image_size,
-        "classes": data.classes,
-        "class_map": data.class_map,
+        "classes": written["classes"],
+        "class_map": written["class_map"],
         "slab": data.slab,
         "min_foreground": data.min_foreground,
         "normalise": data.normalise,
@@ -188,13 +189,13 @@ def _build(cache: Path, root: Path, files: list[str], passed: list[tuple[str, st
             arrays, manifest = _empty(data), {"skipped": layout.skipped}
         else:
             arrays, manifest = _assemble(layout.units, _decode_all(root, layout.units, fmt, data), layout.skipped)
-        used = {u.folder for u, n in zip(layout.units, manifest.pop("decoded", [])) if n}
+        used = {u.folder for u, n in zip(layout.units, manifest.pop("decoded", []), strict=True) if n}
         manifest.update(
             sites=layout.sites,
             class_folders=layout.class_folders,
             empty_class_folders=sorted(set(layout.class_dirs) - used),
         )
-    manifest.update(format=fmt, classes=list(data.class_names()), files=len(files), settings=_decode_settings(data), digest=cache.name)
+    manifest.update(format=fmt, classes=list(data.classes), files=len(files), settings=_decode_settings(data), digest=cache.name)
     manifest.setdefault("sites", [])
     images = arrays.pop("images")
     try:
@@ -245,7 +246,7 @@ def _assemble(units: list[Unit], results: list[Decoded | str], skipped: list) ->
     sites = sorted({u.site for u in units if u.site})
     images, labels, split, site, patient = [], [], [], [], []
     sizes, modes, lows, highs, decoded = [], Counter(), [], [], []
-    for unit, result in zip(units, results):
+    for unit, result in zip(units, results, strict=True):
         decoded.append(not isinstance(result, str))
         if isinstance(result, str):
             skipped.extend((f, result) for f in unit.files)
@@ -300,9 +301,9 @@ def _from_npz(path: Path, data: DataConfig) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             present = {k: archive[k] for k in archive.files}
-    except Exception as exc:  # truncated zip, CRC error, an .npy under an .npz name, object arrays...
+    except Exception as exc:  # noqa: BLE001 - truncated zip, CRC error, an .npy under an .npz name, object arrays...
         raise FedmedError(f"cannot read the .npz archive ({type(exc).__name__}): is it a complete NumPy .npz file?") from None
-    n_classes = len(data.class_names())
+    n_classes = data.num_classes
     parts, sizes, modes, lows, highs = [], [], Counter(), [], []
     for name in ("train", "val", "test"):
         if f"{name}_images" not in present:
@@ -377,7 +378,7 @@ def usable(ds: Dataset, data: DataConfig) -> list[str]:
             f"{sum(counts.values())} files could not be used ({reasons}) and data.strict is on: "
             "run `fedmed data check PATH` to list them, or set data.strict = false to skip them"
         )
-    present = np.bincount(ds.labels, minlength=len(data.class_names()))
+    present = np.bincount(ds.labels, minlength=data.num_classes)
     if np.count_nonzero(present) < 2:
         raise FedmedError("the dataset holds images of fewer than two classes: nothing to learn to tell apart")
     warnings = []
@@ -387,7 +388,7 @@ def usable(ds: Dataset, data: DataConfig) -> list[str]:
     if empty:
         shown = ", ".join(empty[:4]) + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
         warnings.append(f"{len(empty)} class folder(s) hold no usable image: {shown}")
-    missing = [name for name, n in zip(data.class_names(), present) if n == 0]
+    missing = [name for name, n in zip(data.classes, present, strict=True) if n == 0]
     if missing:
         warnings.append(f"no images of class {', '.join(missing)}")
     return warnings

@@ -149,7 +149,7 @@ def decode_nifti(path: Path, size: int, settings: VolumeSettings) -> Decoded:
         raise Skip("unreadable file (missing or a broken link)") from None
     except PermissionError:
         raise Skip("unreadable file (permission denied)") from None
-    except Exception:  # nibabel raises many types for a damaged file (EOFError, zlib, ImageFileError)
+    except Exception:  # noqa: BLE001 - nibabel raises many types for a damaged file (EOFError, zlib, ImageFileError)
         raise Skip("corrupt or truncated NIfTI volume") from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -181,7 +181,7 @@ def _normal_position(ds) -> float | None:
         orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
         normal = np.cross(orientation[:3], orientation[3:])
         return float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal))
-    except Exception:  # absent or malformed tags
+    except Exception:  # noqa: BLE001 - absent or malformed tags
         return None
 
 
@@ -198,7 +198,7 @@ def _undecodable(ds) -> str:
         return "DICOM pixel data cannot be read"
     try:
         name = syntax.name
-    except Exception:
+    except Exception:  # noqa: BLE001
         name = "unknown"
     return (
         f"transfer syntax '{name}' ({syntax}) cannot be decoded here: decompress the series "
@@ -214,7 +214,7 @@ def read_dicom_series(root: Path, files: tuple[str, ...]) -> tuple[np.ndarray, l
     for rel in files:
         try:
             ds = read_dicom(root / rel)
-        except Exception:  # a damaged file raises almost anything (struct.error, NotImplementedError, ...)
+        except Exception:  # noqa: BLE001 - a damaged file raises almost anything (struct.error, NotImplementedError, ...)
             skipped.append((rel, "corrupt or truncated DICOM file"))
             continue
         if "PixelData" not in ds:
@@ -224,7 +224,7 @@ def read_dicom_series(root: Path, files: tuple[str, ...]) -> tuple[np.ndarray, l
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pixels = ds.pixel_array.astype(np.float32)
-        except Exception:  # no decoder for the transfer syntax, or damaged pixel data
+        except Exception:  # noqa: BLE001 - no decoder for the transfer syntax, or damaged pixel data
             skipped.append((rel, _undecodable(ds)))
             continue
         if pixels.ndim != 2:

@@ -6,6 +6,7 @@ is identical whatever the order or number of worker processes that make it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,7 +14,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path

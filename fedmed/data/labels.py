@@ -3,7 +3,7 @@
 A hospital's knowledge of an image is a set of possible classes (one class: a full
 label; several: a coarse or unknown label) within the classes it annotates at all.
 Training maximises the probability of the possible set under a softmax over the
-annotated classes only (`training.local.set_loss`), so an unknown image pushes no
+annotated classes only (`training.loop.set_loss`), so an unknown image pushes no
 class down, and classes a hospital never annotates get no gradient from it.
 """
 
@@ -14,10 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedmed.config import FedmedConfig
-from fedmed.errors import FedmedError
-
-TUMOUR_FREE = "no_tumour"
+from fedmed.config import TUMOUR_FREE, FedmedConfig
 
 
 @dataclass(frozen=True)
@@ -35,29 +32,12 @@ def affected_hospitals(cfg: FedmedConfig) -> set[int]:
     return set(np.random.default_rng([cfg.seed, 31]).permutation(cfg.data.hospitals)[:n].tolist())
 
 
-def annotated_classes(cfg: FedmedConfig) -> list[int]:
-    names = cfg.data.class_names()
-    wanted = [c.strip() for c in cfg.labels.annotated.split(",") if c.strip()]
-    unknown = [c for c in wanted if c not in names]
-    if unknown or not wanted:
-        raise FedmedError(f"labels.annotated names {', '.join(unknown) or 'no class'}: choose among {', '.join(names)}")
-    return [names.index(c) for c in wanted]
-
-
-def validate(cfg: FedmedConfig) -> None:
-    if cfg.labels.scenario == "subset":
-        if len(annotated_classes(cfg)) < 2:
-            raise FedmedError("labels.annotated needs two or more classes: a softmax over one class learns nothing")
-    if cfg.labels.scenario == "coarse" and TUMOUR_FREE not in cfg.data.class_names():
-        raise FedmedError(f"labels.scenario = coarse needs a `{TUMOUR_FREE}` class in data.classes")
-
-
 def knowledge(cfg: FedmedConfig, index: int, y: torch.Tensor) -> Knowledge | None:
-    """What hospital `index` knows of its training labels `y`; None: everything."""
-    validate(cfg)
+    """What hospital `index` knows of its training labels `y`; None: everything. (The
+    config checked the classes it names: `FedmedConfig._labels_fit_the_classes`.)"""
     if index not in affected_hospitals(cfg):
         return None
-    classes = len(cfg.data.class_names())
+    classes = cfg.data.num_classes
     n = len(y)
     annotated = torch.ones(n, classes, dtype=torch.bool)
     possible = torch.nn.functional.one_hot(y, classes).bool()
@@ -70,13 +50,13 @@ def knowledge(cfg: FedmedConfig, index: int, y: torch.Tensor) -> Knowledge | Non
         possible[hidden] = True
     elif scenario == "subset":
         keep = torch.zeros(classes, dtype=torch.bool)
-        keep[annotated_classes(cfg)] = True
+        keep[[cfg.data.classes.index(c) for c in cfg.labels.annotated]] = True
         annotated[:] = keep
         unknown = ~keep[y]
         possible[unknown] = keep  # not an annotated class, or just not annotated: either way, no information
     else:  # coarse: tumour vs no tumour
         tumour = torch.ones(classes, dtype=torch.bool)
-        tumour[cfg.data.class_names().index(TUMOUR_FREE)] = False
+        tumour[cfg.data.classes.index(TUMOUR_FREE)] = False
         possible[tumour[y]] = tumour
     exact = (possible.sum(1) == 1) & (possible.sum(1) < annotated.sum(1))
     return Knowledge(y=torch.where(exact, y, torch.full_like(y, -1)), possible=possible, annotated=annotated)

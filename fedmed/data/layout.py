@@ -48,7 +48,7 @@ FORMATS = ("imagefolder", "nifti", "dicom", "npz")
 class Unit:
     """What decodes together: one image or volume file, or the files of one DICOM series."""
 
-    files: tuple[str, ...]  # paths relative to the root (local only)
+    files: tuple[str, ...]  # paths relative to the root (they never leave this machine)
     label: int
     split: int  # -1: the layout says nothing, 0: train, 1: test
     site: str  # hospital folder, "" when the layout has none
@@ -70,18 +70,13 @@ class ClassMap:
     """Folder names (or CSV labels) -> class indices."""
 
     def __init__(self, data: DataConfig) -> None:
-        self.names = data.class_names()
+        self.names = data.classes
         self.aliases = {name.lower(): name for name in self.names}
         for alias, target in BUILTIN_ALIASES.items():
             if target in self.names:
                 self.aliases.setdefault(alias, target)
-        for item in filter(None, (p.strip() for p in data.class_map.split(","))):
-            alias, sep, target = item.partition(":")
-            if not sep or target.strip() not in self.names:
-                raise FedmedError(
-                    f"data.class_map entry {item!r} must be `folder:class` with class one of {', '.join(self.names)}"
-                )
-            self.aliases[alias.strip().lower()] = target.strip()
+        for alias, target in data.aliases().items():
+            self.aliases[alias.lower()] = target
 
     def get(self, name: str) -> int | None:
         target = self.aliases.get(name.strip().lower())
@@ -324,7 +319,7 @@ def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> l
             ds = read_dicom(root / rel, header_only=True)
             uid = str(ds.get("SeriesInstanceUID", "") or "")
             who = str(ds.get("PatientID", "") or "")
-        except Exception:  # a damaged file raises almost anything (struct.error, NotImplementedError, ...)
+        except Exception:  # noqa: BLE001 - a damaged file raises almost anything (struct.error, NotImplementedError, ...)
             skipped.append((rel, "corrupt or truncated DICOM file"))
             continue
         if not uid:
@@ -336,7 +331,7 @@ def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> l
         key = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         series.setdefault(uid, []).append((rel, label, split, site, key, folder))
     units = []
-    for uid, members in sorted(series.items(), key=lambda item: item[1][0][0]):
+    for _uid, members in sorted(series.items(), key=lambda item: item[1][0][0]):
         if len({(m[1], m[2], m[3]) for m in members}) > 1:
             skipped.extend((m[0], "DICOM series spans several class, split or hospital folders") for m in members)
             continue

@@ -108,7 +108,7 @@ def assign(ds: Dataset, data: DataConfig, skew: SkewConfig, seed: int) -> Assign
             raise FedmedError(f"data.path has {len(sites)} hospital folders but data.hospitals = {data.hospitals}: set data.hospitals = {len(sites)}")
         site = ds.site.copy()
     else:
-        supply = np.bincount(ds.labels[split == TRAIN], minlength=len(data.class_names()))
+        supply = np.bincount(ds.labels[split == TRAIN], minlength=data.num_classes)
         shares = share_matrix(skew, data.hospitals, supply, seed)
         site = np.full(len(ds), -1, dtype=np.int16)  # -1: a class no hospital holds (still in the global test)
         for part in (TRAIN, TEST):

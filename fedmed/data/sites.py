@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -17,15 +17,10 @@ from fedmed.config import DataConfig, FedmedConfig, SkewConfig
 from fedmed.data import demo
 from fedmed.data.dataset import Dataset, load_dataset, usable
 from fedmed.data.labels import knowledge
-from fedmed.data.labels import validate as validate_labels
 from fedmed.data.partition import TEST, TRAIN, Assignment, assign
 from fedmed.data.phantom import acquire
 from fedmed.data.scanners import hospital_profiles
 from fedmed.errors import FedmedError
-
-
-def num_classes(cfg: FedmedConfig) -> int:
-    return len(cfg.data.class_names())
 
 
 @dataclass(frozen=True)
@@ -126,7 +121,7 @@ def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> Sit
     return SiteData(name=demo.hospital_name(index), index=index, train=take(TRAIN), test=take(TEST))
 
 
-@lru_cache(maxsize=None)  # one entry per hospital this process serves: rounds reuse it
+@cache  # one entry per hospital this process serves: rounds reuse it
 def site_data(cfg: FedmedConfig, index: int) -> SiteData:
     """Hospital `index` of the configured dataset, with what it knows of its labels."""
     if not 0 <= index < cfg.data.hospitals:
@@ -159,7 +154,6 @@ def global_test(cfg: FedmedConfig) -> Split:
 def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None) -> None:
     """Generate (or decode) and cache the dataset now, and check it can be split across
     the hospitals, so no round ever waits for it or fails on it."""
-    validate_labels(cfg)
     if cfg.data.source == "disk":
         _dataset(cfg.data, announce)  # announces a first-time decode
         _, parts, warnings = _disk(cfg.data, cfg.skew, cfg.seed)

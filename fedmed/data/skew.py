@@ -110,15 +110,3 @@ def deal(groups: np.ndarray, labels: np.ndarray, shares: np.ndarray, rng: np.ran
         got[h, c] += sizes[g]
         load[h] += sizes[g]
     return owner[inverse]
-
-
-def heterogeneity(label_counts: np.ndarray) -> float:
-    """Mean Jensen-Shannon distance (base 2, 0..1) between each hospital's label
-    distribution and the whole federation's: 0 when every hospital looks alike."""
-    from scipy.spatial.distance import jensenshannon
-
-    total = label_counts.sum(axis=0)
-    rows = [row for row in label_counts if row.sum() > 0]
-    if not rows or total.sum() == 0:
-        return 0.0
-    return float(np.mean([jensenshannon(row / row.sum(), total / total.sum(), base=2) for row in rows]))

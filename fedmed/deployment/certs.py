@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmed.config import SITE_NAME
 from fedmed.errors import FedmedError
-from fedmed.outputs import write_new
+from fedmed.run.directory import write_new
 
 CURVE = ec.SECP384R1()  # a NIST curve: Flower's node authentication accepts no other kind
 
@@ -70,7 +70,7 @@ def init_federation(folder: Path, hosts: list[str], days: int = 365, name: str =
     if existing:
         raise FedmedError(f"{existing[0]} already exists: fedmed never overwrites keys; move it aside or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate a little clock skew
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate a little clock skew
     ca_key = ec.generate_private_key(CURVE)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
     ca_cert = (

@@ -49,7 +49,7 @@ def certificate(path: Path, what: str, fix: str) -> x509.Certificate:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise FedmedError(f"{what} {path} is not a PEM certificate ({exc}): {fix}") from None
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if cert.not_valid_after_utc < now:
         raise FedmedError(f"{what} {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}: {fix}")
     if cert.not_valid_before_utc > now:

@@ -5,6 +5,7 @@ the ServerApp the simulation uses, watched until it finishes."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,12 +16,12 @@ from rich.console import Console
 from fedmed.config import FedmedConfig, from_flat
 from fedmed.deployment import checks
 from fedmed.errors import FedmedError
-from fedmed.federation import checkpoint
-from fedmed.federation.records import NODES_KEY, RESUME_KEY
-from fedmed.outputs import atomic_write, resolve_run_name, run_path
+from fedmed.federation import checkpoint, wire
+from fedmed.run.directory import RunDirectory, atomic_write, resolve_run_name, run_path
 
 CONNECTION = "fedmed"  # the SuperLink connection's name in the state folder's Flower home
-POLL_S = 3.0
+POLL_S = 3.0  # how often the operator's terminal looks for finished rounds
+STATUS_EVERY_S = 30.0  # how often it asks the SuperLink for the run's status while rounds go on
 
 
 class State:
@@ -64,21 +65,17 @@ def _enrolled(folder: Path) -> dict[str, Path]:
     return keys
 
 
-def _rounds(run_dir: Path) -> list[dict[str, Any]]:
-    """The rounds finished so far; a line the ServerApp is still writing is left for later."""
-    try:
-        text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+def _dial(host: str) -> str:
+    """Where this machine reaches a SuperLink listening on `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _write_connection(state: State, host: str, port: int, ca_cert: Path) -> None:
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    dial = _dial(host)
     state.home.mkdir(parents=True, exist_ok=True)
     atomic_write(
         state.home / "config.toml",
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{local}:{port}"\nroot-certificates = "{ca_cert.resolve()}"\n',
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{dial}:{port}"\nroot-certificates = "{ca_cert.resolve()}"\n',
     )
 
 
@@ -94,7 +91,7 @@ def _write_app(state: State, flat: dict[str, Any], resume_from: str, nodes: dict
         "tool": {"flwr": {"app": {
             "publisher": "fedmed",
             "components": {"serverapp": "fedmed.federation.server_app:app", "clientapp": "fedmed.federation.client_app:app"},
-            "config": {**flat, RESUME_KEY: resume_from, NODES_KEY: json.dumps({node: name for name, node in nodes.items()})},
+            "config": {**flat, wire.RESUME_FROM: resume_from, wire.HOSPITAL_NODES: json.dumps({node: name for name, node in nodes.items()})},
         }}},
     }
     atomic_write(state.app / "pyproject.toml", tomli_w.dumps(project))
@@ -112,16 +109,19 @@ def _launch(state: State, host: str, port: int, certs: tuple[Path, Path, Path]) 
         return subprocess.Popen(command, cwd=state.root, env=checks.flower_env(state.home), stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_ready(state: State, proc: subprocess.Popen, timeout: float = 90) -> None:
+def _wait_ready(state: State, proc: subprocess.Popen, host: str, port: int, timeout: float = 90) -> None:
+    """Until the SuperLink answers `flwr` commands: first its port (cheap to try), then
+    one `flwr list` (a process of its own, about 2 s of CPU)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             lines = state.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
             raise FedmedError(f"the SuperLink stopped at start ({lines[-1] if lines else 'no output'}); its log: {state.log}")
         try:
+            socket.create_connection((_dial(host), port), timeout=5).close()
             flwr(state, "list", CONNECTION, timeout=30)
             return
-        except FedmedError:
+        except (OSError, FedmedError):
             time.sleep(1)
     raise FedmedError(f"the SuperLink did not answer within {timeout:.0f} s; its log: {state.log}")
 
@@ -151,13 +151,27 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
 
 
 def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, shown: int, console: Console) -> bool:
-    """Print each round after the first `shown` as it finishes; True when the run completed."""
+    """Print each round after the first `shown` as it finishes; True when the run completed.
+
+    The rounds come from the run directory, read every POLL_S seconds. The run's status
+    comes from `flwr list`, a process that costs about 2 s of CPU: asked every
+    STATUS_EVERY_S seconds (a failed run is noticed within that), and at every poll once
+    the run's summary is written (it is finishing)."""
     rounds = int(state.read(state.current)["config"]["federation.rounds"])
-    misses = 0
+    out = RunDirectory(run_dir)
+    misses, asked = 0, time.monotonic()
     while True:
         time.sleep(POLL_S)
         if proc.poll() is not None:
             raise FedmedError(f"the SuperLink stopped (exit {proc.returncode}; log {state.log}): `fedmed server start --resume` continues the run")
+        records = out.rounds()
+        for record in records[shown:]:
+            console.print(_round_line(record, rounds))
+        shown = len(records)
+        finishing = (out / RunDirectory.SUMMARY).is_file()
+        if not finishing and time.monotonic() - asked < STATUS_EVERY_S:
+            continue
+        asked = time.monotonic()
         try:
             run = flwr(state, "list", CONNECTION, "--run-id", run_id)["runs"][0]
             misses = 0
@@ -166,12 +180,10 @@ def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, sho
             if misses == 5:
                 raise
             continue
-        records = _rounds(run_dir)
-        for record in records[shown:]:
-            console.print(_round_line(record, rounds))
-        shown = len(records)
         status = str(run.get("status", ""))
         if status.startswith("finished"):
+            for record in out.rounds()[shown:]:  # written just before the run ended
+                console.print(_round_line(record, rounds))
             if status != "finished:completed":
                 console.print(f"[red]the run {status.split(':')[-1]}[/red]: {run.get('status-details') or 'no details'} (SuperLink log: {state.log})")
             return status == "finished:completed"
@@ -191,11 +203,11 @@ def _run_config(cfg: FedmedConfig, state: State, enrolled: int, resume: bool) ->
     saved = from_flat(current["config"])
     if saved.digest() != fresh.digest():
         raise FedmedError("the federation's settings (or its enrolled hospitals) changed since the run started: resume needs the same, or start a new run")
-    run_dir = Path(current["run_dir"])
-    if (run_dir / "summary.json").is_file():
-        raise FedmedError(f"the run in {run_dir} has finished: nothing to resume")
+    run_dir = RunDirectory(Path(current["run_dir"]))
+    if (run_dir / RunDirectory.SUMMARY).is_file():
+        raise FedmedError(f"the run in {run_dir.path} has finished: nothing to resume")
     checkpoint.load(run_dir)  # one clear line if no round finished
-    return current["config"], str(run_dir)
+    return current["config"], str(run_dir.path)
 
 
 def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
@@ -214,13 +226,13 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
     fresh = not state.database.exists()
     proc = _launch(state, host, port, certs)
     try:
-        _wait_ready(state, proc)
+        _wait_ready(state, proc, host, port)
         nodes = _register(state, enrolled, fresh)
         console.print(f"enrolled: {', '.join(f'{name} (node {nodes[name]})' for name in enrolled)}")
         _write_app(state, flat, resume_from, nodes)
         run_id = str(flwr(state, "run", str(state.app), CONNECTION)["run-id"])
         atomic_write(state.current, json.dumps({"run_id": run_id, "run_dir": str(run_dir), "config": flat}, indent=2, sort_keys=True) + "\n")
-        done = checkpoint.load(run_dir).round if resume_from else 0
+        done = checkpoint.load(RunDirectory(run_dir)).round if resume_from else 0
         action = f"resuming {run_dir} after round {done}" if resume_from else f"run {run_id} -> {run_dir}"
         console.print(f"{action}: {flat['federation.rounds']} rounds, at least {flat['federation.min_hospitals'] or len(enrolled)} of {len(enrolled)} hospitals; waiting for them")
         completed = _watch(state, proc, run_id, run_dir, done, console)
@@ -254,7 +266,7 @@ def status(cfg: FedmedConfig, console: Console) -> int:
         for node in nodes:
             table.add_row(names.get(str(node["node-id"]), "(not enrolled here)"), str(node["node-id"]), str(node["status"]))
         console.print(table)
-    records = _rounds(Path(current["run_dir"]))
+    records = RunDirectory(Path(current["run_dir"])).rounds()
     rounds = int(current["config"]["federation.rounds"])
     console.print(f"run {current['run_id']}: {run_status}; {len(records)} of {rounds} rounds done ({current['run_dir']})")
     if records:

@@ -11,13 +11,13 @@ from pathlib import Path
 import tomli_w
 from rich.console import Console
 
-from fedmed.audit.hospital_side import NODE_LEDGER_DIR
 from fedmed.config import FedmedConfig, unflatten
 from fedmed.data.sites import ensure_data, site_data
 from fedmed.deployment import checks
-from fedmed.deployment.policy import SITE_CONFIG, hospital_config
 from fedmed.errors import FedmedError
-from fedmed.outputs import write_new
+from fedmed.federation import wire
+from fedmed.federation.policy import hospital_config
+from fedmed.run.directory import write_new
 
 REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # what flower-supernode logs when refused
 REJOIN_S, RETRY_S = 90.0, 10.0
@@ -59,7 +59,7 @@ def _refused(log: Path, start: int) -> bool:
 
 def _snapshot(cfg: FedmedConfig, folder: Path) -> Path:
     """The settings this node runs with (after `--set`, paths made absolute), where the
-    ClientApp reads them; mode 0600, as they name local paths."""
+    ClientApp reads them; mode 0600, as they name paths on this machine."""
     data = cfg.data.model_copy(update={"path": str(Path(cfg.data.path).expanduser().resolve())})
     path = folder / f"{cfg.site.name}.node.toml"
     path.unlink(missing_ok=True)
@@ -76,7 +76,7 @@ def start(cfg: FedmedConfig, config_path: Path, console: Console) -> int:
     ledgers = Path(cfg.site.ledger_dir).expanduser().resolve()
     ledgers.mkdir(parents=True, exist_ok=True)
     log = ledgers / f"{cfg.site.name}-supernode.log"
-    node_config = f"{SITE_CONFIG}='{_snapshot(cfg, ledgers)}' {NODE_LEDGER_DIR}='{ledgers}'"
+    node_config = f"{wire.SITE_CONFIG}='{_snapshot(cfg, ledgers)}' {wire.LEDGER_DIR}='{ledgers}'"
     command = [
         "flower-supernode", "--superlink", f"{host}:{port}", "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(key.resolve()), "--port", str(cfg.site.port or checks.free_port()),

@@ -1,5 +1,5 @@
-"""The ServerApp: FedAvg over the hospitals, centralised evaluation each round, and
-the run directory. The same object runs in simulation and in a real deployment."""
+"""The ServerApp: the federation's rounds, the server's own evaluation of each round's
+model, and the run directory. The same object runs in simulation and in a real deployment."""
 
 from __future__ import annotations
 
@@ -8,25 +8,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmed.audit.server_side import ServerLedger
 from fedmed.config import FedmedConfig, from_flat
-from fedmed.data.sites import global_test, num_classes
-from fedmed import heterogeneity
+from fedmed.data.sites import describe, global_test
 from fedmed.errors import FedmedError
-from fedmed.federation import checkpoint
-from fedmed.federation.records import NODES_KEY, RESUME_KEY, config_record
-from fedmed.federation.rounds import run_rounds
-from fedmed.federation.strategy import build_strategy
+from fedmed.federation import checkpoint, wire
+from fedmed.federation.strategy import Recording, build_strategy
+from fedmed.ledger.server import ServerLedger
 from fedmed.models import build_model, norm_keys
-from fedmed.outputs import RunDirectory
 from fedmed.privacy import report as privacy_report
 from fedmed.privacy.client_level import ClientLevelDP
-from fedmed.progress import RoundReporter
-from fedmed.reporting import round_record, strip_prefix, summary
-from fedmed.training.local import evaluate
+from fedmed.run import heterogeneity
+from fedmed.run.directory import RunDirectory
+from fedmed.run.progress import RoundReporter
+from fedmed.run.record import NO_REPLY, RoundOutcome, round_record, summary
+from fedmed.training.loop import evaluate
 from fedmed.training.metrics import from_confusion
 
 app = ServerApp()
@@ -36,8 +34,8 @@ STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     values = dict(context.run_config)
-    resume = str(values.pop(RESUME_KEY, "") or "")
-    nodes = {int(k): v for k, v in json.loads(str(values.pop(NODES_KEY, "") or "{}")).items()}
+    resume = str(values.pop(wire.RESUME_FROM, "") or "")
+    nodes = {int(k): v for k, v in json.loads(str(values.pop(wire.HOSPITAL_NODES, "") or "{}")).items()}
     run(grid, from_flat(values), Path(resume) if resume else None, nodes)
 
 
@@ -46,99 +44,66 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     checkpoint. `nodes`: hospital names by node id, where the operator knows them."""
     started = time.time()
     client_dp = ClientLevelDP(cfg) if cfg.privacy.mode == "client" else None  # checks delta before anything is written
-    previous = checkpoint.load(resume) if resume else None
+    previous = checkpoint.load(RunDirectory(resume)) if resume else None
     if previous is not None and previous.config_sha256 != cfg.digest():
         raise FedmedError(f"the settings differ from those {resume} started with: resume with the same config, or start a new run")
     out = RunDirectory.reopen(resume, previous.round) if resume and previous else RunDirectory.create(cfg)
     test_set = global_test(cfg)
-    model = build_model(cfg.model, num_classes(cfg), seed=cfg.seed)
-    rounds = cfg.federation.rounds
-    n = cfg.data.hospitals
+    model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
+    rounds, n = cfg.federation.rounds, cfg.data.hospitals
     aggregation = "DP-FedAvg" if client_dp else STRATEGY_NAMES[cfg.federation.strategy]
-    title = f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {cfg.data.hospitals} hospitals, {rounds} rounds -> {out.path}"
+    title = f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {n} hospitals, {rounds} rounds -> {out.path}"
     reporter = RoundReporter(rounds, title + (f" (resumed after round {previous.round})" if previous else ""))
-    ledger = ServerLedger(out.path, cfg.output.save_updates, previous.ledger_run if previous else "")
-    initial = ArrayRecord(model.state_dict())
-    minimum = cfg.federation.min_hospitals or n
-    strategy = build_strategy(
-        cfg.federation,
-        norm_keys(model),
-        client_dp,
-        fraction_train=cfg.federation.fraction_train,
-        fraction_evaluate=cfg.federation.fraction_evaluate,
-        min_train_nodes=min(minimum, max(1, round(cfg.federation.fraction_train * n))),
-        min_evaluate_nodes=min(minimum, max(1, round(cfg.federation.fraction_evaluate * n))) if cfg.federation.fraction_evaluate else 0,
-        min_available_nodes=minimum,
-        ledger=ledger,
-        hospitals=n,
-    )
+    ledger = ServerLedger(out, cfg.output.save_updates, previous.ledger_run if previous else "")
+    strategy = _strategy(cfg, norm_keys(model), client_dp, ledger)
+
+    arrays = ArrayRecord(model.state_dict())
     last_test: dict = {}
     label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
     if previous is None:
-        ledger.start(cfg, model, initial, aggregation)
+        ledger.start(cfg, model, arrays, aggregation)
     else:
         ledger.resume(previous.round, aggregation)
         strategy.restore(previous.strategy)
         if client_dp is not None and previous.client_dp:
             client_dp.restore(previous.client_dp)
         last_test, label_counts = previous.server["last_test"], previous.server["label_counts"]
-        initial = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
+        arrays = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
     strategy.names.update(nodes or {})  # the operator's enrolment now, over the checkpoint's
 
-    def note_hospitals(server_round: int) -> None:
-        """(Re)write the heterogeneity report when hospitals report for the first time."""
-        new = {
-            site: phases["train"]["label-counts"]
-            for site, phases in strategy.per_site.get(server_round, {}).items()
-            if "train" in phases and site not in label_counts
-        }
-        if new:
-            label_counts.update(new)
-            rep = heterogeneity.report(label_counts, cfg.data.class_names())
-            heterogeneity.write(out.path, rep)
-            if server_round == 1:
-                heterogeneity.print_table(reporter.console, rep)
+    config = wire.config_record(cfg)
+    timeout = cfg.federation.round_timeout
+    for server_round in range(previous.round + 1 if previous else 1, rounds + 1):
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid), timeout=timeout)
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        arrays = aggregated if aggregated is not None else arrays
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid), timeout=timeout)
+        strategy.aggregate_evaluate(server_round, replies)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
-        """The server's test of the round's model, and the round's record."""
-        nonlocal last_test
-        declined = {site: why["reason"] for site, why in sorted(strategy.declined.items()) if why["round"] == server_round}
-        for site, reason in declined.items():
-            reporter.console.print(f"round {server_round}: {site} declined to train: {reason}")
-        for site in strategy.dropped.get(server_round, []):
+        outcome = strategy.log.round(server_round)
+        for site, decline in sorted(outcome.declined.items()):
+            reporter.console.print(f"round {server_round}: {site} declined to train: {decline.reason}")
+        for site in outcome.dropped:
             reporter.console.print(f"round {server_round}: {site} dropped out (no update); the round goes on without it")
-        if strategy.all_declined:  # every hospital has spent its budget: the model no longer changes
-            return
-        if not any("train" in site for site in strategy.per_site.get(server_round, {}).values()):
-            if not strategy.failures.get(server_round) and declined:
-                reporter.console.print(f"round {server_round}: every hospital asked declined; the model stays as it is")
-                return
-            reasons = "; ".join(sorted(set(strategy.failures.get(server_round, ["no reply in time"]))))
-            raise FedmedError(f"round {server_round}: no hospital returned an update ({reasons})")
-        note_hospitals(server_round)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
-        hospitals = {
-            site: {phase: strip_prefix(m) for phase, m in phases.items()}
-            for site, phases in sorted(strategy.per_site.get(server_round, {}).items())
-        }
-        pooled_eval = strategy.federated_eval.get(server_round)
-        federated = from_confusion(np.asarray(pooled_eval["eval-confusion"]).reshape(num_classes(cfg), num_classes(cfg))) if pooled_eval else {}
-        took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(hospitals)}/{n}")
-        out.append_round(
-            round_record(
-                server_round, took, elapsed, last_test, hospitals, federated_eval=federated,
-                failures=len(strategy.failures.get(server_round, [])),
-                dropped=sorted(strategy.dropped.get(server_round, [])),
-                declined=sorted(declined),
-                declined_reasons=declined,
+        if _model_moved(strategy, outcome, reporter):
+            new = {site: u.metrics[wire.LABEL_COUNTS] for site, u in outcome.trained.items() if site not in label_counts}
+            if new:  # hospitals reporting for the first time: (re)write the heterogeneity report
+                label_counts.update(new)
+                rep = heterogeneity.report(label_counts, cfg.data.classes)
+                heterogeneity.write(out, rep)
+                if server_round == 1:
+                    heterogeneity.print_table(reporter.console, rep)
+            model.load_state_dict(arrays.to_torch_state_dict())
+            last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
+            hospitals = outcome.hospitals()
+            took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(hospitals)}/{n}")
+            out.append_round(round_record(
+                server_round, took, elapsed, last_test, hospitals, federated_eval=_federated_eval(cfg, outcome),
+                failures=len(outcome.dropped), dropped=sorted(outcome.dropped), declined=sorted(outcome.declined),
+                declined_reasons={site: d.reason for site, d in sorted(outcome.declined.items())},
                 **({"privacy": client_dp.metrics()} if client_dp else {}),
-            )
-        )
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> None:
-        evaluate_global(server_round, arrays)
-        checkpoint.save(out.path, checkpoint.Checkpoint(
+            ))
+        checkpoint.save(out, checkpoint.Checkpoint(
             round=server_round,
             config_sha256=cfg.digest(),
             arrays={k: v.numpy() for k, v in arrays.items()},
@@ -148,20 +113,55 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
             server={"last_test": last_test, "label_counts": label_counts},
         ))
 
-    first = previous.round + 1 if previous else 1
-    config = config_record(cfg)
-    final_arrays = run_rounds(strategy, grid, initial, range(first, rounds + 1), cfg.federation.round_timeout, config, after_round)
-    final = strategy.per_site.get(rounds, {})
+    final = strategy.log.round(rounds).evaluated
     per_hospital = {
-        site: {"accuracy": phases["eval"]["eval-accuracy"], "macro_f1": phases["eval"]["eval-macro-f1"]}
-        for site, phases in sorted(final.items())
-        if "eval" in phases
+        site: {"accuracy": e.metrics[wire.EVAL_ACCURACY], "macro_f1": e.metrics[wire.EVAL_MACRO_F1]} for site, e in sorted(final.items())
     }
     if cfg.output.save_model:
-        out.save_model(final_arrays.to_torch_state_dict())
-    ledger.end(final_arrays, rounds, last_test.get("accuracy"))
-    spent = privacy_report.table(cfg, strategy.per_site, strategy.declined, client_dp.metrics() if client_dp else None)
+        out.save_model(arrays.to_torch_state_dict())
+    ledger.end(arrays, rounds, last_test.get("accuracy"))
+    spent = privacy_report.table(cfg, strategy.log, client_dp.metrics() if client_dp else None)
     privacy_report.print_table(reporter.console, spent)
-    out.write_summary(summary(cfg, last_test, per_hospital, time.time() - started, **({"privacy": spent} if spent else {})))
+    extra = {"privacy": spent} if spent else {}
+    out.write_summary(summary(cfg, describe(cfg), last_test, per_hospital, time.time() - started, **extra))
     reporter.console.print(f"run directory: {out.path}")
 
+
+def _strategy(cfg: FedmedConfig, norm_layers: set[str], client_dp: ClientLevelDP | None, ledger: ServerLedger) -> Recording:
+    """The configured algorithm, asking the configured share of hospitals each round."""
+    f, n = cfg.federation, cfg.data.hospitals
+    minimum = f.min_hospitals or n
+    return build_strategy(
+        f,
+        norm_layers,
+        client_dp,
+        fraction_train=f.fraction_train,
+        fraction_evaluate=f.fraction_evaluate,
+        min_train_nodes=min(minimum, max(1, round(f.fraction_train * n))),
+        min_evaluate_nodes=min(minimum, max(1, round(f.fraction_evaluate * n))) if f.fraction_evaluate else 0,
+        min_available_nodes=minimum,
+        ledger=ledger,
+        hospitals=n,
+    )
+
+
+def _model_moved(strategy: Recording, outcome: RoundOutcome, reporter: RoundReporter) -> bool:
+    """Whether the round trained the model. Not when every hospital has spent its budget,
+    or every hospital asked declined; an error when every one that did not decline failed."""
+    if strategy.all_declined:  # every hospital has spent its budget: the model no longer changes
+        return False
+    if outcome.trained:
+        return True
+    if not outcome.dropped and outcome.declined:
+        reporter.console.print(f"round {outcome.round}: every hospital asked declined; the model stays as it is")
+        return False
+    reasons = "; ".join(sorted(set(outcome.dropped.values()))) or NO_REPLY
+    raise FedmedError(f"round {outcome.round}: no hospital returned an update ({reasons})")
+
+
+def _federated_eval(cfg: FedmedConfig, outcome: RoundOutcome) -> dict:
+    """The hospitals' evaluations pooled: metrics from their summed confusion matrices."""
+    if not outcome.federated_eval:
+        return {}
+    k = cfg.data.num_classes
+    return from_confusion(np.asarray(outcome.federated_eval[wire.EVAL_CONFUSION]).reshape(k, k))

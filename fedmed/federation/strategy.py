@@ -1,8 +1,9 @@
 """The aggregation strategies (FedAvg, FedProx, FedAdam, FedYogi, FedBN), each aggregating
-in a fixed order and remembering each hospital's metrics."""
+in a fixed order and typing every reply into the run's log (`fedmed.run.record.RunLog`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,10 +12,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
-from fedmed.audit.server_side import ServerLedger
 from fedmed.config import FederationConfig
-from fedmed.federation.records import DECLINED_KEY, WEIGHT_KEY, site_name
+from fedmed.federation import wire
+from fedmed.ledger.digests import arrays_digest
+from fedmed.ledger.server import ServerLedger
 from fedmed.privacy.client_level import ClientLevelDP
+from fedmed.run.record import NO_REPLY, Decline, Evaluation, RunLog, Update
 
 
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -45,7 +48,7 @@ def _last_line(reason: str) -> str:
 def _order(replies: Iterable[Message]) -> list[Message]:
     """Replies sorted by hospital, so float sums (and results) do not depend on arrival order."""
     replies = list(replies)
-    ok = sorted((m for m in replies if not m.has_error()), key=lambda m: site_name(m.content))
+    ok = sorted((m for m in replies if not m.has_error()), key=lambda m: wire.site_name(m.content))
     return ok + [m for m in replies if m.has_error()]
 
 
@@ -63,60 +66,44 @@ class _Without:
 
 
 class Recording:
-    """Mixed into a Flower strategy: aggregates in hospital order, keeps a per-round,
-    per-hospital log of the replies' metrics, (FedBN) leaves the `keep_local` arrays of
-    the global model as they were: hospitals never send them, and stops asking a
-    hospital to train once it has declined (its privacy budget is spent)."""
+    """Mixed into a Flower strategy: aggregates in hospital order, types every reply into
+    the run's log, (FedBN) leaves the global model's `hospital_layers` as they were
+    (hospitals never send them), and stops asking a hospital to train once it has
+    declined (its privacy budget is spent)."""
 
     def __init__(
-        self, *, keep_local: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, hospitals: int = 0, **kwargs: Any
+        self, *, hospital_layers: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, hospitals: int = 0, **kwargs: Any
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
-        super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
-        self.keep_local = keep_local
+        super().__init__(weighted_by_key=wire.WEIGHT, **kwargs)
+        self.hospital_layers = hospital_layers
         self.ledger = ledger
-        self.sent: ArrayRecord | None = None
-        self.sent_eval: ArrayRecord | None = None
-        self.per_site: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
-        self.failures: dict[int, list[str]] = {}  # round -> training error reasons
-        self.federated_eval: dict[int, MetricRecord] = {}  # round -> aggregated evaluation
-        self.declined: dict[str, dict[str, Any]] = {}  # hospital -> {"round", "reason", "dp-..." figures}
+        self.log = RunLog()
+        self.names: dict[int, str] = {}  # node id -> hospital: the operator's enrolment, then the replies
         self.declined_nodes: set[int] = set()
         self.all_declined = False
-        self.names: dict[int, str] = {}  # node id -> hospital: the operator's enrolment, then the replies
-        self.dropped: dict[int, list[str]] = {}  # round -> hospitals asked to train that sent no update
+        self.sent: ArrayRecord | None = None
+        self.sent_eval: ArrayRecord | None = None
         self.asked: list[Message] = []  # this round's training requests (their ids are set once sent)
         self._min_nodes = (self.min_train_nodes, self.min_available_nodes)
         self.hospitals = hospitals or self.min_available_nodes  # all of them, not the minimum per round
 
-    STATE = ("per_site", "failures", "federated_eval", "declined", "declined_nodes", "all_declined", "names", "dropped")
+    STATE = ("log", "names", "declined_nodes", "all_declined")
     OPTIMISER_STATE = ("m_t", "v_t")  # FedAdam / FedYogi: the server optimiser's moments
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps so a resumed run aggregates as if it never stopped."""
         out = {key: getattr(self, key) for key in self.STATE}
-        out["federated_eval"] = {r: dict(m) for r, m in self.federated_eval.items()}
         out.update({key: getattr(self, key) for key in self.OPTIMISER_STATE if getattr(self, key, None) is not None})
         return out
 
     def restore(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-        self.federated_eval = {r: MetricRecord(m) for r, m in self.federated_eval.items()}
 
-    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
-        sites = self.per_site.setdefault(server_round, {})
-        for msg in replies:
-            node = self._node_of(msg)
-            if msg.has_error():
-                if phase == "train":
-                    self.failures.setdefault(server_round, []).append(_last_line(msg.error.reason))
-                    self.dropped.setdefault(server_round, []).append(self.names.get(node, f"node {node}"))
-                continue
-            self.names[node] = site_name(msg.content)
-            metrics = next(iter(msg.content.metric_records.values()))
-            sites.setdefault(site_name(msg.content), {})[phase] = dict(metrics)
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
 
     def _node_of(self, reply: Message) -> int:
         """The node a reply answers for: the SuperLink itself signs the errors it makes
@@ -125,10 +112,20 @@ class Recording:
         return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _with_ledger(self, config: ConfigRecord) -> ConfigRecord:
-        return ConfigRecord({**dict(config), **self.ledger.config_entries()}) if self.ledger else config
+        """Every request carries where simulated hospitals keep ledgers, the ledger run id,
+        and the server ledger's latest signed checkpoint."""
+        if self.ledger is None:
+            return config
+        entries = {
+            wire.LEDGER_ROOT: str(self.ledger.root),
+            wire.LEDGER_RUN: self.ledger.run_id,
+            wire.LEDGER_CHECKPOINT: json.dumps(self.ledger.checkpoint(), sort_keys=True),
+        }
+        return ConfigRecord({**dict(config), **entries})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.asked = list(self._configure_train(server_round, arrays, config, grid))
+        self.log.round(server_round).asked = [self._name(m.metadata.dst_node_id) for m in self.asked]
         return self.asked
 
     def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -147,44 +144,46 @@ class Recording:
         finally:
             self.min_train_nodes, self.min_available_nodes = min_train, min_available
 
-    def _accept(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
-        """Record every reply; return those that carry an update (or an error), in hospital
-        order, and those that declined."""
-        taken, declined = [], []
-        replies = list(replies)
-        answered = {self._node_of(m) for m in replies}
-        for node in (m.metadata.dst_node_id for m in self.asked):
-            if node not in answered:  # no reply within the round's timeout
-                self.failures.setdefault(server_round, []).append("no reply in time")
-                self.dropped.setdefault(server_round, []).append(self.names.get(node, f"node {node}"))
-        for msg in _order(replies):
-            if not msg.has_error() and DECLINED_KEY in msg.content:
-                site = site_name(msg.content)
-                self.declined[site] = {"round": server_round, **dict(msg.content[DECLINED_KEY])}
-                self.declined_nodes.add(self._node_of(msg))
-                declined.append(msg)
-            else:
-                taken.append(msg)
-        self._record(server_round, "train", taken)
-        return taken, declined
-
     def _aggregate(self, server_round: int, taken: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, taken)
-        if arrays is not None and self.keep_local and self.sent is not None:
-            arrays = ArrayRecord({k: (self.sent[k] if k in self.keep_local else arrays[k]) for k in self.sent})
+        if arrays is not None and self.hospital_layers and self.sent is not None:
+            arrays = ArrayRecord({k: (self.sent[k] if k in self.hospital_layers else arrays[k]) for k in self.sent})
         return arrays, metrics
 
     def _privacy(self) -> dict[str, Any] | None:
         return None
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        taken, declined = self._accept(server_round, replies)
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Type every reply into the round's outcome (an update, a refusal, or a dropout),
+        then aggregate the updates in hospital order."""
+        outcome = self.log.round(server_round)
+        replies = list(replies)
+        answered = {self._node_of(m) for m in replies}
+        for node in (m.metadata.dst_node_id for m in self.asked):
+            if node not in answered:
+                outcome.dropped[self._name(node)] = NO_REPLY
+        taken: list[Message] = []  # what the algorithm aggregates (errors included: it skips them)
+        updates: dict[str, ArrayRecord] = {}
+        for msg in _order(replies):
+            node = self._node_of(msg)
+            if msg.has_error():
+                outcome.dropped[self._name(node)] = _last_line(msg.error.reason)
+                taken.append(msg)
+                continue
+            site = self.names[node] = wire.site_name(msg.content)
+            checkpoint = wire.ledger_checkpoint(msg.content)
+            if wire.DECLINED in msg.content:
+                refusal = dict(msg.content[wire.DECLINED])
+                outcome.declined[site] = Decline(str(refusal.pop("reason")), refusal, checkpoint)
+                self.declined_nodes.add(node)
+                continue
+            metrics = wire.metrics_of(msg.content)
+            updates[site] = msg.content[wire.ARRAYS]
+            outcome.trained[site] = Update(metrics, int(metrics[wire.WEIGHT]), arrays_digest(updates[site]), checkpoint)
+            taken.append(msg)
         arrays, metrics = self._aggregate(server_round, taken)
         if self.ledger is not None and self.sent is not None:
-            silent = self.failures.get(server_round, []).count("no reply in time")
-            self.ledger.train_round(server_round, self.sent, taken, declined, arrays, self._privacy(), silent)
+            self.ledger.train_round(outcome, self.sent, updates, arrays, self._privacy())
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -192,13 +191,19 @@ class Recording:
         return super().configure_evaluate(server_round, arrays, self._with_ledger(config), grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        outcome = self.log.round(server_round)
         ordered = _order(replies)
-        self._record(server_round, "eval", ordered)
+        for msg in ordered:
+            if msg.has_error():
+                outcome.evaluation_failures += 1
+                continue
+            site = self.names[self._node_of(msg)] = wire.site_name(msg.content)
+            outcome.evaluated[site] = Evaluation(wire.metrics_of(msg.content), wire.ledger_checkpoint(msg.content))
         if self.ledger is not None and self.sent_eval is not None:
-            self.ledger.evaluate_round(server_round, self.sent_eval, ordered)
+            self.ledger.evaluate_round(outcome, self.sent_eval)
         metrics = super().aggregate_evaluate(server_round, ordered)
         if metrics is not None:
-            self.federated_eval[server_round] = metrics
+            outcome.federated_eval = dict(metrics)
         return metrics
 
 
@@ -214,14 +219,14 @@ class RecordingDPFedAvg(Recording, FedAvg):
         self.client_dp = client_dp
 
     def _privacy(self) -> dict[str, Any] | None:
-        return {"mode": "client", "accountant": self.client_dp.ledger.kind, **self.client_dp.metrics()}
+        return {"mode": "client", "accountant": self.client_dp.history.kind, **self.client_dp.metrics()}
 
     def _aggregate(self, server_round: int, taken: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ok = [m for m in taken if not m.has_error()]
         if not ok or self.sent is None:
             return None, None
         start = {k: v.numpy() for k, v in self.sent.items()}
-        updated = [{k: v.numpy() for k, v in m.content["arrays"].items()} for m in ok]
+        updated = [{k: v.numpy() for k, v in m.content[wire.ARRAYS].items()} for m in ok]
         arrays = self.client_dp.aggregate(start, updated)
         metrics = self.train_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key)
         return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
@@ -240,17 +245,17 @@ class RecordingFedYogi(Recording, FedYogi):
 
 
 def build_strategy(
-    federation: FederationConfig, local_keys: set[str], client_dp: ClientLevelDP | None = None, **common: Any
+    federation: FederationConfig, norm_layers: set[str], client_dp: ClientLevelDP | None = None, **common: Any
 ) -> Recording:
-    """The configured algorithm; `local_keys` are the model's normalisation arrays (FedBN);
-    with `client_dp`, FedAvg becomes DP-FedAvg."""
+    """The configured algorithm; `norm_layers` are the model's normalisation arrays (which
+    FedBN keeps at the hospitals); with `client_dp`, FedAvg becomes DP-FedAvg."""
     name = federation.strategy
-    keep = frozenset(local_keys) if name == "fedbn" else frozenset()
+    kept = frozenset(norm_layers) if name == "fedbn" else frozenset()
     if client_dp is not None:  # FedProx too: hospitals read mu from the run config; the server averages
-        return RecordingDPFedAvg(client_dp=client_dp, keep_local=keep, **common)
+        return RecordingDPFedAvg(client_dp=client_dp, hospital_layers=kept, **common)
     if name == "fedprox":
         return RecordingFedProx(proximal_mu=federation.proximal_mu, **common)
     if name in ("fedadam", "fedyogi"):
         cls = RecordingFedAdam if name == "fedadam" else RecordingFedYogi
         return cls(eta=federation.server_lr, **common)
-    return RecordingFedAvg(keep_local=keep, **common)
+    return RecordingFedAvg(hospital_layers=kept, **common)

@@ -39,7 +39,7 @@ def check_delta(delta: float, n: int, unit: str) -> float:
 
 
 @dataclass
-class Ledger:
+class StepHistory:
     """Every private step taken so far: (noise multiplier, sample rate, steps) entries."""
 
     kind: str
@@ -59,7 +59,7 @@ class Ledger:
 
     def epsilon_after(self, sigma: float, rate: float, steps: int, delta: float) -> float:
         """Epsilon if `steps` more steps were taken (what a budget check asks)."""
-        trial = Ledger(self.kind, list(self.entries))
+        trial = StepHistory(self.kind, list(self.entries))
         trial.add(sigma, rate, steps)
         return trial.epsilon(delta)
 
@@ -75,7 +75,7 @@ class Ledger:
         }
 
     @classmethod
-    def from_record(cls, kind: str, record: dict | None) -> Ledger:
+    def from_record(cls, kind: str, record: dict | None) -> StepHistory:
         if not record:
             return cls(kind)
         entries = zip(record["sigma"], record["sample-rate"], record["steps"], strict=True)

@@ -6,7 +6,7 @@ One release per round. The noise comes from the system's entropy unless
 `privacy.reproducible` (a simulation).
 
 Flower's DifferentialPrivacyServerSideFixedClipping does the same arithmetic but needs
-equal weights in every reply and cannot leave FedBN's local layers out; hence this module.
+equal weights in every reply and cannot leave out the layers FedBN keeps at the hospitals; hence this module.
 
 Hospitals are sampled as a fixed-size set each round, not Poisson: no amplification by
 sampling is claimed (sample rate 1 in the ledger), which only overstates epsilon.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmed.config import FedmedConfig
-from fedmed.privacy.accounting import Ledger, calibrate, check_delta
+from fedmed.privacy.accounting import StepHistory, calibrate, check_delta
 
 
 class ClientLevelDP:
@@ -27,7 +27,7 @@ class ClientLevelDP:
         self.delta = check_delta(p.delta, hospitals, "hospitals")
         self.clip = p.max_grad_norm
         self.sigma = p.noise_multiplier or calibrate(p.accountant, p.epsilon, self.delta, 1.0, cfg.federation.rounds)
-        self.ledger = Ledger(p.accountant)
+        self.history = StepHistory(p.accountant)
         # The divisor is fixed (hospitals asked per round), not the replies that arrived:
         # who replied must not change the noise.
         self.per_round = max(1, round(cfg.federation.fraction_train * hospitals))
@@ -36,7 +36,7 @@ class ClientLevelDP:
 
     def aggregate(self, start: dict[str, np.ndarray], updated: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """The noisy mean of the clipped updates, applied to `start`, over the keys the
-        hospitals sent (others, e.g. FedBN's local layers, stay as in `start`)."""
+        hospitals sent (others, e.g. the layers FedBN keeps at the hospitals, stay as in `start`)."""
         keys = [k for k in updated[0] if np.issubdtype(start[k].dtype, np.floating)]
         deltas = []
         for arrays in updated:
@@ -50,16 +50,16 @@ class ClientLevelDP:
         for k in keys:
             mean = sum(d[k] for d in deltas) / m
             out[k] = (start[k] + mean + self.rng.normal(0.0, std, size=mean.shape)).astype(start[k].dtype)
-        self.ledger.add(self.sigma, 1.0, 1)
+        self.history.add(self.sigma, 1.0, 1)
         return out
 
     def metrics(self) -> dict[str, float | int]:
         return {
-            "epsilon": self.ledger.epsilon(self.delta),
+            "epsilon": self.history.epsilon(self.delta),
             "delta": self.delta,
             "sigma": self.sigma,
             "sample_rate": 1.0,
-            "steps": self.ledger.steps,
+            "steps": self.history.steps,
             "max_grad_norm": self.clip,
         }
 
@@ -68,9 +68,9 @@ class ClientLevelDP:
         noise (seeded anyway), the generator's position. Secret noise's generator is never
         written down (its state would let anyone replay every draw) and a resumed run
         draws afresh, so a round re-run after a crash never repeats released noise."""
-        return {"ledger": self.ledger.to_record(), "rng": self.rng.bit_generator.state if self.reproducible else None}
+        return {"history": self.history.to_record(), "rng": self.rng.bit_generator.state if self.reproducible else None}
 
     def restore(self, state: dict) -> None:
-        self.ledger = Ledger.from_record(self.ledger.kind, state["ledger"])
+        self.history = StepHistory.from_record(self.history.kind, state["history"])
         if state.get("rng") is not None:
             self.rng.bit_generator.state = state["rng"]

@@ -9,16 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmed.config import FedmedConfig
+from fedmed.run.record import RunLog
 
 KEYS = ("epsilon", "delta", "sigma", "sample_rate", "steps", "max_grad_norm")
 
 
-def table(
-    cfg: FedmedConfig,
-    per_site: dict[int, dict[str, dict[str, dict[str, Any]]]],
-    declined: dict[str, dict[str, Any]],
-    client_level: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
+def table(cfg: FedmedConfig, log: RunLog, client_level: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Sample-level: each hospital's latest cumulative figures (from its own replies);
     client-level: the server's. None when privacy is off."""
     p = cfg.privacy
@@ -34,17 +30,16 @@ def table(
     if p.mode == "client":
         return {**common, "unit": "one hospital's whole contribution", "federation": client_level or {}}
     hospitals: dict[str, dict[str, Any]] = {}
-    for rnd in sorted(per_site):
-        for site, phases in per_site[rnd].items():
-            if "train" in phases:
-                row = hospitals.setdefault(site, {"rounds_trained": 0})
-                row.update(_figures(phases["train"]))
-                row["rounds_trained"] += 1
-    for site, why in declined.items():
+    for number in sorted(log.rounds):
+        for site, update in log.rounds[number].trained.items():
+            row = hospitals.setdefault(site, {"rounds_trained": 0})
+            row.update(_figures(update.metrics))
+            row["rounds_trained"] += 1
+    for site, (number, decline) in log.latest_declines().items():
         row = hospitals.setdefault(site, {"rounds_trained": 0})
-        if "dp-epsilon" in why:
-            row.update(_figures(why))
-        row["declined"] = {"round": why["round"], "reason": why["reason"]}
+        if "dp-epsilon" in decline.privacy:
+            row.update(_figures(decline.privacy))
+        row["declined"] = {"round": number, "reason": decline.reason}
     rows = dict(sorted(hospitals.items()))
     spent = [r["epsilon"] for r in rows.values() if "epsilon" in r]
     return {**common, "unit": "one training image at one hospital", "max_epsilon": max(spent, default=0.0), "hospitals": rows}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
 from fedmed.errors import FedmedError
 
@@ -16,6 +15,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, o
     AUROC is the mean one-vs-rest AUROC over the classes present in `y_true`
     (None with fewer than two: it is undefined).
     """
+    from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score  # a second to import: only when evaluating
+
     if not np.isfinite(probs).all():
         raise FedmedError("training diverged (the model outputs NaN): lower train.lr")
     num_classes = probs.shape[1]
@@ -52,6 +53,6 @@ def from_confusion(cm: np.ndarray) -> dict[str, object]:
     return {
         "accuracy": float(tp.sum() / total) if total else math.nan,
         "macro_f1": float(f1[present].mean()) if present.any() else math.nan,
-        "per_class_recall": [float(r) if p else None for r, p in zip(recall, present)],
+        "per_class_recall": [float(r) if p else None for r, p in zip(recall, present, strict=True)],
         "examples": int(total),
     }

@@ -9,7 +9,7 @@ from torch import nn
 
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import Split
-from fedmed.training.local import pseudo_label
+from fedmed.training.loop import pseudo_label
 
 
 def known_labels(cfg: FedmedConfig, model: nn.Module, split: Split) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
@@ -25,7 +25,7 @@ def known_labels(cfg: FedmedConfig, model: nn.Module, split: Split) -> tuple[tor
 def label_metrics(cfg: FedmedConfig, split: Split, pseudo: int) -> dict[str, object]:
     exact = split.y >= 0
     return {
-        "label-counts": np.bincount(split.y[exact].numpy(), minlength=len(cfg.data.class_names())).tolist(),
+        "label-counts": np.bincount(split.y[exact].numpy(), minlength=cfg.data.num_classes).tolist(),
         "labelled-examples": int(exact.sum()),
         "unlabelled-examples": int((~exact).sum()),
         "pseudo-labelled": pseudo,

@@ -1,5 +1,5 @@
-"""The heterogeneity report every run writes: label counts per hospital (a table and
-a heatmap), hospital sizes, and one index.
+"""The heterogeneity report every run writes: label counts per hospital (a table and a
+heatmap), hospital sizes, and one index.
 
 It is built from what hospitals report (their training label counts, which are
 aggregates), so a real deployment writes the same report as a simulation.
@@ -7,19 +7,29 @@ aggregates), so a real deployment writes the same report as a simulation.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import io
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fedmed.data.skew import heterogeneity
-
-JSON_NAME, PNG_NAME = "heterogeneity.json", "heterogeneity.png"
+from fedmed.run.directory import RunDirectory
 
 
-def report(label_counts: dict[str, list[int]], classes: tuple[str, ...]) -> dict:
+def index(label_counts: np.ndarray) -> float:
+    """Mean Jensen-Shannon distance (base 2, 0..1) between each hospital's label
+    distribution and the whole federation's: 0 when every hospital looks alike."""
+    from scipy.spatial.distance import jensenshannon
+
+    total = label_counts.sum(axis=0)
+    rows = [row for row in label_counts if row.sum() > 0]
+    if not rows or total.sum() == 0:
+        return 0.0
+    return float(np.mean([jensenshannon(row / row.sum(), total / total.sum(), base=2) for row in rows]))
+
+
+def report(label_counts: dict[str, list[int]], classes: tuple[str, ...]) -> dict[str, Any]:
     sites = sorted(label_counts)
     table = np.asarray([label_counts[s] for s in sites], dtype=np.int64).reshape(len(sites), len(classes))
     return {
@@ -27,17 +37,16 @@ def report(label_counts: dict[str, list[int]], classes: tuple[str, ...]) -> dict
         "hospitals": sites,
         "label_counts": table.tolist(),
         "sizes": table.sum(axis=1).tolist(),
-        "index": round(heterogeneity(table), 4),
+        "index": round(index(table), 4),
         "index_name": "mean Jensen-Shannon distance (base 2) of hospital label distributions to the federation's",
     }
 
 
-def write(run_dir: Path, rep: dict) -> None:
-    (run_dir / JSON_NAME).write_text(json.dumps(rep, indent=1) + "\n", encoding="utf-8")
-    heatmap(rep).savefig(run_dir / PNG_NAME, dpi=120, bbox_inches="tight")
+def write(out: RunDirectory, rep: dict[str, Any]) -> None:
+    out.write_heterogeneity(rep, heatmap_png(rep))
 
 
-def heatmap(rep: dict):
+def heatmap_png(rep: dict[str, Any]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,16 +68,18 @@ def heatmap(rep: dict):
     bars.set_title("hospital size")
     fig.suptitle(f"heterogeneity index {rep['index']:.3f} (mean JS distance to the federation)", fontsize=10)
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return fig
+    return buffer.getvalue()
 
 
-def print_table(console: Console, rep: dict) -> None:
+def print_table(console: Console, rep: dict[str, Any]) -> None:
     table = Table(title=f"training images per hospital and class · heterogeneity index {rep['index']:.3f}")
     table.add_column("hospital")
     for name in rep["classes"]:
         table.add_column(name, justify="right")
     table.add_column("total", justify="right")
-    for site, row, size in zip(rep["hospitals"], rep["label_counts"], rep["sizes"]):
+    for site, row, size in zip(rep["hospitals"], rep["label_counts"], rep["sizes"], strict=True):
         table.add_row(site, *map(str, row), str(size))
     console.print(table)

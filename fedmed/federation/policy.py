@@ -1,49 +1,51 @@
-"""A real hospital node's own settings: its data, its name and its policy, read from its
-site config on its own machine (the node config's `site-config`), never from the server."""
+"""A real hospital's policy, applied by the ClientApp beside it: the hospital's own
+settings (its data, its name, what it accepts), read from its site config on its own
+machine (the node config's `site-config`), never from the server."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from fedmed.config import FedmedConfig, LabelsConfig, SkewConfig, load
 from fedmed.errors import FedmedError
+from fedmed.federation import wire
 
-SITE_CONFIG = "site-config"  # node config: the absolute path of the hospital's site config
 
-
-def site_settings(node_config: dict) -> FedmedConfig | None:
+def site_settings(node_config: dict[str, Any]) -> FedmedConfig | None:
     """The hospital's own config, or None for a simulated hospital. (Each request runs in
     a fresh ClientApp process: read once per request.)"""
-    if SITE_CONFIG not in node_config:
+    if wire.SITE_CONFIG not in node_config:
         return None
     try:
-        return load(str(node_config[SITE_CONFIG]))
+        return load(str(node_config[wire.SITE_CONFIG]))
     except FedmedError as exc:
-        # The reason names local paths: it stays in this node's log; the server learns only that it failed.
+        # The reason names paths on this machine: it stays in this node's log; the server learns only that it failed.
         print(f"fedmed: this node's site config cannot be used: {exc}", file=sys.stderr)
         raise FedmedError("this node's site config cannot be used (the reason is in the hospital's own log)") from None
 
 
-def hospital_config(federation: FedmedConfig, local: FedmedConfig) -> FedmedConfig:
+def hospital_config(federation: FedmedConfig, own: FedmedConfig) -> FedmedConfig:
     """The federation's training settings over this hospital's own data (all of it its
     own: one hospital, no simulated skew or label hiding)."""
-    theirs, mine = federation.data, local.data
+    theirs, mine = federation.data, own.data
     if mine.image_size != theirs.image_size:
         raise FedmedError(f"the federation trains on {theirs.image_size} px images; this hospital's site config says data.image_size = {mine.image_size}")
-    if mine.class_names() != theirs.class_names():
-        raise FedmedError(f"the federation's classes are {theirs.classes}; this hospital's site config says data.classes = {mine.classes}")
+    if mine.classes != theirs.classes:
+        raise FedmedError(
+            f"the federation's classes are {','.join(theirs.classes)}; this hospital's site config says data.classes = {','.join(mine.classes)}"
+        )
     data = mine.model_copy(update={"hospitals": 1})
     return federation.model_copy(update={"data": data, "skew": SkewConfig(), "labels": LabelsConfig()})
 
 
-def refusal(local: FedmedConfig, federation: FedmedConfig, server_round: int, architecture: str, sigma: float | None) -> str | None:
+def refusal(own: FedmedConfig, federation: FedmedConfig, server_round: int, architecture: str, sigma: float | None) -> str | None:
     """Why this hospital's policy declines a training request, if it does. The reason goes
     to the server and into the hospital's ledger: it names settings, never patients."""
-    policy = local.site
+    policy = own.site
     if policy.max_rounds and server_round > policy.max_rounds:
         return f"this hospital trains in rounds 1-{policy.max_rounds} only (site.max_rounds); this is round {server_round}"
-    accepted = {d.strip() for d in policy.models.split(",") if d.strip()}
-    if accepted and architecture not in accepted:
+    if policy.models and architecture not in policy.models:
         return f"model architecture {architecture[:16]} is not one this hospital accepts (site.models)"
     if not (policy.max_epsilon or policy.min_noise):
         return None

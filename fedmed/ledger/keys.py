@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedmed.errors import FedmedError
-from fedmed.outputs import write_new
+from fedmed.run.directory import write_new
 
 
 def key_id(public: Ed25519PublicKey) -> str:

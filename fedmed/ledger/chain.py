@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmed.audit.keys import Signer
 from fedmed.errors import FedmedError
-from fedmed.outputs import json_safe
+from fedmed.ledger.keys import Signer
+from fedmed.run.directory import json_safe
 
 GENESIS = "0" * 64
 SIGNED = ("seq", "time", "party", "event", "round", "payload", "prev", "key_id")

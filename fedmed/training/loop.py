@@ -1,9 +1,11 @@
-"""Local training and evaluation: what one hospital (or a baseline) runs."""
+"""The training loop and evaluation: what one hospital runs each round (and each
+baseline runs), with or without DP-SGD."""
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -12,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmed.config import TrainConfig
 from fedmed.errors import FedmedError
-from fedmed.privacy.dpsgd import QUIET, Plan, make_private
 from fedmed.training.metrics import classification_metrics
 
 
@@ -22,6 +23,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise FedmedError("train.device is `cuda` but no CUDA GPU is visible: use `cpu` or `auto`")
     return torch.device(name)
+
+
+class PrivateTraining(Protocol):
+    """DP-SGD as the loop sees it (`fedmed.privacy.dpsgd.DPSGD`): it takes over the
+    optimizer, the loader and each step's backward pass and update."""
+
+    def attach(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, seed: int
+    ) -> tuple[torch.optim.Optimizer, DataLoader]: ...
+
+    def watch(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, loss: torch.Tensor, batch: torch.Tensor, after_noise: Callable[[], None] | None = None) -> None: ...
+
+    def detach(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,11 +108,11 @@ def train(
     proximal_mu: float = 0.0,
     possible: torch.Tensor | None = None,
     annotated: torch.Tensor | None = None,
-    private: Plan | None = None,
+    private: PrivateTraining | None = None,
 ) -> TrainStats:
     """`epochs` (default cfg.local_epochs) passes with a fresh optimizer, as each FedAvg round does.
     With `proximal_mu` > 0 (FedProx) the loss adds mu/2 ||w - w_start||^2, w_start being
-    the weights the round began with (the global model). With a `private` plan, DP-SGD:
+    the weights the round began with (the global model). With `private` (DP-SGD):
     Poisson-sampled batches, each image's gradient clipped, Gaussian noise added."""
     device = resolve_device(cfg.device)
     model.to(device).train()
@@ -105,13 +121,19 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     partial = () if possible is None else (possible, annotated if annotated is not None else torch.ones_like(possible))
     loader = make_loader(x, y, cfg.batch_size, seed, *partial)
-    cleanup = None
+
+    def proximal_pull() -> None:
+        """FedProx's gradient mu (w - w_start), data-free: added after DP's noise."""
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), start, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p - p0, alpha=proximal_mu)
+
     if private is not None:
-        optimizer, loader, cleanup = make_private(model, optimizer, loader, private, seed)
+        optimizer, loader = private.attach(model, optimizer, loader, seed)
     total_loss, correct, labelled, seen, steps = 0.0, 0, 0, 0, 0
     try:
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.filterwarnings(**QUIET)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for _ in range(epochs or cfg.local_epochs):
                 for xb, yb, *known in loader:
@@ -119,7 +141,7 @@ def train(
                     if cfg.augment:
                         xb = _flip_half(xb)
                     if private is not None:
-                        xb.requires_grad_()  # see _step: the gradient is taken towards the input
+                        xb = private.watch(xb)
                     optimizer.zero_grad(set_to_none=True)
                     logits = model(xb)
                     if len(yb) == 0:  # Poisson sampling can draw an empty batch: the step is noise only
@@ -128,40 +150,23 @@ def train(
                         loss = set_loss(logits, *(k.to(device) for k in known))
                     else:
                         loss = loss_fn(logits, yb)
-                    _step(model, optimizer, loss, start, proximal_mu, xb if private is not None else None)
+                    if private is not None:
+                        private.step(loss, xb, proximal_pull if start else None)
+                    else:
+                        objective = loss
+                        if start:
+                            objective = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))
+                        objective.backward()
+                        optimizer.step()
                     total_loss += float(loss.detach()) * len(yb)
                     correct += int((logits.argmax(1) == yb).sum())
                     labelled += int((yb >= 0).sum())  # y = -1: not known exactly, so no accuracy to count
                     seen += len(yb)
                     steps += 1
     finally:
-        if cleanup is not None:
-            cleanup()
+        if private is not None:
+            private.detach()
     return TrainStats(loss=total_loss / max(seen, 1), accuracy=correct / max(labelled, 1), examples=seen, steps=steps)
-
-
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, start: list[torch.Tensor], mu: float, private_input: torch.Tensor | None) -> None:
-    """One optimizer step, with FedProx's proximal term when `start` is given.
-
-    Under DP (`private_input`: the batch) Opacus's hooks compute each image's gradient
-    from the layers' inputs and output gradients, and the optimizer replaces .grad by
-    their clipped, noised mean: so backward runs towards the input only, which spares
-    autograd the (discarded) summed weight gradients, about a fifth of a private step.
-    The (data-free) proximal gradient mu (w - w0) is then added after the noise."""
-    if private_input is None:
-        if start:
-            loss = loss + mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start))
-        loss.backward()
-        optimizer.step()
-        return
-    loss.backward(inputs=[private_input])
-    if optimizer.pre_step():  # clip, noise, average
-        if start:
-            with torch.no_grad():
-                for p, p0 in zip(model.parameters(), start):
-                    if p.grad is not None:
-                        p.grad.add_(p - p0, alpha=mu)
-        optimizer.original_optimizer.step()
 
 
 @torch.no_grad()

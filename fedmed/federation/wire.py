@@ -1,0 +1,107 @@
+"""The wire format: every key fedmed's ServerApp and ClientApp exchange through Flower,
+in both directions, and the node and run config entries that Flower hands them. The
+server's ledger, the audit and the deployment commands read these names from here.
+
+A training or evaluation request (a Message's RecordDict):
+    "arrays"  ArrayRecord   the global model
+    "config"  ConfigRecord  the run's settings, flat (`FedmedConfig.for_hospitals`), plus
+                            SERVER_ROUND, FedProx's PROXIMAL_MU, and the ledger entries
+                            LEDGER_ROOT, LEDGER_RUN, LEDGER_CHECKPOINT
+A reply:
+    "arrays"  ArrayRecord   the update (training replies that trained)
+    "metrics" MetricRecord  aggregate figures, `train-*` / `eval-*` / `dp-*`, and WEIGHT
+    SITE      ConfigRecord  {"name": the hospital's name}
+    DECLINED  ConfigRecord  {"reason": why, and its `dp-*` figures}: a refusal, no arrays
+    LEDGER    ConfigRecord  {"checkpoint": the hospital's signed ledger checkpoint, JSON}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedmed.config import FedmedConfig, from_flat
+
+# ---- records in a Message ----------------------------------------------------------
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+SITE = "site"
+DECLINED = "declined"
+LEDGER = "ledger"
+
+# ---- keys in the request's config that are not fedmed settings ----------------------
+SERVER_ROUND = "server-round"  # Flower's own
+PROXIMAL_MU = "proximal-mu"  # added by Flower's FedProx
+LEDGER_ROOT = "ledger-root"  # where simulated hospitals keep their ledgers (the run directory's)
+LEDGER_RUN = "ledger-run"  # the ledger run id
+LEDGER_CHECKPOINT = "ledger-checkpoint"  # the server's signed ledger checkpoint, JSON
+
+# ---- metric names the server reads ----------------------------------------------------
+WEIGHT = "num-examples"  # FedAvg's weight
+LABEL_COUNTS = "label-counts"  # a hospital's training labels per class (the heterogeneity report)
+EVAL_ACCURACY, EVAL_MACRO_F1, EVAL_CONFUSION = "eval-accuracy", "eval-macro-f1", "eval-confusion"
+LAYERS_RESTORED = "local-arrays-restored"  # FedBN: the hospital's own layers put back
+
+# ---- node config (what a SuperNode tells its ClientApp) -------------------------------
+PARTITION_ID = "partition-id"  # a simulated hospital's index (the simulation engine's)
+SITE_CONFIG = "site-config"  # a real hospital's site config file, on its own machine
+LEDGER_DIR = "ledger-dir"  # a real hospital's ledger folder, on its own machine
+
+# ---- run config entries a deployment adds (not fedmed settings) -----------------------
+RESUME_FROM = "resume-from"  # the run directory to resume
+HOSPITAL_NODES = "hospital-nodes"  # the enrolled hospitals' names by node id, JSON
+
+
+def config_record(cfg: FedmedConfig, server_round: int = 0) -> ConfigRecord:
+    """The run's training settings, flat, so every hospital trains the same way."""
+    return ConfigRecord({**cfg.for_hospitals(), SERVER_ROUND: server_round})
+
+
+def config_from_record(record: ConfigRecord) -> FedmedConfig:
+    """fedmed's settings from a request's config; keys with a dash are not settings
+    (SERVER_ROUND, PROXIMAL_MU, the ledger entries)."""
+    return from_flat({k: v for k, v in record.items() if "-" not in k})
+
+
+def metric_record(values: dict[str, Any]) -> MetricRecord:
+    """Scalars and lists of numbers only (what MetricRecord carries); None is dropped."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, (bool, str)) or value is None:
+            continue
+        if isinstance(value, list):
+            flat = np.asarray(value).ravel()
+            out[key] = [int(v) for v in flat] if flat.dtype.kind in "iu" else [float(v) for v in flat]
+        else:
+            out[key] = value
+    return MetricRecord(out)
+
+
+def reply(request: Message, site: str, checkpoint: dict[str, Any], **records: Any) -> Message:
+    """A hospital's reply: its name, its ledger checkpoint and `records` (METRICS, ARRAYS, DECLINED)."""
+    content = RecordDict({SITE: ConfigRecord({"name": site}), LEDGER: ConfigRecord({"checkpoint": json.dumps(checkpoint, sort_keys=True)}), **records})
+    return Message(content=content, reply_to=request)
+
+
+def site_name(content: RecordDict) -> str:
+    return str(content[SITE]["name"])
+
+
+def metrics_of(content: RecordDict) -> dict[str, Any]:
+    return dict(next(iter(content.metric_records.values())))
+
+
+def ledger_checkpoint(content: RecordDict) -> dict[str, Any] | None:
+    """The hospital's signed checkpoint from its reply (None, for the audit to report, if
+    it sent none or something else)."""
+    try:
+        checkpoint = json.loads(str(content[LEDGER]["checkpoint"]))
+    except (KeyError, ValueError, RecursionError):
+        return None
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
+def server_checkpoint(config: ConfigRecord) -> dict[str, Any] | None:
+    return json.loads(str(config[LEDGER_CHECKPOINT])) if LEDGER_CHECKPOINT in config else None

@@ -1,0 +1,98 @@
+"""The server's ledger: run start, each round's participants (with the checkpoint each
+hospital signed), aggregation and new global model, and run end; optionally the round's
+updates, so an auditor can recompute the aggregate. It records the round's outcome as
+the strategy typed it (`fedmed.run.record.RoundOutcome`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord
+from torch import nn
+
+from fedmed import __version__
+from fedmed.config import FedmedConfig
+from fedmed.ledger.chain import LedgerWriter
+from fedmed.ledger.digests import architecture_digest, arrays_digest
+from fedmed.ledger.keys import Signer
+from fedmed.run.directory import RunDirectory
+from fedmed.run.record import RoundOutcome
+
+SERVER = "server"  # the server's party name: ledgers/<run id>/server.jsonl, ledgers/keys/server.pub
+
+
+class ServerLedger:
+    def __init__(self, out: RunDirectory, save_updates: bool, run_id: str = "") -> None:
+        """`run_id`: a resumed run's, to continue its ledger (and the hospitals' theirs)."""
+        self.out = out
+        self.root = (out / RunDirectory.LEDGERS).resolve()
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        signer = Signer.load_or_create(self.root / "keys", SERVER)
+        self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", signer, self.run_id)
+        self.save_updates = save_updates
+        self.aggregation = ""
+
+    def start(self, cfg: FedmedConfig, model: nn.Module, arrays: ArrayRecord, aggregation: str) -> None:
+        self.aggregation = aggregation
+        self.writer.append("run-start", 0, {
+            "run": self.run_id,
+            "config_sha256": cfg.digest(),
+            "fedmed_version": __version__,
+            "architecture_sha256": architecture_digest(model),
+            "initial_model_sha256": arrays_digest(arrays),
+            "hospitals": cfg.data.hospitals,
+            "rounds": cfg.federation.rounds,
+            "aggregation": aggregation,
+            "privacy_mode": cfg.privacy.mode,
+            "updates_saved": self.save_updates,
+        })
+
+    def resume(self, after_round: int, aggregation: str) -> None:
+        """A restarted server picks the run up after its last checkpoint."""
+        self.aggregation = aggregation
+        self.writer.append("resume", after_round, {"run": self.run_id, "after_round": after_round})
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The signed checkpoint of this ledger, for every hospital to record."""
+        return self.writer.checkpoint()
+
+    def train_round(
+        self,
+        outcome: RoundOutcome,
+        sent: ArrayRecord,
+        updates: Mapping[str, ArrayRecord],
+        new: ArrayRecord | None,
+        privacy: dict[str, Any] | None = None,
+    ) -> None:
+        """`updates`: the arrays each hospital in `outcome.trained` sent."""
+        trained = sorted(outcome.trained.items())
+        if self.save_updates and trained:
+            arrays = {f"sent/{k}": v.numpy() for k, v in sent.items()}
+            for site, _ in trained:
+                arrays.update({f"{site}/{k}": v.numpy() for k, v in updates[site].items()})
+            self.out.save_updates(outcome.round, arrays)
+        self.writer.append("train-round", outcome.round, {
+            "aggregation": self.aggregation,
+            "sent_sha256": arrays_digest(sent),
+            "participants": [
+                {"hospital": site, "update_sha256": u.update_sha256, "weight": u.weight, "checkpoint": u.checkpoint} for site, u in trained
+            ],
+            "declined": [
+                {"hospital": site, "reason": d.reason, "checkpoint": d.checkpoint} for site, d in sorted(outcome.declined.items())
+            ],
+            "failures": len(outcome.dropped),
+            "new_global_sha256": arrays_digest(new) if new is not None else None,
+            **({"privacy": privacy} if privacy else {}),
+        })
+
+    def evaluate_round(self, outcome: RoundOutcome, sent: ArrayRecord) -> None:
+        self.writer.append("evaluate-round", outcome.round, {
+            "sent_sha256": arrays_digest(sent),
+            "participants": [{"hospital": site, "checkpoint": e.checkpoint} for site, e in sorted(outcome.evaluated.items())],
+            "failures": outcome.evaluation_failures,
+        })
+
+    def end(self, final: ArrayRecord, rounds: int, test_accuracy: float | None) -> None:
+        self.writer.append("run-end", rounds, {"final_model_sha256": arrays_digest(final), "test_accuracy": test_accuracy})

@@ -1,0 +1,318 @@
+"""Federation logic, run in this process (tests/inprocess.py): the ServerApp and ClientApp
+the Simulation Engine runs, without Ray. Strategies, FedBN, partial participation,
+pseudo-labels, privacy budgets, dropouts and resuming; and the baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedmed.baselines import run_baseline
+from fedmed.errors import FedmedError
+from fedmed.federation import client_app as fedmed_client
+from fedmed.federation import simulation
+from fedmed.ledger.chain import LedgerFile
+from fedmed.models import build_model, norm_keys
+from fedmed.run.directory import RunDirectory
+from fedmed.run.record import NO_REPLY
+
+from .conftest import TINY
+from .inprocess import InProcessGrid, run_in_process
+from .privacy_check import independent_epsilon
+
+
+def rounds_of(run: Path) -> list[dict]:
+    return RunDirectory(run).rounds()
+
+
+def summary_of(run: Path) -> dict:
+    return RunDirectory(run).summary()
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(cache_dir, tmp_path_factory) -> Path:
+    """FedAvg, 3 hospitals, 2 rounds: read by several tests."""
+    from fedmed import config as config_mod
+
+    return run_in_process(config_mod.load(None, TINY, {"data.cache_dir": cache_dir, "output.dir": str(tmp_path_factory.mktemp("fedavg"))}))
+
+
+def test_every_hospital_trains_and_evaluates_on_its_own_split_each_round(fedavg_run):
+    records = rounds_of(fedavg_run)
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert set(r["hospitals"]) == {"hospital-01", "hospital-02", "hospital-03"}
+        assert all(h["train"]["examples"] == 24 and h["eval"]["examples"] == 12 for h in r["hospitals"].values())
+        assert r["federated_eval"]["examples"] == 36 and r["test"]["examples"] == 24
+        assert (r["failures"], r["dropped"], r["declined"]) == (0, [], [])
+    per_hospital = summary_of(fedavg_run)["per_hospital"]
+    assert {k: v["accuracy"] for k, v in per_hospital.items()} == {k: v["eval"]["accuracy"] for k, v in records[-1]["hospitals"].items()}
+
+
+def test_the_global_model_is_the_weighted_mean_of_the_hospitals_updates(fedavg_run):
+    """The saved updates of the last round average to the saved model (equal weights here)."""
+    with np.load(RunDirectory(fedavg_run).updates_of(2)) as saved:
+        updates = {k: saved[k] for k in saved.files}
+    final = torch.load(fedavg_run / RunDirectory.MODEL)
+    key = "head.2.weight"
+    mean = np.mean([updates[f"hospital-0{i}/{key}"] for i in (1, 2, 3)], axis=0)
+    np.testing.assert_allclose(final[key].numpy(), mean, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(updates[f"sent/{key}"], mean)  # the round moved the model
+
+
+@pytest.mark.parametrize("mode", ["pooled", "local"])
+def test_baselines_write_the_same_kind_of_run_directory(tiny_config, mode):
+    out = run_baseline(tiny_config(f"federation.mode='{mode}'"))
+    summary, records = out.summary(), out.rounds()
+    assert summary["mode"] == mode and summary["rounds"] == 2 and len(records) == 2
+    assert set(summary["per_hospital"]) == {"hospital-01", "hospital-02", "hospital-03"}
+    assert summary["test"]["accuracy"] == records[-1]["test"]["accuracy"]
+    if mode == "local":  # the mean over each hospital's own model
+        own = [h["global_test_accuracy"] for h in summary["per_hospital"].values()]
+        assert summary["test"]["accuracy"] == pytest.approx(sum(own) / len(own))
+
+
+def test_pooled_takes_as_many_sample_gradient_steps_as_federated(tiny_config, fedavg_run):
+    pooled = run_baseline(tiny_config("federation.mode='pooled'")).rounds()
+    for f, p in zip(rounds_of(fedavg_run), pooled, strict=True):
+        assert p["train"]["sample_gradients"] == sum(h["train"]["sample_gradients"] for h in f["hospitals"].values())
+
+
+def _run_files_text(run: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in run.iterdir() if p.suffix in (".toml", ".json", ".jsonl"))
+
+
+def test_a_run_on_an_image_folder_written_by_make_demo(tiny_config, tmp_path):
+    from fedmed.data.export import export_demo
+
+    export_demo(tiny_config(), tmp_path / "hospitals")
+    run = run_in_process(tiny_config("data.source=disk", f"data.path='{tmp_path / 'hospitals'}'", "data.partition=folders", "federation.rounds=1"))
+    summary = summary_of(run)
+    assert summary["data"]["format"] == "imagefolder"
+    assert (summary["data"]["train"], summary["data"]["test"]) == (72, 36)
+    assert all(h["train"]["examples"] == 24 for h in rounds_of(run)[-1]["hospitals"].values())
+    text = _run_files_text(run)
+    assert str(tmp_path / "hospitals") not in text and ".png" not in text and "Training" not in text
+
+
+def test_a_run_on_nifti_volumes_split_by_patient(tiny_config, tmp_path):
+    from tests import mri_fixtures as fx
+
+    rng = np.random.default_rng(0)
+    classes = ("glioma", "meningioma", "no_tumour", "pituitary")
+    for i in range(16):
+        fx.nifti(tmp_path / "vols" / classes[i % 4] / f"patient{i:02d}.nii.gz", fx.brain_volume(rng, shape=(40, 40, 24), brain_slices=(2, 22)))
+    run = run_in_process(tiny_config("data.source=disk", f"data.path='{tmp_path / 'vols'}'", "data.test_fraction=0.25", "federation.rounds=1"))
+    summary = summary_of(run)
+    assert summary["data"]["format"] == "nifti" and summary["data"]["images"] == 16 * 12
+    assert summary["data"]["test"] == 4 * 12  # whole volumes: 4 of 16 patients
+    text = _run_files_text(run)
+    assert "patient" not in text and str(tmp_path / "vols") not in text
+
+
+def test_skewed_hospitals_report_their_heterogeneity(tiny_config):
+    from fedmed.data.demo import DemoSpec
+
+    cfg = tiny_config("skew.labels=classes", "skew.classes_per_hospital=2", "skew.quantity=power", "skew.min_size=4", "federation.rounds=1")
+    hetero = RunDirectory(run_in_process(cfg)).heterogeneity()
+    assert hetero["label_counts"] == [list(row) for row in DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew).train_counts]
+    assert all(sum(1 for v in row if v) == 2 for row in hetero["label_counts"])
+    assert hetero["index"] > 0.2
+
+
+def test_iid_hospitals_have_a_heterogeneity_index_of_zero(fedavg_run):
+    hetero = RunDirectory(fedavg_run).heterogeneity()
+    assert hetero["label_counts"] == [[6, 6, 6, 6]] * 3 and hetero["index"] == 0.0
+    assert (fedavg_run / RunDirectory.HEATMAP).stat().st_size > 1000
+
+
+def test_fedbn_keeps_normalisation_layers_at_each_hospital(tiny_config):
+    cfg = tiny_config("federation.strategy=fedbn")
+    run = run_in_process(cfg)
+    initial = build_model(cfg.model, 4, seed=cfg.seed).state_dict()
+    final = torch.load(run / RunDirectory.MODEL)
+    kept = norm_keys(build_model(cfg.model, 4, seed=0))
+    assert kept and all(torch.equal(final[k], initial[k]) for k in kept)  # never sent, never averaged
+    assert any(not torch.equal(final[k], initial[k]) for k in final if k not in kept)
+    records = rounds_of(run)
+    assert {h["train"]["local_arrays_restored"] for h in records[0]["hospitals"].values()} == {0}
+    assert {h["train"]["local_arrays_restored"] for h in records[1]["hospitals"].values()} == {len(kept)}
+
+
+@pytest.fixture(scope="module")
+def one_round_models(cache_dir, tmp_path_factory):
+    """The global model after one round, by strategy (and setting)."""
+    from fedmed import config as config_mod
+
+    def model(*settings: str) -> dict[str, torch.Tensor]:
+        values = {"data.cache_dir": cache_dir, "output.dir": str(tmp_path_factory.mktemp("strategies"))}
+        return torch.load(run_in_process(config_mod.load(None, [*TINY, "federation.rounds=1", *settings], values)) / RunDirectory.MODEL)
+
+    return model
+
+
+@pytest.mark.parametrize(
+    ("settings", "other"),
+    [
+        (("federation.strategy=fedprox", "federation.proximal_mu=1.0"), ("federation.strategy=fedprox", "federation.proximal_mu=0.0")),
+        (("federation.strategy=fedadam", "federation.server_lr=0.01"), ("federation.strategy=fedadam", "federation.server_lr=0.001")),
+        (("federation.strategy=fedyogi", "federation.server_lr=0.01"), ("federation.strategy=fedyogi", "federation.server_lr=0.001")),
+    ],
+    ids=["fedprox-mu", "fedadam-server_lr", "fedyogi-server_lr"],
+)
+def test_a_strategys_own_setting_changes_the_global_model(one_round_models, settings, other):
+    a, b = one_round_models(*settings), one_round_models(*other)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fedprox_without_its_term_is_fedavg(one_round_models):
+    prox, avg = one_round_models("federation.strategy=fedprox", "federation.proximal_mu=0.0"), one_round_models()
+    assert all(torch.equal(prox[k], avg[k]) for k in avg)
+
+
+def test_unlabelled_hospitals_pseudo_label_and_report_counts(tiny_config):
+    run = run_in_process(tiny_config("labels.scenario=unlabelled", "labels.hospitals=0.34", "labels.unlabelled=pseudo", "labels.threshold=0.3"))
+    last = rounds_of(run)[-1]["hospitals"]
+    counts = sorted((h["train"]["labelled_examples"], h["train"]["unlabelled_examples"]) for h in last.values())
+    assert counts == [(0, 24), (24, 0), (24, 0)]
+    assert len({frozenset(h["train"]) for h in last.values()}) == 1  # every reply, the same keys
+    assert max(h["train"]["pseudo_labelled"] for h in last.values()) > 0
+
+
+def test_partial_participation_trains_a_fraction_of_hospitals_each_round(tiny_config):
+    run = run_in_process(tiny_config("federation.fraction_train=0.67", "federation.strategy=fedbn"))
+    for record in rounds_of(run):
+        assert sum("train" in h for h in record["hospitals"].values()) == 2
+        assert sum("eval" in h for h in record["hospitals"].values()) == 3
+
+
+def test_dp_with_fedbn_composes_epsilon_over_every_round_with_the_rdp_accountant(tiny_config):
+    run = run_in_process(tiny_config("privacy.mode=sample", "privacy.accountant=rdp", "privacy.epsilon=6", "federation.rounds=3", "federation.strategy=fedbn"))
+    records = rounds_of(run)
+    for record in records:
+        for phases in record["hospitals"].values():
+            t = phases["train"]
+            assert t["dp_steps"] == record["round"] * t["steps"]  # the hospital's step history persists
+            expected = independent_epsilon("rdp", t["dp_sigma"], t["dp_sample_rate"], int(t["dp_steps"]), t["dp_delta"])
+            assert t["dp_epsilon"] == pytest.approx(expected, rel=0.01)
+    privacy = summary_of(run)["privacy"]
+    assert {r["rounds_trained"] for r in privacy["hospitals"].values()} == {3}
+    assert 5.0 < privacy["max_epsilon"] <= 6.0  # the whole planned run's target, spent
+    assert all(h["train"]["local_arrays_restored"] > 0 for h in records[1]["hospitals"].values())
+
+
+def test_client_level_dp_is_accounted_at_the_server(tiny_config):
+    run = run_in_process(tiny_config("privacy.mode=client", "privacy.epsilon=20", "federation.rounds=2"))
+    federation = summary_of(run)["privacy"]["federation"]
+    assert federation["steps"] == 2 and 15 < federation["epsilon"] <= 20
+    assert federation["epsilon"] == pytest.approx(independent_epsilon("prv", federation["sigma"], 1.0, 2, federation["delta"]), rel=0.02)
+    assert [r["privacy"]["steps"] for r in rounds_of(run)] == [1, 2]
+
+
+def test_once_every_hospital_has_spent_its_budget_the_model_stops_changing(tiny_config, capsys):
+    from fedmed.privacy.accounting import StepHistory
+    from fedmed.privacy.dpsgd import plan
+
+    settings = ("privacy.mode=sample", "privacy.epsilon=6", "federation.rounds=3")
+    p = plan(tiny_config(*settings), 24)
+    one = StepHistory(p.accountant, [(p.sigma, p.rate, p.steps_per_round)]).epsilon(p.delta)
+    run = run_in_process(tiny_config(*settings, f"privacy.budget={one * 1.05:.4f}"))
+    records = rounds_of(run)
+    assert [r["round"] for r in records] == [1]  # round 2: all declined; round 3: none left to ask
+    assert "every hospital asked declined; the model stays as it is" in capsys.readouterr().out
+    privacy = summary_of(run)["privacy"]["hospitals"]
+    assert {(r["rounds_trained"], r["declined"]["round"]) for r in privacy.values()} == {(1, 2)}
+
+
+def _failing_at(site_index: int) -> ClientApp:
+    """fedmed's ClientApp, except that hospital `site_index` fails every request."""
+    app = ClientApp()
+
+    def handler(name: str):
+        def handle(msg: Message, context: Context) -> Message:
+            if int(context.node_config["partition-id"]) == site_index:
+                raise RuntimeError("the scanner archive is offline")
+            return getattr(fedmed_client, name)(msg, context)
+
+        return handle
+
+    app.train()(handler("train"))
+    app.evaluate()(handler("evaluate"))
+    return app
+
+
+def test_a_hospital_that_fails_drops_out_and_the_round_goes_on(tiny_config, capsys):
+    run = run_in_process(tiny_config("federation.min_hospitals=2"), client_app=_failing_at(2))
+    records = rounds_of(run)
+    assert [sorted(r["hospitals"]) for r in records] == [["hospital-01", "hospital-02"]] * 2
+    assert [(r["failures"], r["dropped"]) for r in records] == [(1, ["node 1003"])] * 2  # never heard from: named by its node
+    assert "node 1003 dropped out (no update)" in capsys.readouterr().out
+    server = LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
+    assert [r["payload"]["failures"] for r in server if r["event"] == "train-round"] == [1, 1]
+
+
+def test_a_round_in_which_every_hospital_fails_stops_the_run_with_the_reason(tiny_config):
+    everyone = ClientApp()
+    everyone.train()(lambda msg, context: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(FedmedError, match="round 1: no hospital returned an update .*disk full"):
+        run_in_process(tiny_config(), client_app=everyone)
+
+
+class Silent(InProcessGrid):
+    """Hospitals whose node ids are in `silent` never answer (their replies do not come before the timeout)."""
+
+    silent: frozenset[int] = frozenset()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return super().send_and_receive([m for m in messages if m.metadata.dst_node_id not in self.silent], timeout=timeout)
+
+
+def test_a_hospital_that_never_answers_drops_out_and_the_round_goes_on(tiny_config):
+    cfg = simulation.prepare(tiny_config("federation.rounds=1", "federation.min_hospitals=2"))
+    grid = Silent(fedmed_client.app, 3, cfg.flat())
+    grid.silent = frozenset({1001})
+    record = rounds_of(run_in_process(cfg, grid=grid))[0]
+    assert (sorted(record["hospitals"]), record["failures"], record["dropped"]) == (["hospital-02", "hospital-03"], 1, ["node 1001"])
+
+
+def test_a_round_in_which_no_hospital_answers_stops_the_run(tiny_config):
+    cfg = simulation.prepare(tiny_config("federation.rounds=1"))
+    grid = Silent(fedmed_client.app, 3, cfg.flat())
+    grid.silent = frozenset({1001, 1002, 1003})
+    with pytest.raises(FedmedError, match=f"round 1: no hospital returned an update \\({NO_REPLY}\\)"):
+        run_in_process(cfg, grid=grid)
+
+
+class Crash(Exception):
+    """The server process dying mid-run."""
+
+
+def test_a_crashed_server_resumes_after_its_last_checkpoint(tiny_config):
+    cfg = simulation.prepare(tiny_config("federation.rounds=3", "privacy.mode=client", "privacy.epsilon=20"))
+
+    class CrashInRound3(InProcessGrid):
+        calls = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            CrashInRound3.calls += 1
+            if CrashInRound3.calls == 5:  # round 3's training requests
+                raise Crash
+            return super().send_and_receive(messages, timeout=timeout)
+
+    with pytest.raises(Crash):
+        run_in_process(cfg, grid=CrashInRound3(fedmed_client.app, 3, cfg.flat()))
+    run = Path(cfg.output.dir) / cfg.output.name
+    assert [r["round"] for r in rounds_of(run)] == [1, 2] and not (run / RunDirectory.SUMMARY).exists()
+    run_in_process(cfg, resume=run)
+    assert [r["round"] for r in rounds_of(run)] == [1, 2, 3]
+    assert [r["privacy"]["steps"] for r in rounds_of(run)] == [1, 2, 3]  # the server's DP spend survived the crash
+    server = LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
+    assert [r["event"] for r in server].count("resume") == 1
+    assert [r["round"] for r in server if r["event"] == "train-round"] == [1, 2, 3]
+    assert json.loads((run / RunDirectory.SUMMARY).read_text())["rounds"] == 3
