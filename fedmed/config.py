@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
 
 from fedmed.errors import FedmedError
 
@@ -31,23 +32,32 @@ TUMOUR_FREE = "no_tumour"  # the class coarse labels know apart from the tumours
 
 
 def _items(value: Any) -> Any:
-    """`"a, b"` (a TOML string, or Flower's wire) -> ("a", "b"); a TOML array -> a tuple."""
+    """`"a, b"` (TOML, or Flower's wire) or `["a", "b"]` (a TOML array) -> ("a", "b"), each
+    item stripped; an empty string is no items. Anything else is left for pydantic to refuse."""
     if isinstance(value, str):
-        return tuple(item.strip() for item in value.split(",") if item.strip())
-    return tuple(value) if isinstance(value, list) else value
+        return tuple(item.strip() for item in value.split(",")) if value.strip() else ()
+    if isinstance(value, (list, tuple)):
+        return tuple(item.strip() if isinstance(item, str) else item for item in value)
+    return value
+
+
+def _named(items: tuple[str, ...]) -> tuple[str, ...]:
+    if any(not item or "," in item for item in items):
+        raise ValueError("expects names, comma-separated, none of them empty or holding a comma")
+    return items
 
 
 def _pairs(separator: str, number: bool) -> BeforeValidator:
-    """`"k1<sep>v1, k2<sep>v2"` -> (("k1", v1), ("k2", v2)); a malformed item is left as
-    it is, for the section's validator to name."""
+    """`"k1<sep>v1, k2<sep>v2"` -> (("k1", v1), ("k2", v2)); an item that is not a pair
+    stays a string, for the section's validator to name."""
 
     def parse(value: Any) -> Any:
-        out = []
-        for item in _items(value) if isinstance(value, str) else value:
-            if not isinstance(item, str):
-                out.append(item)
-                continue
-            key, sep, raw = item.partition(separator)
+        items = _items(value)
+        if not isinstance(items, tuple):
+            return items
+        out: list[Any] = []
+        for item in items:
+            key, sep, raw = item.partition(separator) if isinstance(item, str) else ("", "", "")
             try:
                 out.append((key.strip(), float(raw) if number else raw.strip()) if sep and key.strip() and raw.strip() else item)
             except ValueError:
@@ -64,7 +74,7 @@ def _joined(separator: str) -> PlainSerializer:
     return PlainSerializer(join, return_type=str)
 
 
-Names = Annotated[tuple[str, ...], BeforeValidator(_items), _joined("")]
+Names = Annotated[tuple[str, ...], BeforeValidator(_items), AfterValidator(_named), _joined("")]
 # Malformed items stay strings until the section's validator names them.
 Aliases = Annotated[tuple[tuple[str, str] | str, ...], _pairs(":", number=False), _joined(":")]
 Budgets = Annotated[tuple[tuple[str, float] | str, ...], _pairs("=", number=True), _joined("=")]
@@ -260,7 +270,7 @@ class PrivacyConfig(_Section):
     @model_validator(mode="after")
     def _budgets_are_pairs(self) -> PrivacyConfig:
         for item in self.budgets:
-            if isinstance(item, str) or item[1] <= 0:
+            if isinstance(item, str) or not (math.isfinite(item[1]) and item[1] > 0):
                 shown = item if isinstance(item, str) else f"{item[0]}={item[1]:g}"
                 raise ValueError(f"privacy.budgets expects hospital=epsilon pairs with epsilon > 0, comma-separated (got {shown!r})")
         return self

@@ -33,7 +33,7 @@ This page is generated from `fedmed/config.py` (`make reference`).
 | --- | --- | --- |
 """
 OUTRO = """
-Why the small batch: FedAvg's progress per round is set by how many local steps each
+Why the small batch: FedAvg's progress per round is set by how many steps each
 hospital takes, and the GroupNorm CNN does not care about batch size, so small batches
 give 150 steps per round from 600 images at little cost on a CPU.
 """

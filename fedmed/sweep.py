@@ -118,7 +118,7 @@ def run_cell(base: dict[str, Any], cell: Cell, out: Path) -> dict[str, Any]:
     flat = {**base, **cell.settings, "seed": cell.seed, "output.dir": str(folder), "output.name": cell.name}
     cfg_path = folder / f".{cell.name}.toml"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg_path, tomli_w.dumps(config_mod.unflatten(flat)))
+    atomic_write(cfg_path, tomli_w.dumps(config_mod.unflatten(flat)), private=False)
     run_dir = RunDirectory(folder / cell.name)
     if run_dir.path.exists():  # interrupted, or run with other settings: start it again
         shutil.rmtree(run_dir.path)

@@ -41,9 +41,11 @@ WORKER_GROUPS = {
     "test_simulation.py": "ray",
     "test_privacy_simulation.py": "ray",
     "test_audit.py": "ray",
+    "test_sweep.py": "sweep",  # one study, read and changed by its tests in turn
 }
 
 
+@pytest.hookimpl(optionalhook=True)  # without xdist (`-p no:xdist`) there is no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """pytest-xdist's scope scheduling, the scopes being WORKER_GROUPS and otherwise single
     tests. (xdist 3.8's own `--dist loadgroup` marks no longer group under pytest 9.2.)

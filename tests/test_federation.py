@@ -147,12 +147,17 @@ def test_fedbn_keeps_normalisation_layers_at_each_hospital(tiny_config):
 
 @pytest.fixture(scope="module")
 def one_round_models(cache_dir, tmp_path_factory):
-    """The global model after one round, by strategy (and setting)."""
+    """The global model after one round, by strategy (and setting), each trained once."""
     from fedmed import config as config_mod
 
+    trained: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
     def model(*settings: str) -> dict[str, torch.Tensor]:
-        values = {"data.cache_dir": cache_dir, "output.dir": str(tmp_path_factory.mktemp("strategies"))}
-        return torch.load(run_in_process(config_mod.load(None, [*TINY, "federation.rounds=1", *settings], values)) / RunDirectory.MODEL)
+        if settings not in trained:
+            values = {"data.cache_dir": cache_dir, "output.dir": str(tmp_path_factory.mktemp("strategies"))}
+            run = run_in_process(config_mod.load(None, [*TINY, "federation.rounds=1", *settings], values))
+            trained[settings] = torch.load(run / RunDirectory.MODEL)
+        return trained[settings]
 
     return model
 
@@ -255,6 +260,27 @@ def test_a_hospital_that_fails_drops_out_and_the_round_goes_on(tiny_config, caps
     assert "node 1003 dropped out (no update)" in capsys.readouterr().out
     server = LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
     assert [r["payload"]["failures"] for r in server if r["event"] == "train-round"] == [1, 1]
+
+
+def test_a_second_reply_under_one_hospitals_name_is_not_aggregated(tiny_config):
+    """Every node answers as hospital-01: the first reply counts, the others are failures."""
+    from flwr.app import ConfigRecord
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = fedmed_client.train(msg, context)
+        reply.content["site"] = ConfigRecord({"name": "hospital-01"})
+        return reply
+
+    run = run_in_process(tiny_config("federation.rounds=1", "federation.fraction_evaluate=0.0"), client_app=app)
+    record = rounds_of(run)[0]
+    assert list(record["hospitals"]) == ["hospital-01"] and record["failures"] == 2
+    assert all("a second reply as hospital-01" in name for name in record["dropped"])
+    server = LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
+    train_round = next(r for r in server if r["event"] == "train-round")["payload"]
+    assert [p["hospital"] for p in train_round["participants"]] == ["hospital-01"] and train_round["failures"] == 2
 
 
 def test_a_round_in_which_every_hospital_fails_stops_the_run_with_the_reason(tiny_config):

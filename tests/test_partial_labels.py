@@ -106,7 +106,7 @@ def test_fedbn_hospitals_keep_normalisation_arrays_out_of_their_reply():
     model = build_model(settings.model, 4, seed=0)
     context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
     sent = _shared_arrays(settings, model, context)
-    local = norm_keys(model)
-    assert local and not local & set(sent.keys())
-    assert set(context.state[FEDBN_LAYERS].keys()) == local
+    kept = norm_keys(model)
+    assert kept and not kept & set(sent.keys())
+    assert set(context.state[FEDBN_LAYERS].keys()) == kept
     assert set(_shared_arrays(cfg(), model, context).keys()) == set(model.state_dict())

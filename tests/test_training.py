@@ -30,7 +30,7 @@ def test_same_seed_same_initial_weights():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_local_training_lowers_the_loss():
+def test_a_hospitals_training_lowers_the_loss():
     spec = demo.DemoSpec(seed=0, image_size=32, hospitals=1, train_per_hospital=64, test_per_hospital=4, global_test_size=4)
     data = demo.generate(spec, workers=1).select("train", 0)
     x, y = to_tensor(data.images), torch.from_numpy(data.labels)

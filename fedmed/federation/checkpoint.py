@@ -37,7 +37,7 @@ def load(out: RunDirectory) -> Checkpoint:
     try:
         with path.open("rb") as handle:
             checkpoint = pickle.load(handle)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError, KeyError, IndexError) as exc:
         raise FedmedError(f"cannot read the checkpoint {path}: {exc}; start a new run without --resume") from None
     if not isinstance(checkpoint, Checkpoint):
         raise FedmedError(f"{path} is not a fedmed checkpoint (it may come from an older fedmed); start a new run without --resume")

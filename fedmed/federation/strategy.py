@@ -170,7 +170,11 @@ class Recording:
                 outcome.dropped[self._name(node)] = _last_line(msg.error.reason)
                 taken.append(msg)
                 continue
-            site = self.names[node] = wire.site_name(msg.content)
+            site = wire.site_name(msg.content)
+            if site in outcome.trained or site in outcome.declined:  # two nodes answering as one hospital
+                outcome.dropped[f"{self._name(node)} (a second reply as {site})"] = "a second reply under one hospital's name"
+                continue
+            self.names[node] = site
             checkpoint = wire.ledger_checkpoint(msg.content)
             if wire.DECLINED in msg.content:
                 refusal = dict(msg.content[wire.DECLINED])

@@ -37,12 +37,19 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None]) -> None:
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None], private: bool = True) -> None:
     """Write `data` (bytes, text, or a function that writes to a binary handle) to a
     temporary file beside `path`, put it on disk, then rename it over `path`: a reader or
-    a crash sees the old file or the new one, never half of one."""
+    a crash sees the old file or the new one, never half of one. The file is its owner's
+    alone (mode 0600) unless not `private` (then as the umask allows, as `open` would)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
+        if not private:
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             if callable(data):
                 data(handle)
@@ -137,7 +144,7 @@ class RunDirectory:
         if not (out / cls.CONFIG).is_file():
             raise FedmedError(f"{path} is not a run directory (no {cls.CONFIG}): nothing to resume")
         kept = [r for r in out.rounds() if int(r.get("round", 0)) <= after_round]
-        atomic_write(out / cls.METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        atomic_write(out / cls.METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), private=False)
         return out
 
     def append_round(self, record: dict[str, Any]) -> None:
@@ -150,15 +157,17 @@ class RunDirectory:
         atomic_write(self / self.SUMMARY, dumps(summary))
 
     def write_heterogeneity(self, report: dict[str, Any], heatmap_png: bytes) -> None:
-        atomic_write(self / self.HETEROGENEITY, json.dumps(report, indent=1) + "\n")
-        atomic_write(self / self.HEATMAP, heatmap_png)
+        atomic_write(self / self.HETEROGENEITY, json.dumps(report, indent=1) + "\n", private=False)
+        atomic_write(self / self.HEATMAP, heatmap_png, private=False)
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         import torch  # seconds to import: not for the commands that only read run directories
 
-        atomic_write(self / self.MODEL, lambda handle: torch.save(state_dict, handle))
+        atomic_write(self / self.MODEL, lambda handle: torch.save(state_dict, handle), private=False)
 
     def save_updates(self, server_round: int, arrays: dict[str, np.ndarray]) -> None:
+        """The round's model sent and each hospital's update: as sensitive as the
+        hospitals' data without DP, so its owner's alone."""
         import numpy as np
 
         (self / self.UPDATES).mkdir(exist_ok=True)
