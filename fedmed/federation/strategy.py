@@ -105,11 +105,6 @@ class Recording:
     def _name(self, node: int) -> str:
         return self.names.get(node, f"node {node}")
 
-    def _node_of(self, reply: Message) -> int:
-        """The node a reply answers for: the SuperLink itself signs the errors it makes
-        for a node that went away."""
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.asked}
-        return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _with_ledger(self, config: ConfigRecord) -> ConfigRecord:
         """Every request carries where simulated hospitals keep ledgers, the ledger run id,
@@ -158,14 +153,18 @@ class Recording:
         then aggregate the updates in hospital order."""
         outcome = self.log.round(server_round)
         replies = list(replies)
-        answered = {self._node_of(m) for m in replies}
-        for node in (m.metadata.dst_node_id for m in self.asked):
+        # The node each reply answers for, by the request it answers: the SuperLink itself
+        # signs the errors it makes for a node that went away.
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.asked}
+        node_of = {id(m): asked.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
+        answered = set(node_of.values())
+        for node in asked.values():
             if node not in answered:
                 outcome.dropped[self._name(node)] = NO_REPLY
         taken: list[Message] = []  # what the algorithm aggregates (errors included: it skips them)
         updates: dict[str, ArrayRecord] = {}
         for msg in _order(replies):
-            node = self._node_of(msg)
+            node = node_of[id(msg)]
             if msg.has_error():
                 outcome.dropped[self._name(node)] = _last_line(msg.error.reason)
                 taken.append(msg)
@@ -201,7 +200,7 @@ class Recording:
             if msg.has_error():
                 outcome.evaluation_failures += 1
                 continue
-            site = self.names[self._node_of(msg)] = wire.site_name(msg.content)
+            site = self.names[msg.metadata.src_node_id] = wire.site_name(msg.content)
             outcome.evaluated[site] = Evaluation(wire.metrics_of(msg.content), wire.ledger_checkpoint(msg.content))
         if self.ledger is not None and self.sent_eval is not None:
             self.ledger.evaluate_round(outcome, self.sent_eval)

@@ -59,11 +59,6 @@ class RoundOutcome:
     evaluation_failures: int = 0  # error replies to the evaluation request
     federated_eval: Metrics | None = None  # the hospitals' evaluations, aggregated
 
-    @property
-    def silent(self) -> int:
-        """Hospitals asked that said nothing before the round's timeout."""
-        return sum(why == NO_REPLY for why in self.dropped.values())
-
     def hospitals(self) -> dict[str, dict[str, Metrics]]:
         """Each hospital's figures, `{"train": ..., "eval": ...}`, in the run directory's keys."""
         sites = sorted(set(self.trained) | set(self.evaluated))
