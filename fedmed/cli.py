@@ -102,13 +102,19 @@ def audit(
     paths: Annotated[list[Path], typer.Argument(help="A run directory, or ledger files (*.jsonl) and public keys (*.pub) from a deployment.")],
     empirical: Annotated[bool, typer.Option("--empirical", help="Also score the run's canaries: an empirical lower bound on epsilon.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for audit.json and audit.md (default: the run directory, else here).")] = None,
+    data_secret: Annotated[
+        Path | None, typer.Option("--data-secret", help="A hospital's NAME.data-secret, revealed by it: check its ledger's commitment to its data.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="With --data-secret: the hospital's site config (or the simulation's config; default: the run's).")
+    ] = None,
 ) -> None:
     """Verify a training's ledgers: chains and signatures, cross-recorded checkpoints, model
     digests, privacy claims (recomputed with dp-accounting) and leakage of patient data.
     Exit 0 when everything holds, 1 when problems were found, 2 when the input is unusable."""
     from fedmed.audit.report import audit as run_audit
 
-    raise typer.Exit(code=run_audit(paths, empirical=empirical, out_dir=out))
+    raise typer.Exit(code=run_audit(paths, empirical=empirical, out_dir=out, data_secret=data_secret, data=data))
 
 
 @certs_app.command("init")
@@ -215,6 +221,18 @@ def site_start(config: ConfigOption, set_: SetOption = []) -> None:  # noqa: B00
 
     _stop_on_sigterm()
     raise typer.Exit(_one_line(site.start, config_mod.load(config, list(set_)), config, Console(highlight=False, soft_wrap=True)))
+
+
+@site_app.command("budget")
+def site_budget(config: ConfigOption, set_: SetOption = []) -> None:  # noqa: B006
+    """This hospital's lifetime privacy budget: epsilon spent and left on each dataset it
+    trained on with DP-SGD, over every run, and the runs that spent it."""
+    from rich.console import Console
+
+    from fedmed import config as config_mod
+    from fedmed.deployment import budget
+
+    raise typer.Exit(_one_line(budget.report, config_mod.load(config, list(set_)), config, Console(highlight=False, soft_wrap=True)))
 
 
 @app.command("model-digest")

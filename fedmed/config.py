@@ -254,7 +254,7 @@ class PrivacyConfig(_Section):
         0.0, ge=0, description="`sample`: the most epsilon each hospital will spend in a run; a hospital declines a round that would exceed it. 0: no limit."
     )
     budgets: Budgets = Field(
-        (), description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated (a real node's own `site.max_epsilon` applies where stricter)."
+        (), description="Per-hospital budgets overriding `budget`, `hospital-02=2.0` comma-separated. A real node is sent only its own; its `site.max_epsilon`, a lifetime cap, applies besides."
     )
     reproducible: bool = Field(
         False,
@@ -320,7 +320,9 @@ class SiteConfig(_Section):
     key: str = Field("", description="This node's private key (`fedmed certs site`); empty: `sites/keys/<name>.key`.")
     ledger_dir: str = Field("sites/ledgers", description="Where this hospital's signed ledgers, their key and the node's log are kept.")
     max_epsilon: float = Field(
-        0.0, ge=0, description="Policy: the most epsilon this hospital spends in a run; it then requires sample-level DP with secret noise. 0: no DP required."
+        0.0,
+        ge=0,
+        description="Policy: the most epsilon this hospital spends on its data over all runs (a lifetime cap, kept in its ledger directory); it then requires sample-level DP with secret noise. 0: no cap, no DP required.",
     )
     min_noise: float = Field(0.0, ge=0, description="Policy: the smallest DP-SGD noise multiplier (sigma) it accepts; it then requires sample-level DP. 0: any.")
     models: Names = Field(
@@ -341,6 +343,9 @@ RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federati
 REDACTED = "<local, not recorded>"
 PATH_KEYS = ("data.path", "data.labels_csv", "data.cache_dir")
 MACHINE_KEYS = (*PATH_KEYS, "data.workers")
+# What a real hospital's node is sent (`FedmedConfig.for_nodes`): whole sections, and single keys.
+NODE_SECTIONS = ("seed", "model", "train", "privacy")
+NODE_KEYS = ("federation.strategy", "federation.proximal_mu", "federation.rounds", "data.image_size", "data.classes")
 
 
 class FedmedConfig(_Section):
@@ -415,9 +420,17 @@ class FedmedConfig(_Section):
         return {k: (REDACTED if k in PATH_KEYS and v else v) for k, v in self.flat().items()}
 
     def for_hospitals(self) -> dict[str, Any]:
-        """What the server sends each hospital: the settings that decide results. Simulated
-        hospitals also find their data through it (data.path is the researcher's own)."""
+        """What the server sends each simulated hospital: the settings that decide results.
+        Simulated hospitals also find their data through it (data.path is the researcher's own)."""
         return {k: v for k, v in self.flat().items() if k.split(".")[0] in RESULT_SECTIONS}
+
+    def for_nodes(self) -> dict[str, Any]:
+        """What the server sends a real hospital's node: only the settings that change what
+        it computes. No paths, no data settings but the image size and classes it must
+        match, no server-side settings, and no budgets (they name other hospitals: each
+        node is sent its own budget beside these)."""
+        budgets = ("privacy.budget", "privacy.budgets")
+        return {k: v for k, v in self.flat().items() if (k in NODE_KEYS or k.split(".")[0] in NODE_SECTIONS) and k not in budgets}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

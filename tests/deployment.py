@@ -34,17 +34,17 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def make_world(root: Path, cache_dir: str) -> None:
     """Everything both sides prepare before a run (the READMEs' steps), once per module:
-    `server/enrolled` holds hospital-01..03, `server/enrolled-4` hospital-01..04;
-    hospital-99's key is enrolled nowhere."""
+    `server/enrolled` holds hospital-01..03, `server/enrolled-4` hospital-01..04,
+    `server/enrolled-2` hospital-01..02; hospital-99's key is enrolled nowhere."""
     init_federation(root / "server/certs", ["localhost", "127.0.0.1"])
-    for folder in ("enrolled", "enrolled-4"):
+    folders = {"enrolled": HOSPITALS, "enrolled-4": (*HOSPITALS, "hospital-04"), "enrolled-2": HOSPITALS[:2]}
+    for folder in folders:
         (root / "server" / folder).mkdir(parents=True)
     for name in (*HOSPITALS, "hospital-04", "hospital-99"):
         _, public = site_keys(root / "sites/keys", name)
-        if name in HOSPITALS:
-            (root / "server/enrolled" / public.name).write_bytes(public.read_bytes())
-        if name != "hospital-99":
-            (root / "server/enrolled-4" / public.name).write_bytes(public.read_bytes())
+        for folder, names in folders.items():
+            if name in names:
+                (root / "server" / folder / public.name).write_bytes(public.read_bytes())
     (root / "sites/keys/ca.crt").write_bytes((root / "server/certs/ca.crt").read_bytes())
     export_demo(config_mod.load(None, IMAGES, {"data.cache_dir": cache_dir}), root / "images")
 
@@ -57,9 +57,10 @@ class Federation:
         self.ledgers = f"sites/ledgers-{run}"
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def server_config(self, enrolled: str = "server/enrolled", **federation: object) -> Path:
+    def server_config(self, enrolled: str = "server/enrolled", privacy: dict[str, object] | None = None, **federation: object) -> Path:
         settings = {"rounds": 2, "round_timeout": 300, **federation}
         lines = ["[federation]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
+                 "[privacy]", *(f"{k} = {json.dumps(v)}" for k, v in (privacy or {}).items()),
                  # the server's own test set: tiny demo data, generated once per number of hospitals
                  "[data]", "image_size = 32", "train_per_hospital = 8", "test_per_hospital = 4", "global_test_size = 24",
                  f"cache_dir = {json.dumps(self.cache_dir)}",
@@ -69,36 +70,37 @@ class Federation:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def site_config(self, name: str, *policy: str) -> Path:
+    def site_config(self, name: str, *policy: str, key: str = "", ledgers: str = "") -> Path:
+        """`key`: a node key other than the name's; `ledgers`: a ledger folder other than the federation's."""
         lines = ["[data]", 'source = "disk"', f'path = "images/{DATA.get(name, name)}"', "image_size = 32", f"cache_dir = {json.dumps(self.cache_dir)}",
                  "[site]", f'name = "{name}"', f'server = "127.0.0.1:{self.port}"', 'ca_cert = "sites/keys/ca.crt"',
-                 f'ledger_dir = "{self.ledgers}"', *policy]
-        path = self.root / f"{self.ledgers}-{name}.toml"
+                 f'ledger_dir = "{ledgers or self.ledgers}"', *([f'key = "{key}"'] if key else []), *policy]
+        path = self.root / f"{ledgers or self.ledgers}-{name}.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def start(self, label: str, *args: str) -> subprocess.Popen:
+    def start(self, label: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.root / f"{self.name}-{label}.log").open("ab")
         proc = subprocess.Popen([FEDMED, *args], cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **ONE_THREAD})
+                                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **ONE_THREAD, **(env or {})})
         self.procs[label] = proc
         return proc
 
-    def start_server(self, config: Path, *extra: str, label: str = "server") -> subprocess.Popen:
+    def start_server(self, config: Path, *extra: str, label: str = "server", env: dict[str, str] | None = None) -> subprocess.Popen:
         """`fedmed server start`, once it has started its run (a new `current.json`)."""
         before = self.current()
-        proc = self.start(label, "server", "start", "--config", str(config), *extra)
+        proc = self.start(label, "server", "start", "--config", str(config), *extra, env=env)
         self.wait_for(lambda: self.current() not in ({}, before), f"{label} to start its run", proc)
         return proc
 
-    def start_site(self, name: str, *policy: str, label: str | None = None) -> subprocess.Popen:
-        return self.start(label or name, "site", "start", "--config", str(self.site_config(name, *policy)))
+    def start_site(self, name: str, *policy: str, label: str | None = None, key: str = "", ledgers: str = "", env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.start(label or name, "site", "start", "--config", str(self.site_config(name, *policy, key=key, ledgers=ledgers)), env=env)
 
     def output(self, label: str) -> str:
         return (self.root / f"{self.name}-{label}.log").read_text(errors="replace")
 
-    def node_log(self, name: str) -> str:
-        path = self.root / self.ledgers / f"{name}-supernode.log"
+    def node_log(self, name: str, ledgers: str = "") -> str:
+        path = self.root / (ledgers or self.ledgers) / f"{name}-supernode.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
     def current(self) -> dict:

@@ -32,15 +32,17 @@ class InProcessGrid(Grid):
     it), kept across rounds; each message answered at once, an exception in the ClientApp
     turned into an error reply as the engine does."""
 
-    def __init__(self, client_app: ClientApp, hospitals: int, run_config: dict) -> None:
+    def __init__(self, client_app: ClientApp, hospitals: int, run_config: dict, node_config: dict | None = None) -> None:
+        """`node_config`: more for every node (a deployed node's `ledger-dir`)."""
         self.client_app = client_app
         self.contexts = {
             FIRST_NODE + i: Context(
-                run_id=RUN_ID, node_id=FIRST_NODE + i, node_config={"partition-id": i, "num-partitions": hospitals},
+                run_id=RUN_ID, node_id=FIRST_NODE + i, node_config={"partition-id": i, "num-partitions": hospitals, **(node_config or {})},
                 state=RecordDict(), run_config=run_config,
             )
             for i in range(hospitals)
         }
+        self.replies: dict[str, Message] = {}  # by the request they answer
 
     def set_run(self, run) -> None:  # the engine's concern
         raise NotImplementedError
@@ -56,14 +58,17 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("send_and_receive answers at once")
+        """Answered at once; the replies wait to be pulled."""
+        with one_thread():  # as a simulated hospital's Ray actor, with its one CPU
+            replies = self._answer(messages)
+        self.replies.update({r.metadata.reply_to_message_id: r for r in replies})
+        return [r.metadata.reply_to_message_id for r in replies]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("send_and_receive answers at once")
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        with one_thread():  # as a simulated hospital's Ray actor, with its one CPU
-            return self._answer(messages)
+        return self.pull_messages(self.push_messages(messages))
 
     def _answer(self, messages: Iterable[Message]) -> list[Message]:
         replies = []
@@ -100,10 +105,15 @@ def server_identity() -> Iterator[None]:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def run_in_process(cfg: FedmedConfig, client_app: ClientApp | None = None, grid: InProcessGrid | None = None, resume: Path | None = None) -> Path:
-    """`fedmed simulate` without Ray: the same preparation, ServerApp and ClientApp."""
+def run_in_process(
+    cfg: FedmedConfig, client_app: ClientApp | None = None, grid: InProcessGrid | None = None, resume: Path | None = None,
+    nodes: dict[int, str] | None = None,
+) -> Path:
+    """`fedmed simulate` without Ray: the same preparation, ServerApp and ClientApp. With
+    `nodes` (hospital names by node id, FIRST_NODE onwards), the server treats the nodes
+    as a deployment's enrolled ones."""
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as `fedmed simulate` without --verbose
     cfg = simulation.prepare(cfg) if resume is None else cfg
     with server_identity():
-        server_app.run(grid or InProcessGrid(client_app or fedmed_client.app, cfg.data.hospitals, cfg.flat()), cfg, resume)
+        server_app.run(grid or InProcessGrid(client_app or fedmed_client.app, cfg.data.hospitals, cfg.flat()), cfg, resume, nodes)
     return resume or run_path(cfg)

@@ -9,16 +9,20 @@ for an event, never for one timer to beat another."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fedmed.deployment import server as server_commands
+from fedmed.federation.wire import ENROLLED_AS, NAME_MISMATCH
 from fedmed.ledger.chain import LedgerFile
+from fedmed.run.directory import RunDirectory
 
 from .conftest import fedmed_process
 from .deployment import HOSPITALS, Federation, make_world
@@ -49,12 +53,13 @@ def intruder(fed: Federation) -> dict[str, Any]:
 
 
 def dropout_and_resume(fed: Federation) -> dict[str, Any]:
-    """Four hospitals, all needed to start a round. Round 1: hospital-04's policy requires
-    DP-SGD, which this federation does not use, so it declines (and is not asked again);
-    hospital-03 is killed mid-round (its ClientApp is held opening its signing key, a FIFO
-    nobody writes, so it has certainly not replied). Round 2 then waits for a third
-    hospital: the server is killed there, hospital-03 comes back, the server resumes."""
-    config = fed.server_config(enrolled="server/enrolled-4", fraction_evaluate=0.0)
+    """Four hospitals, all needed to start a round, FedBN. Round 1: hospital-04's policy
+    requires DP-SGD, which this federation does not use, so it declines (and is not asked
+    again); hospital-03 is killed mid-round (its ClientApp is held opening its signing key,
+    a FIFO nobody writes, so it has certainly not replied). Round 2 then waits for a third
+    hospital: the server is killed there, hospital-01's node is killed and restarted,
+    hospital-03 comes back, the server resumes."""
+    config = fed.server_config(enrolled="server/enrolled-4", fraction_evaluate=0.0, strategy="fedbn")
     fed.start_server(config)
     blocked_key = fed.root / fed.ledgers / "keys" / "hospital-03.key"
     blocked_key.parent.mkdir(parents=True)
@@ -66,14 +71,66 @@ def dropout_and_resume(fed: Federation) -> dict[str, Any]:
     fed.crash("hospital-03")
     fed.wait_for(lambda: (fed.run_dir() / "checkpoint.pkl").is_file(), "round 1's checkpoint", fed.procs["server"])
     fed.crash("server")
+    fed.crash("hospital-01")
     before = [r["round"] for r in fed.rounds_done()]
+    fed.start_site("hospital-01", label="hospital-01-again")
     fed.start_server(config, "--resume", label="resumed")
     blocked_key.unlink()
     fed.start_site("hospital-03", label="hospital-03-again")
     return {"before": before, "code": fed.finish("resumed")}
 
 
-SCENARIOS: dict[str, Callable[[Federation], dict[str, Any]]] = {"healthy": healthy, "intruder": intruder, "dropout": dropout_and_resume}
+IMPOSTOR = "sites/impostor-node"  # the impostor node's own folder (its own machine)
+PROBE = {"FEDMED_CLIENTAPP": "tests.probe_client:app", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def impostor(fed: Federation) -> dict[str, Any]:
+    """hospital-02's node, whose site config says site.name = "hospital-01", beside the
+    real hospital-01 and hospital-03. Every node runs fedmed's ClientApp behind a probe
+    that writes down the run config and requests the node is given."""
+    fed.start_server(fed.server_config(), env=PROBE)
+    for name in ("hospital-01", "hospital-03"):
+        fed.start_site(name, env=PROBE)
+    fed.start_site("hospital-01", key="sites/keys/hospital-02.key", ledgers=IMPOSTOR, label="impostor", env=PROBE)
+    return {"code": fed.finish()}
+
+
+def lifetime_budget(fed: Federation) -> dict[str, Any]:
+    """Two DP runs, one after the other (each with a fresh ledger run id), of hospital-01,
+    whose lifetime cap (site.max_epsilon) allows the first run's one round and one more,
+    and hospital-02. The second run has two rounds."""
+    fed.start_server(fed.server_config(enrolled="server/enrolled-2", privacy=PRIVACY, rounds=1))
+    fed.start_site("hospital-01", f"max_epsilon = {_lifetime_cap()}")
+    fed.start_site("hospital-02")
+    first = fed.finish()
+    runs = [fed.run_dir()]
+    fed.start_server(fed.server_config(enrolled="server/enrolled-2", privacy=PRIVACY, rounds=2), label="second")
+    second = fed.finish("second")
+    runs.append(fed.run_dir())
+    budget = fedmed_process("site", "budget", "--config", fed.root / f"{fed.ledgers}-hospital-01.toml", cwd=fed.root, timeout=300)
+    return {"codes": (first, second), "runs": runs, "budget": budget}
+
+
+PRIVACY = {"mode": "sample", "epsilon": 8.0}
+
+
+def _lifetime_cap() -> float:
+    """An epsilon between what hospital-01 has spent after the first run's round and the
+    second run's first, and what the second run's second round would bring it to (24
+    images, batch 8; sigma calibrated per run, over its rounds)."""
+    from fedmed.config import load
+    from fedmed.privacy.accounting import epsilon_of
+    from fedmed.privacy.dpsgd import plan
+
+    one, two = (plan(load(None, ["privacy.mode=sample", f"privacy.epsilon={PRIVACY['epsilon']}", f"federation.rounds={n}", "train.batch_size=8"]), 24) for n in (1, 2))
+    spent = ((one.sigma, one.rate, one.steps_per_round), (two.sigma, two.rate, two.steps_per_round))
+    before, after = (epsilon_of(two.accountant, entries, two.delta) for entries in (spent, (*spent, spent[1])))
+    return round((before + after) / 2, 3)
+
+
+SCENARIOS: dict[str, Callable[[Federation], dict[str, Any]]] = {
+    "healthy": healthy, "intruder": intruder, "dropout": dropout_and_resume, "impostor": impostor, "lifetime": lifetime_budget,
+}
 
 
 def _plain_http(port: int) -> str:
@@ -176,3 +233,71 @@ def test_a_hospital_whose_policy_forbids_the_privacy_settings_declines_and_the_o
     mine = LedgerFile.read(next((fed.root / fed.ledgers).glob("*/hospital-04.jsonl"))).records
     declined = [r for r in mine if r["event"] == "declined"]
     assert len(declined) == 1 and "site.min_noise" in declined[0]["payload"]["reason"]
+
+
+def test_a_hospitals_own_normalisation_layers_survive_its_node_restarting_and_the_server_resuming(runs):
+    fed, out = runs("dropout")
+    assert out["code"] == 0, fed.output("resumed")[-3000:]
+    second = fed.rounds_done()[1]["hospitals"]
+    assert second["hospital-01"]["train"]["local_arrays_restored"] > 0  # its node was restarted
+    assert second["hospital-02"]["train"]["local_arrays_restored"] > 0  # the server resumed: a new Flower run
+    assert second["hospital-03"]["train"]["local_arrays_restored"] == 0  # never finished a round
+
+
+def test_a_node_answering_under_another_hospitals_name_is_refused_every_round(runs):
+    fed, out = runs("impostor")
+    assert out["code"] == 0, fed.output("server")[-3000:]
+    rounds = fed.rounds_done()
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert sorted(s for s, h in record["hospitals"].items() if "train" in h) == ["hospital-01", "hospital-03"]
+        assert NAME_MISMATCH in record["dropped_reasons"]["hospital-02"]  # the name its key was enrolled under
+    summary = json.loads((fed.run_dir() / "summary.json").read_text())
+    assert sorted(summary["per_hospital"]) == ["hospital-01", "hospital-03"]
+    assert f"the server refuses this node's replies: {NAME_MISMATCH}" in fed.output("impostor")
+    assert "Traceback" not in fed.output("impostor")
+
+
+def test_the_audit_passes_for_the_honest_hospitals_and_names_the_refused_node(runs, tmp_path):
+    fed, _ = runs("impostor")
+    server = next(fed.run_dir().glob("ledgers/*/server.jsonl"))
+    ledgers = fed.root / fed.ledgers
+    hospitals = [p for name in ("hospital-01", "hospital-03") for p in (next(ledgers.glob(f"*/{name}.jsonl")), ledgers / "keys" / f"{name}.pub")]
+    audit = fedmed_process("audit", server, fed.run_dir() / "ledgers/keys/server.pub", *hospitals, "--out", tmp_path, timeout=300)
+    assert audit.returncode == 0, audit.stdout[-3000:]
+    assert "refused hospital-02's node in round(s) 1, 2" in audit.stdout
+
+
+def test_a_node_is_told_no_path_no_server_setting_and_no_other_hospitals_name(runs):
+    fed, _ = runs("impostor")
+    received = [json.loads(line) for folder in (fed.ledgers, IMPOSTOR) for f in (fed.root / folder).glob("received-*.jsonl") for line in f.read_text().splitlines()]
+    assert len(received) == 3 * 3  # three nodes: two rounds (each training request asks for an evaluation too), the last evaluation
+    for seen in received:
+        assert seen["run_config"] == {}  # Flower's run config, the same for every node
+        request = seen["request"]
+        others = set(HOSPITALS) - {request[ENROLLED_AS]}
+        values = [str(v) for v in request.values()]
+        assert not any(str(fed.root) in v or name in v for v in values for name in others), request
+        assert not {"data.path", "data.cache_dir", "output.dir", "data.global_test_size", "privacy.budgets"} & set(request)
+
+
+def test_a_hospitals_lifetime_budget_holds_across_runs_whatever_their_run_id(runs):
+    fed, out = runs("lifetime")
+    assert out["codes"] == (0, 0), fed.output("second")[-3000:]
+    first, second = (RunDirectory(run).rounds() for run in out["runs"])
+    assert "train" in first[0]["hospitals"]["hospital-01"]
+    assert "train" in second[0]["hospitals"]["hospital-01"] and second[0]["declined"] == []
+    assert second[1]["declined"] == ["hospital-01"]  # its third round would pass its lifetime cap
+    assert "lifetime privacy budget" in second[1]["declined_reasons"]["hospital-01"]
+    assert "train" in second[1]["hospitals"]["hospital-02"]
+    run_ids = [next(run.glob("ledgers/*/server.jsonl")).parent.name for run in out["runs"]]
+    assert run_ids[0] != run_ids[1]
+
+
+def test_site_budget_shows_what_each_run_spent_and_what_is_left(runs):
+    fed, out = runs("lifetime")
+    budget = out["budget"]
+    assert budget.returncode == 0, budget.stderr
+    for run in out["runs"]:
+        assert next(run.glob("ledgers/*/server.jsonl")).parent.name in budget.stdout
+    assert "(its data now)" in budget.stdout and "left" in budget.stdout

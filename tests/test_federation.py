@@ -295,8 +295,8 @@ class Silent(InProcessGrid):
 
     silent: frozenset[int] = frozenset()
 
-    def send_and_receive(self, messages, *, timeout=None):
-        return super().send_and_receive([m for m in messages if m.metadata.dst_node_id not in self.silent], timeout=timeout)
+    def push_messages(self, messages):  # as if the round's timeout passed without their replies
+        return super().push_messages([m for m in messages if m.metadata.dst_node_id not in self.silent])
 
 
 def test_a_hospital_that_never_answers_drops_out_and_the_round_goes_on(tiny_config):
@@ -319,22 +319,28 @@ class Crash(Exception):
     """The server process dying mid-run."""
 
 
+class CrashInRound(InProcessGrid):
+    """The server dies as it sends round `crash_round`'s training requests."""
+
+    def __init__(self, crash_round: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.crash_round = crash_round
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" and m.content["config"]["server-round"] == self.crash_round for m in messages):
+            raise Crash
+        return super().push_messages(messages)
+
+
 def test_a_crashed_server_resumes_after_its_last_checkpoint(tiny_config):
     cfg = simulation.prepare(tiny_config("federation.rounds=3", "privacy.mode=client", "privacy.epsilon=20"))
 
-    class CrashInRound3(InProcessGrid):
-        calls = 0
-
-        def send_and_receive(self, messages, *, timeout=None):
-            CrashInRound3.calls += 1
-            if CrashInRound3.calls == 5:  # round 3's training requests
-                raise Crash
-            return super().send_and_receive(messages, timeout=timeout)
-
     with pytest.raises(Crash):
-        run_in_process(cfg, grid=CrashInRound3(fedmed_client.app, 3, cfg.flat()))
+        run_in_process(cfg, grid=CrashInRound(3, fedmed_client.app, 3, cfg.flat()))
     run = Path(cfg.output.dir) / cfg.output.name
-    assert [r["round"] for r in rounds_of(run)] == [1, 2] and not (run / RunDirectory.SUMMARY).exists()
+    # Round 2's record waits for its model's evaluations, which round 3's requests ask for.
+    assert [r["round"] for r in rounds_of(run)] == [1] and not (run / RunDirectory.SUMMARY).exists()
     run_in_process(cfg, resume=run)
     assert [r["round"] for r in rounds_of(run)] == [1, 2, 3]
     assert [r["privacy"]["steps"] for r in rounds_of(run)] == [1, 2, 3]  # the server's DP spend survived the crash
@@ -342,3 +348,88 @@ def test_a_crashed_server_resumes_after_its_last_checkpoint(tiny_config):
     assert [r["event"] for r in server].count("resume") == 1
     assert [r["round"] for r in server if r["event"] == "train-round"] == [1, 2, 3]
     assert json.loads((run / RunDirectory.SUMMARY).read_text())["rounds"] == 3
+
+
+ENROLLED = {1001: "hospital-01", 1002: "hospital-02", 1003: "hospital-03"}  # as `fedmed server start` enrols them
+
+
+def _deployed(cfg, app: ClientApp, ledgers: Path) -> Path:
+    """The nodes as a deployment's: enrolled names, and ledgers in the nodes' own folder."""
+    grid = InProcessGrid(app, cfg.data.hospitals, cfg.flat(), {"ledger-dir": str(ledgers)})
+    return run_in_process(cfg, grid=grid, nodes=ENROLLED)
+
+
+def _speaking_as(name: str, node: int) -> ClientApp:
+    """fedmed's ClientApp, except that node `node` replies under `name` (a modified fedmed)."""
+    from flwr.app import ConfigRecord
+
+    app = ClientApp()
+
+    def handler(kind: str):
+        def handle(msg: Message, context: Context) -> Message:
+            reply = getattr(fedmed_client, kind)(msg, context)
+            if context.node_id == node:
+                reply.content["site"] = ConfigRecord({"name": name})
+            return reply
+
+        return handle
+
+    app.train()(handler("train"))
+    app.evaluate()(handler("evaluate"))
+    return app
+
+
+def test_a_deployed_reply_under_another_hospitals_name_is_refused_every_round(tiny_config, tmp_path):
+    from fedmed.federation.wire import NAME_MISMATCH
+
+    run = _deployed(tiny_config(), _speaking_as("hospital-01", node=1002), tmp_path / "nodes")
+    for record in rounds_of(run):
+        assert sorted(s for s, h in record["hospitals"].items() if "train" in h) == ["hospital-01", "hospital-03"]
+        assert record["dropped_reasons"] == {"hospital-02": f"{NAME_MISMATCH} (the reply says 'hospital-01')"}
+    assert sorted(summary_of(run)["per_hospital"]) == ["hospital-01", "hospital-03"]
+    server = LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
+    failed = [r["payload"]["failed"] for r in server if r["event"] == "train-round"]
+    assert failed == [[{"hospital": "hospital-02", "reason": f"{NAME_MISMATCH} (the reply says 'hospital-01')"}]] * 2
+
+
+def test_the_audit_names_a_node_refused_for_its_name_and_flags_a_reply_recorded_under_another(tiny_config, tmp_path):
+    from fedmed.audit.evidence import load
+    from fedmed.audit.identity import identity
+
+    run = _deployed(tiny_config("federation.rounds=1"), _speaking_as("hospital-01", node=1002), tmp_path / "nodes")
+    evidence = load([run])
+    assert identity(evidence) == []
+    assert any("refused hospital-02's node in round(s) 1" in note for note in evidence.notes)
+    server = evidence.server.file.records
+    entry = next(r for r in server if r["event"] == "train-round")["payload"]["participants"][0]
+    entry["checkpoint"]["party"] = "hospital-03"  # as if the server had recorded hospital-03's reply as hospital-01's
+    assert [f.check for f in identity(evidence)] == ["identity"]
+
+
+def test_a_deployed_node_is_sent_its_own_name_and_budget_and_no_path(tiny_config, tmp_path):
+    from fedmed.federation.wire import BUDGET, CONFIG, ENROLLED_AS
+
+    seen: dict[int, dict] = {}
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        seen[context.node_id] = dict(msg.content[CONFIG])
+        return fedmed_client.train(msg, context)
+
+    cfg = tiny_config("federation.rounds=1", "federation.fraction_evaluate=0.0", "privacy.budgets='hospital-02=4.0'")
+    _deployed(cfg, app, tmp_path / "nodes")
+    assert {node: (c[ENROLLED_AS], c[BUDGET]) for node, c in seen.items()} == {1001: ("hospital-01", 0.0), 1002: ("hospital-02", 4.0), 1003: ("hospital-03", 0.0)}
+    for config in seen.values():
+        assert not any(str(tmp_path) in str(v) for v in config.values())
+        assert not {"privacy.budgets", "data.cache_dir", "output.dir"} & set(config)
+
+
+def test_fedbn_layers_outlive_a_server_restart(tiny_config):
+    cfg = simulation.prepare(tiny_config("federation.rounds=3", "federation.strategy=fedbn"))
+
+    with pytest.raises(Crash):
+        run_in_process(cfg, grid=CrashInRound(3, fedmed_client.app, 3, cfg.flat()))
+    run = Path(cfg.output.dir) / cfg.output.name
+    run_in_process(cfg, resume=run)  # new nodes (new Flower contexts), as after a restart
+    assert all(h["train"]["local_arrays_restored"] > 0 for h in rounds_of(run)[2]["hospitals"].values())

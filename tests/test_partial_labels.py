@@ -96,17 +96,20 @@ def test_subset_settings_that_cannot_work_are_refused():
     assert (known.y[(Y == 1) | (Y == 3)] == -1).all()  # what the hospital does not know stays unknown
 
 
-def test_fedbn_hospitals_keep_normalisation_arrays_out_of_their_reply():
-    from flwr.app import Context, RecordDict
+def test_fedbn_hospitals_keep_normalisation_arrays_out_of_their_reply(tmp_path):
+    from dataclasses import replace
 
-    from fedmed.federation.client_app import FEDBN_LAYERS, _shared_arrays
-    from fedmed.models import build_model, norm_keys
+    from fedmed.data.sites import SiteData
+    from fedmed.federation.client_app import Request, _layers_file, _shared_arrays
+    from fedmed.ledger.hospital import HospitalLedger
+    from fedmed.models import build_model, load_layers, norm_keys
 
     settings = cfg("federation.strategy=fedbn")
     model = build_model(settings.model, 4, seed=0)
-    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    sent = _shared_arrays(settings, model, context)
+    ledger = HospitalLedger.open(tmp_path, "0123456789abcdef", "hospital-01")
+    request = Request(settings, None, 1, SiteData("hospital-01", 0, None, None), model, 0, ledger, 0.0)
+    sent = _shared_arrays(request)
     kept = norm_keys(model)
     assert kept and not kept & set(sent.keys())
-    assert set(context.state[FEDBN_LAYERS].keys()) == kept
-    assert set(_shared_arrays(cfg(), model, context).keys()) == set(model.state_dict())
+    assert set(load_layers(_layers_file(ledger, "hospital-01"))) == kept  # at the hospital, on its disk
+    assert set(_shared_arrays(replace(request, cfg=cfg())).keys()) == set(model.state_dict())

@@ -117,9 +117,11 @@ def _same_run(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
             out.append(Finding("consistency", hospital.name, "no run-start record"))
             continue
         index, record = mine[0]
-        for key in ("config_sha256", "architecture_sha256", "run"):
-            if record["payload"].get(key) != start.get(key):
-                out.append(Finding("consistency", hospital.where(index), f"{key} differs from the server's: {record['payload'].get(key)} vs {start.get(key)}"))
+        # A real node is sent fewer settings than the server holds: it records their digest.
+        expected = {"config_sha256": start.get("hospital_config_sha256"), "architecture_sha256": start.get("architecture_sha256"), "run": start.get("run")}
+        for key, theirs in expected.items():
+            if record["payload"].get(key) != theirs:
+                out.append(Finding("consistency", hospital.where(index), f"{key} differs from the server's: {record['payload'].get(key)} vs {theirs}"))
     cfg = run_config(evidence)
     if evidence.run_dir is not None:
         if cfg is None:

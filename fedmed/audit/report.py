@@ -15,8 +15,10 @@ from rich.table import Table
 from fedmed import __version__
 from fedmed.audit.claims import Spent, privacy
 from fedmed.audit.consistency import consistency
+from fedmed.audit.data import commitment
 from fedmed.audit.empirical import empirical as empirical_check
 from fedmed.audit.evidence import AuditInputError, Evidence, Finding, load
+from fedmed.audit.identity import identity
 from fedmed.audit.integrity import chain, checkpoints
 from fedmed.audit.leakage import leakage
 from fedmed.errors import FedmedError
@@ -25,9 +27,11 @@ from fedmed.run.directory import RunDirectory
 CHECKS = {
     "integrity": "every record's hash chain and Ed25519 signature",
     "checkpoints": "each ledger matches the signed checkpoints the other parties recorded (no truncation, fork or reordering)",
+    "identity": "every reply recorded under a hospital's name carries that hospital's own signed checkpoint; refused nodes are named",
     "consistency": "models sent = models received, updates recorded = updates sent, aggregates follow from the updates",
     "privacy": "epsilon recomputed with dp-accounting from the logged parameters; budgets; reported figures",
     "leakage": "no paths, file names, patient IDs, DICOM tags or image-sized arrays in ledgers, metrics or logs",
+    "data": "the hospital's data commitment matches its data, under the secret it revealed",
     "empirical": "canary membership guesses give an epsilon lower bound no higher than the claim",
 }
 
@@ -42,13 +46,17 @@ def _guarded(check: str, run: Callable[[], list[Finding]]) -> list[Finding]:
         return [Finding(check, "evidence", f"could not be completed: a record or file is not what this check reads ({type(exc).__name__}: {str(exc)[:200]})")]
 
 
-def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = None, console: Console | None = None) -> int:
+def audit(
+    paths: list[Path], empirical: bool = False, out_dir: Path | None = None, console: Console | None = None,
+    data_secret: Path | None = None, data: Path | None = None,
+) -> int:
     console = console or Console()
     started = time.perf_counter()
     evidence = load(paths)
     findings: dict[str, list[Finding]] = {
         "integrity": [f for party in evidence.parties.values() for f in _guarded("integrity", lambda p=party: chain(p))],
         "checkpoints": _guarded("checkpoints", lambda: checkpoints(evidence)),
+        "identity": _guarded("identity", lambda: identity(evidence)),
         "consistency": _guarded("consistency", lambda: consistency(evidence)),
     }
     spent: list[Spent] = []
@@ -59,6 +67,10 @@ def audit(paths: list[Path], empirical: bool = False, out_dir: Path | None = Non
 
     findings["privacy"] = _guarded("privacy", run_privacy)
     findings["leakage"] = _guarded("leakage", lambda: leakage(evidence))
+    if data is not None and data_secret is None:
+        raise AuditInputError("--data goes with --data-secret: the hospital's secret, to check its data commitment")
+    if data_secret is not None:
+        findings["data"] = commitment(evidence, data_secret, data)
     canaries: dict[str, Any] = {}
     if empirical:
 

@@ -96,11 +96,17 @@ def reachable_over_tls(host: str, port: int, ca_cert: Path, key: str, timeout: f
         ) from None
 
 
+SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # seconds, 0.01-60 (flwr 1.41)
+
+
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     """Flower's commands from this environment, telemetry off, and their own home."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_TELEMETRY_ENABLED"] = "0"
+    # How often a Flower process's SuperExec looks for a message to start a ClientApp (or
+    # the ServerApp) for: every second by default, a fixed delay added to every message.
+    env.setdefault(SUPEREXEC_POLL, "0.25")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

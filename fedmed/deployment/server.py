@@ -5,6 +5,7 @@ the ServerApp the simulation uses, watched until it finishes."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -16,10 +17,13 @@ from rich.console import Console
 from fedmed.config import FedmedConfig, from_flat
 from fedmed.deployment import checks
 from fedmed.errors import FedmedError
-from fedmed.federation import checkpoint, wire
+from fedmed.federation import checkpoint
+from fedmed.run.deployed import RUN_FILE, DeployedRun
 from fedmed.run.directory import RunDirectory, atomic_write, resolve_run_name, run_path
 
 CONNECTION = "fedmed"  # the SuperLink connection's name in the state folder's Flower home
+SERVER_APP, CLIENT_APP = "fedmed.federation.server_app:app", "fedmed.federation.client_app:app"
+CLIENT_APP_ENV = "FEDMED_CLIENTAPP"  # another installed ClientApp for the hospitals to run (a wrapper of fedmed's, in tests)
 POLL_S = 3.0  # how often the operator's terminal looks for finished rounds
 STATUS_EVERY_S = 30.0  # how often it asks the SuperLink for the run's status while rounds go on
 
@@ -33,6 +37,7 @@ class State:
         self.database, self.log = root / "superlink.db", root / "superlink.log"
         self.home, self.app = root / "flwr", root / "app"
         self.current, self.nodes = root / "current.json", root / "nodes.json"
+        self.run_file = root / "serverapp.json"  # the ServerApp's settings (`DeployedRun`): never sent to a node
 
     def read(self, path: Path) -> dict[str, Any]:
         try:
@@ -81,17 +86,19 @@ def _write_connection(state: State, host: str, port: int, ca_cert: Path) -> None
 
 def _write_app(state: State, flat: dict[str, Any], resume_from: str, nodes: dict[str, str]) -> None:
     """The Flower app bundle: no code, only which installed ServerApp and ClientApp to run
-    and the run's settings (hospitals run their own installed fedmed, never shipped code)."""
+    (hospitals run their own installed fedmed, never shipped code), and no run config:
+    Flower gives that to every node. The run's settings go to the ServerApp in a file on
+    this machine (`DeployedRun`), and to each node, in each request, only what it needs."""
     import tomli_w
 
+    DeployedRun(flat, resume_from, {int(node): name for name, node in nodes.items()}).save(state.run_file)
     state.app.mkdir(parents=True, exist_ok=True)
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "fedmed-federation", "version": "1.0.0", "dependencies": []},
         "tool": {"flwr": {"app": {
             "publisher": "fedmed",
-            "components": {"serverapp": "fedmed.federation.server_app:app", "clientapp": "fedmed.federation.client_app:app"},
-            "config": {**flat, wire.RESUME_FROM: resume_from, wire.HOSPITAL_NODES: json.dumps({node: name for name, node in nodes.items()})},
+            "components": {"serverapp": SERVER_APP, "clientapp": os.environ.get(CLIENT_APP_ENV, CLIENT_APP)},
         }}},
     }
     atomic_write(state.app / "pyproject.toml", tomli_w.dumps(project))
@@ -105,8 +112,9 @@ def _launch(state: State, host: str, port: int, certs: tuple[Path, Path, Path]) 
         "--enable-supernode-auth", "--database", str(state.database), "--disable-runtime-dependency-installation",
     ]
     # Its own working directory: the ServerApp runs there, and finds nothing else there.
+    env = {**checks.flower_env(state.home), RUN_FILE: str(state.run_file)}  # inherited by the ServerApp's process
     with state.log.open("ab") as log:
-        return subprocess.Popen(command, cwd=state.root, env=checks.flower_env(state.home), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=state.root, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _wait_ready(state: State, proc: subprocess.Popen, host: str, port: int, timeout: float = 90) -> None:

@@ -21,6 +21,7 @@ from fedmed.run.directory import write_new
 
 REFUSED = ("[code: 2004]", "Failed to activate SuperNode")  # what flower-supernode logs when refused
 REJOIN_S, RETRY_S = 90.0, 10.0
+WATCH_S = 1.0  # how often the node's log is read for refusals to show
 
 
 def _key(cfg: FedmedConfig) -> Path:
@@ -91,7 +92,7 @@ def start(cfg: FedmedConfig, config_path: Path, console: Console) -> int:
     deadline = time.time() + REJOIN_S
     while True:
         offset = log.stat().st_size if log.exists() else 0
-        code = _run_node(command, log)
+        code = _run_node(command, log, console)
         if code is None:
             console.print(f"{cfg.site.name}: node stopped")
             return 0
@@ -107,12 +108,33 @@ def start(cfg: FedmedConfig, config_path: Path, console: Console) -> int:
         time.sleep(RETRY_S)
 
 
-def _run_node(command: list[str], log: Path) -> int | None:
-    """The SuperNode until it exits (its exit code) or Ctrl-C (None)."""
+def _run_node(command: list[str], log: Path, console: Console) -> int | None:
+    """The SuperNode until it exits (its exit code) or Ctrl-C (None). Meanwhile, what the
+    server refuses this node for is shown here, not only in its log."""
+    offset = log.stat().st_size if log.exists() else 0
+    shown: set[str] = set()
     with log.open("ab") as out:
         proc = subprocess.Popen(command, env=checks.flower_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait(timeout=WATCH_S)
+            except subprocess.TimeoutExpired:
+                offset = _show_refusals(log, offset, shown, console)
     except KeyboardInterrupt:
         checks.stop(proc)
         return None
+
+
+def _show_refusals(log: Path, offset: int, shown: set[str], console: Console) -> int:
+    """Print each new kind of refusal the node's ClientApp logged since byte `offset`; the new offset."""
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next look
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        line = line.strip().removeprefix("fedmed: ")
+        if line.startswith(wire.NAME_MISMATCH) and line not in shown:
+            shown.add(line)
+            console.print(f"[red]the server refuses this node's replies: {line}[/red]")
+    return offset + len(complete)

@@ -21,9 +21,10 @@ from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, site_data
 from fedmed.errors import FedmedError
 from fedmed.federation import policy, wire
+from fedmed.ledger.budget import LifetimeBudget, Spend
 from fedmed.ledger.digests import architecture_digest, arrays_digest
 from fedmed.ledger.hospital import HospitalLedger
-from fedmed.models import build_model, norm_keys
+from fedmed.models import build_model, load_layers, norm_keys, save_layers
 from fedmed.privacy import canaries
 from fedmed.seeds import derive_seed
 from fedmed.training.loop import evaluate as evaluate_model
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from fedmed.privacy.hospital import HospitalPrivacy
 
 app = ClientApp()
-FEDBN_LAYERS = "fedbn-layers"  # in the node's context.state: this hospital's own normalisation layers
 
 
 @dataclass(frozen=True)
@@ -48,34 +48,42 @@ class Request:
     model: nn.Module  # the global model (with FedBN, this hospital's own layers put back)
     layers_restored: int  # FedBN: how many arrays were put back
     ledger: HospitalLedger  # the server's checkpoint already recorded in it
+    budget: float  # the epsilon the server lets this hospital spend in the run (0: no limit)
 
 
-def _site(context: Context, cfg: FedmedConfig, own: FedmedConfig | None) -> SiteData:
+def hospital_data(cfg: FedmedConfig, own: FedmedConfig | None, index: int) -> tuple[SiteData, canaries.Canaries | None]:
+    """A hospital's data as it trains on it (and commits to it in its ledger): a real
+    node's own (`own`, its site config), or simulated hospital `index`'s share, with the
+    audit's canaries where the run has them. The audit reloads it the same way."""
+    if own is None:
+        site = site_data(cfg, index)
+        added = _canaries(cfg, site)
+        return (site if added is None else canaries.add_to(site, added)), added
+    site = site_data(policy.hospital_config(cfg, own), 0)
+    # Its own name, and a stream of its own for batches and noise: every real node's data is index 0.
+    stream = int.from_bytes(hashlib.sha256(own.site.name.encode()).digest()[:4], "big")
+    return replace(site, name=own.site.name, index=stream), None
+
+
+def _site(context: Context, cfg: FedmedConfig, own: FedmedConfig | None) -> tuple[SiteData, canaries.Canaries | None]:
     """This node's hospital: a real node's own data (its site config), or a simulated
     hospital's share, `partition-id` in its node config (set by the simulation engine)."""
-    if own is not None:
-        index, data_cfg = 0, policy.hospital_config(cfg, own)
-    elif wire.PARTITION_ID in context.node_config:
-        index, data_cfg = int(context.node_config[wire.PARTITION_ID]), cfg
-    else:
+    if own is None and wire.PARTITION_ID not in context.node_config:
         raise FedmedError(f"this node has neither `{wire.SITE_CONFIG}` nor `{wire.PARTITION_ID}` in its node config: it cannot find its data")
+    if own is not None:
+        policy.hospital_config(cfg, own)  # settings that do not match: the server may learn which (raised outside the private part)
     try:
-        site = site_data(data_cfg, index)
+        return hospital_data(cfg, own, int(context.node_config.get(wire.PARTITION_ID, 0)))
     except Exception as exc:  # noqa: BLE001
         # The reason may name files on this machine; it stays in this node's log, and the
         # server (which sees this exception's text) learns only that the data failed.
         print(f"fedmed: this hospital's data cannot be used: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise FedmedError("this hospital's data cannot be used (the reason is in the hospital's own log)") from None
-    if own is None:
-        return site
-    # Its own name, and a stream of its own for batches and noise: every real node's data is index 0.
-    stream = int.from_bytes(hashlib.sha256(own.site.name.encode()).digest()[:4], "big")
-    return replace(site, name=own.site.name, index=stream)
 
 
-def _canaries(cfg: FedmedConfig, site: SiteData, real: bool) -> canaries.Canaries | None:
+def _canaries(cfg: FedmedConfig, site: SiteData) -> canaries.Canaries | None:
     """Simulated hospitals only: a real hospital never trains on images it did not see."""
-    if real or not cfg.privacy.canaries or site.index != canaries.CANARY_HOSPITAL:
+    if not cfg.privacy.canaries or site.index != canaries.CANARY_HOSPITAL:
         return None
     return canaries.make(canaries.seed_for(cfg.seed), cfg.privacy.canaries, cfg.data.image_size, cfg.data.num_classes)
 
@@ -95,31 +103,38 @@ def _receive(msg: Message, context: Context) -> Request:
     config = msg.content[wire.CONFIG]
     cfg = wire.config_from_record(config)
     own = policy.site_settings(dict(context.node_config))
+    if own is not None:
+        policy.check_name(own, config.get(wire.ENROLLED_AS))
     server_round = int(config[wire.SERVER_ROUND])
-    site = _site(context, cfg, own)
-    added = _canaries(cfg, site, own is not None)
-    if added is not None:
-        site = canaries.add_to(site, added)
+    site, added = _site(context, cfg, own)
     model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     ledger = _ledger(context, config, site.name)
     ledger.begin(cfg, server_round, model, site, added, wire.server_checkpoint(config))
     model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
     restored = 0
-    if cfg.federation.strategy == "fedbn" and FEDBN_LAYERS in context.state:
-        kept = context.state[FEDBN_LAYERS].to_torch_state_dict()
-        model.load_state_dict(kept, strict=False)
-        restored = len(kept)
-    return Request(cfg, own, server_round, site, model, restored, ledger)
+    if cfg.federation.strategy == "fedbn":
+        kept = load_layers(_layers_file(ledger, site.name))
+        if kept is not None:
+            model.load_state_dict(kept, strict=False)
+            restored = len(kept)
+    budget = float(config[wire.BUDGET]) if own is not None and wire.BUDGET in config else cfg.privacy.budget_for(site.name)
+    return Request(cfg, own, server_round, site, model, restored, ledger, budget)
 
 
-def _shared_arrays(cfg: FedmedConfig, model: nn.Module, context: Context) -> ArrayRecord:
-    """What goes back to the server; FedBN keeps the normalisation layers here, in the
-    node's state, for the next round."""
-    state = model.state_dict()
-    if cfg.federation.strategy != "fedbn":
+def _layers_file(ledger: HospitalLedger, site: str) -> Path:
+    """FedBN: this hospital's own normalisation layers, in its folder for the run: they
+    outlive the node's process and a restart of the server."""
+    return ledger.folder / f"{site}.fedbn.pt"
+
+
+def _shared_arrays(r: Request) -> ArrayRecord:
+    """What goes back to the server; FedBN keeps the normalisation layers at the hospital
+    for the next round."""
+    state = r.model.cpu().state_dict()
+    if r.cfg.federation.strategy != "fedbn":
         return ArrayRecord(state)
-    kept = norm_keys(model)
-    context.state[FEDBN_LAYERS] = ArrayRecord({k: v for k, v in state.items() if k in kept})
+    kept = norm_keys(r.model)
+    save_layers(_layers_file(r.ledger, r.site.name), {k: v for k, v in state.items() if k in kept})
     return ArrayRecord({k: v for k, v in state.items() if k not in kept})
 
 
@@ -133,25 +148,45 @@ def _privacy_entry(cfg: FedmedConfig, private: HospitalPrivacy | None, steps: in
         "max_grad_norm": p.max_grad_norm, "delta": p.delta, "secure_mode": False,
         "noise": "run seed" if p.reproducible else "system entropy",
         "epsilon": private.history.epsilon(p.delta), "budget": private.budget,
+        **({"lifetime_epsilon": private.lifetime.epsilon(p.delta), "lifetime_cap": private.lifetime_cap} if private.lifetime is not None else {}),
     }
 
 
-def _hospital_privacy(r: Request) -> HospitalPrivacy | None:
-    """This hospital's DP-SGD plan and what it has spent so far (sample-level DP only:
-    Opacus takes a second to import, so only then)."""
+def _hospital_privacy(r: Request) -> tuple[HospitalPrivacy | None, LifetimeBudget | None]:
+    """This hospital's DP-SGD plan and what it has spent so far, in this run and (a real
+    hospital) on its data over all runs. Sample-level DP only: Opacus takes a second to
+    import, so only then. FedmedError if the lifetime budget does not verify."""
     if r.cfg.privacy.mode != "sample":
-        return None
+        return None, None
     from fedmed.privacy.hospital import HospitalPrivacy
 
-    own_budget = r.own.site.max_epsilon if r.own else 0.0
-    return HospitalPrivacy.load(r.cfg, r.site.name, len(r.site.train.y), r.ledger.privacy_spent(), own_budget)
+    n, spent = len(r.site.train.y), r.ledger.privacy_spent()
+    if r.own is None:  # simulated: the run's budget only
+        return HospitalPrivacy.load(r.cfg, n, spent, r.budget), None
+    lifetime = r.ledger.lifetime()
+    return HospitalPrivacy.load(r.cfg, n, spent, r.budget, lifetime.entries(), r.own.site.max_epsilon), lifetime
 
 
-def _decline(msg: Message, r: Request, private: HospitalPrivacy | None, received: str, reason: str) -> Message:
+def _decline(msg: Message, r: Request, private: HospitalPrivacy | None, received: str, reason: str, evaluated: dict[str, Any]) -> Message:
     print(f"fedmed: {r.site.name} declines round {r.server_round}: {reason}", file=sys.stderr)
     r.ledger.record("declined", r.server_round, {"received_sha256": received, "reason": reason, "privacy": _privacy_entry(r.cfg, private, 0)})
     refusal = ConfigRecord({"reason": reason, **(private.metrics() if private else {})})  # nothing about patients
-    return wire.reply(msg, r.site.name, r.ledger.checkpoint(), **{wire.DECLINED: refusal})
+    return wire.reply(msg, r.site.name, r.ledger.checkpoint(), **{wire.DECLINED: refusal}, **evaluated)
+
+
+def _evaluation(r: Request, received: str, model_round: int) -> dict[str, Any]:
+    """The model as received, on this hospital's own test split (recorded in its ledger
+    as round `model_round`'s evaluation): aggregate figures only."""
+    result = evaluate_model(r.model, r.site.test.x, r.site.test.y, r.cfg.train.device)
+    metrics = {
+        "eval-loss": result["loss"],
+        wire.EVAL_ACCURACY: result["accuracy"],
+        wire.EVAL_MACRO_F1: result["macro_f1"],
+        wire.EVAL_CONFUSION: result["confusion"],
+        wire.WEIGHT: len(r.site.test),
+    }
+    r.ledger.record("evaluate", model_round, {"received_sha256": received, "metrics": dict(wire.metric_record(metrics))})
+    return metrics
 
 
 @app.train()
@@ -159,13 +194,20 @@ def train(msg: Message, context: Context) -> Message:
     r = _receive(msg, context)
     cfg, site = r.cfg, r.site
     received = arrays_digest(msg.content[wire.ARRAYS])
-    private = _hospital_privacy(r)
+    evaluated = {}
+    if msg.content[wire.CONFIG].get(wire.EVALUATE_FIRST):  # the previous round's model, before it changes here
+        evaluated[wire.EVALUATION] = ConfigRecord(dict(wire.metric_record(_evaluation(r, received, r.server_round - 1))))
+    try:
+        private, lifetime = _hospital_privacy(r)
+    except FedmedError as exc:  # never train on a budget that cannot be read: it would start from zero
+        print(f"fedmed: {exc}", file=sys.stderr)
+        return _decline(msg, r, None, received, "this hospital's lifetime privacy budget does not verify (the reason is in its own log)", evaluated)
     reason = None
     if r.own is not None:
         reason = policy.refusal(r.own, cfg, r.server_round, architecture_digest(r.model), private.plan.sigma if private else None)
     reason = reason or (private.refusal() if private else None)
     if reason:
-        return _decline(msg, r, private, received, reason)
+        return _decline(msg, r, private, received, reason, evaluated)
     mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     possible, annotated, pseudo = known_labels(cfg, r.model, site.train)
     stats = train_model(
@@ -174,6 +216,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     if private is not None:
         private.spend(stats.steps)
+        if lifetime is not None:
+            p = private.plan
+            lifetime.spend(Spend(r.ledger.writer.run_id, r.server_round, p.sigma, p.rate, stats.steps, p.accountant, p.delta))
     metrics = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
@@ -186,7 +231,7 @@ def train(msg: Message, context: Context) -> Message:
         # only unlabelled hospitals still averages)
         wire.WEIGHT: max(1, informative_examples(len(site.train.y), possible, annotated)),
     }
-    shared = _shared_arrays(cfg, r.model.cpu(), context)
+    shared = _shared_arrays(r)
     t = cfg.train
     r.ledger.record("train", r.server_round, {
         "received_sha256": received,
@@ -195,19 +240,11 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": dict(wire.metric_record(metrics)),
         "update_sha256": arrays_digest(shared),
     })
-    return wire.reply(msg, site.name, r.ledger.checkpoint(), **{wire.METRICS: wire.metric_record(metrics), wire.ARRAYS: shared})
+    return wire.reply(msg, site.name, r.ledger.checkpoint(), **{wire.METRICS: wire.metric_record(metrics), wire.ARRAYS: shared}, **evaluated)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     r = _receive(msg, context)
-    result = evaluate_model(r.model, r.site.test.x, r.site.test.y, r.cfg.train.device)
-    metrics = {
-        "eval-loss": result["loss"],
-        wire.EVAL_ACCURACY: result["accuracy"],
-        wire.EVAL_MACRO_F1: result["macro_f1"],
-        wire.EVAL_CONFUSION: result["confusion"],
-        wire.WEIGHT: len(r.site.test),
-    }
-    r.ledger.record("evaluate", r.server_round, {"received_sha256": arrays_digest(msg.content[wire.ARRAYS]), "metrics": dict(wire.metric_record(metrics))})
+    metrics = _evaluation(r, arrays_digest(msg.content[wire.ARRAYS]), r.server_round)
     return wire.reply(msg, r.site.name, r.ledger.checkpoint(), **{wire.METRICS: wire.metric_record(metrics)})

@@ -25,6 +25,22 @@ def site_settings(node_config: dict[str, Any]) -> FedmedConfig | None:
         raise FedmedError("this node's site config cannot be used (the reason is in the hospital's own log)") from None
 
 
+def check_name(own: FedmedConfig, enrolled: object) -> None:
+    """A node answers only under the name its key was enrolled under, which the server
+    sends with every request: the server refuses any other. The line goes to this node's
+    log too, where `fedmed site start` shows it to the hospital's operator."""
+    if enrolled is None:
+        raise FedmedError("the server sent no enrolled name: it runs an older fedmed; upgrade the server")
+    if own.site.name != enrolled:
+        line = (
+            f"{wire.NAME_MISMATCH}: the server enrolled this node's key as {enrolled!r}, but its site config says "
+            f"site.name = {own.site.name!r}: set site.name = \"{enrolled}\" (or have the server's operator enrol the key as "
+            f"{own.site.name!r}) and restart the node"
+        )
+        print(f"fedmed: {line}", file=sys.stderr, flush=True)
+        raise FedmedError(line)
+
+
 def hospital_config(federation: FedmedConfig, own: FedmedConfig) -> FedmedConfig:
     """The federation's training settings over this hospital's own data (all of it its
     own: one hospital, no simulated skew or label hiding)."""

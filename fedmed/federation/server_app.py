@@ -3,12 +3,15 @@ model, and the run directory. The same object runs in simulation and in a real d
 
 from __future__ import annotations
 
-import json
+import os
 import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import FedmedConfig, from_flat
@@ -21,6 +24,7 @@ from fedmed.models import build_model, norm_keys
 from fedmed.privacy import report as privacy_report
 from fedmed.privacy.client_level import ClientLevelDP
 from fedmed.run import heterogeneity
+from fedmed.run.deployed import RUN_FILE, DeployedRun
 from fedmed.run.directory import RunDirectory
 from fedmed.run.progress import RoundReporter
 from fedmed.run.record import NO_REPLY, RoundOutcome, round_record, summary
@@ -28,15 +32,18 @@ from fedmed.training.loop import evaluate
 from fedmed.training.metrics import from_confusion
 
 app = ServerApp()
+REPLY_POLL_S = 0.2
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    values = dict(context.run_config)
-    resume = str(values.pop(wire.RESUME_FROM, "") or "")
-    nodes = {int(k): v for k, v in json.loads(str(values.pop(wire.HOSPITAL_NODES, "") or "{}")).items()}
-    run(grid, from_flat(values), Path(resume) if resume else None, nodes)
+    deployed = os.environ.get(RUN_FILE)
+    if not deployed:  # a simulation: the run config is the whole config
+        run(grid, from_flat(dict(context.run_config)))
+        return
+    job = DeployedRun.load(Path(deployed))
+    run(grid, from_flat(job.config), Path(job.resume_from) if job.resume_from else None, job.nodes)
 
 
 def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[int, str] | None = None) -> None:
@@ -57,11 +64,12 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     ledger = ServerLedger(out, cfg.output.save_updates, previous.ledger_run if previous else "")
     strategy = _strategy(cfg, norm_keys(model), client_dp, ledger)
 
+    config = wire.config_record(cfg, deployed=bool(nodes))
     arrays = ArrayRecord(model.state_dict())
     last_test: dict = {}
     label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
     if previous is None:
-        ledger.start(cfg, model, arrays, aggregation)
+        ledger.start(cfg, model, arrays, aggregation, wire.config_from_record(config).digest())
     else:
         ledger.resume(previous.round, aggregation)
         strategy.restore(previous.strategy)
@@ -69,16 +77,40 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
             client_dp.restore(previous.client_dp)
         last_test, label_counts = previous.server["last_test"], previous.server["label_counts"]
         arrays = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
-    strategy.names.update(nodes or {})  # the operator's enrolment now, over the checkpoint's
+    if nodes:  # a deployment: names from the enrolment, each hospital's own budget
+        strategy.enrolled = dict(nodes)
+        strategy.budgets = {name: cfg.privacy.budget_for(name) for name in nodes.values()}
 
-    config = wire.config_record(cfg)
-    timeout = cfg.federation.round_timeout
+    f = cfg.federation
+    # Every hospital trains and evaluates each round: round r's training requests also ask
+    # for an evaluation of the model they carry (round r-1's), so a round is one message
+    # per hospital, not two; the last round's model is evaluated after the loop. A round's
+    # record is written once its model's evaluations are in (`pending` until then).
+    merged = strategy.evaluate_with_training = f.fraction_train == 1.0 and f.fraction_evaluate == 1.0
+    pending: Pending | None = Pending(**previous.server["pending"]) if previous and previous.server.get("pending") else None
+
+    def send(messages: Iterable[Message]) -> list[Message]:
+        return exchange(grid, messages, f.round_timeout)
+
+    def evaluated(model_round: int, replies: list[Message]) -> None:
+        """Round `model_round`'s model evaluated: its record, if the model moved then."""
+        nonlocal pending
+        strategy.aggregate_evaluate(model_round, replies)
+        if pending is not None and pending.round == model_round:
+            out.append_round(pending.record(cfg, strategy.log.round(model_round)))
+            pending = None
+
     for server_round in range(previous.round + 1 if previous else 1, rounds + 1):
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid), timeout=timeout)
+        train = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+        if merged and server_round > 1:
+            replies = send([*train, *strategy.evaluate_only(server_round - 1, ConfigRecord(dict(config)), grid)])
+            evaluated(server_round - 1, replies)  # before this round's training is recorded: the ledger keeps their order
+            training = {m.metadata.message_id for m in strategy.asked}
+            replies = [m for m in replies if m.metadata.reply_to_message_id in training]
+        else:
+            replies = send(train)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         arrays = aggregated if aggregated is not None else arrays
-        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid), timeout=timeout)
-        strategy.aggregate_evaluate(server_round, replies)
 
         outcome = strategy.log.round(server_round)
         for site, decline in sorted(outcome.declined.items()):
@@ -95,14 +127,10 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
                     heterogeneity.print_table(reporter.console, rep)
             model.load_state_dict(arrays.to_torch_state_dict())
             last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
-            hospitals = outcome.hospitals()
-            took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(hospitals)}/{n}")
-            out.append_round(round_record(
-                server_round, took, elapsed, last_test, hospitals, federated_eval=_federated_eval(cfg, outcome),
-                failures=len(outcome.dropped), dropped=sorted(outcome.dropped), declined=sorted(outcome.declined),
-                declined_reasons={site: d.reason for site, d in sorted(outcome.declined.items())},
-                **({"privacy": client_dp.metrics()} if client_dp else {}),
-            ))
+            took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(outcome.trained) + len(outcome.declined)}/{n}")
+            pending = Pending(server_round, took, elapsed, last_test, client_dp.metrics() if client_dp else None)
+        if not merged:
+            evaluated(server_round, send(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)))
         checkpoint.save(out, checkpoint.Checkpoint(
             round=server_round,
             config_sha256=cfg.digest(),
@@ -110,8 +138,10 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
             strategy=strategy.state(),
             ledger_run=ledger.run_id,
             client_dp=client_dp.state() if client_dp else None,
-            server={"last_test": last_test, "label_counts": label_counts},
+            server={"last_test": last_test, "label_counts": label_counts, "pending": asdict(pending) if pending else None},
         ))
+    if merged:  # the last round's model
+        evaluated(rounds, send(strategy.configure_evaluate(rounds, arrays, ConfigRecord(dict(config)), grid)))
 
     final = strategy.log.round(rounds).evaluated
     per_hospital = {
@@ -125,6 +155,43 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     extra = {"privacy": spent} if spent else {}
     out.write_summary(summary(cfg, describe(cfg), last_test, per_hospital, time.time() - started, **extra))
     reporter.console.print(f"run directory: {out.path}")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A round whose model moved, awaiting its evaluations at the hospitals: what its
+    record holds besides them (kept in the checkpoint, so a resumed run writes it)."""
+
+    round: int
+    took: float
+    elapsed: float
+    test: dict[str, Any]
+    privacy: dict[str, Any] | None  # client-level DP's figures after the round
+
+    def record(self, cfg: FedmedConfig, outcome: RoundOutcome) -> dict[str, Any]:
+        return round_record(
+            self.round, self.took, self.elapsed, self.test, outcome.hospitals(), federated_eval=_federated_eval(cfg, outcome),
+            failures=len(outcome.dropped), dropped=sorted(outcome.dropped), dropped_reasons=dict(sorted(outcome.dropped.items())),
+            declined=sorted(outcome.declined), declined_reasons={site: d.reason for site, d in sorted(outcome.declined.items())},
+            **({"privacy": self.privacy} if self.privacy is not None else {}),
+        )
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Send the round's requests and collect the replies until all are in or `timeout`
+    seconds pass. Flower's `send_and_receive` looks for replies every 3 s over a real
+    SuperLink, a delay added to every request; this looks every REPLY_POLL_S."""
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {m.metadata.reply_to_message_id for m in pulled}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
 
 
 def _strategy(cfg: FedmedConfig, norm_layers: set[str], client_dp: ClientLevelDP | None, ledger: ServerLedger) -> Recording:

@@ -4,11 +4,11 @@ in a fixed order and typing every reply into the run's log (`fedmed.run.record.R
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
@@ -23,7 +23,10 @@ from fedmed.run.record import NO_REPLY, Decline, Evaluation, RunLog, Update
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Sample-weighted mean of scalars; lists are counts (confusion matrices) and are summed;
     privacy figures (`dp-*`) take the maximum."""
-    metrics = [next(iter(r.metric_records.values())) for r in records]
+    return pool([next(iter(r.metric_records.values())) for r in records], weighted_by_key)
+
+
+def pool(metrics: list[Mapping[str, Any]], weighted_by_key: str) -> MetricRecord:
     weights = np.array([float(m[weighted_by_key]) for m in metrics])
     weights = weights / weights.sum()
     out: dict[str, Any] = {weighted_by_key: int(sum(int(m[weighted_by_key]) for m in metrics))}
@@ -80,11 +83,17 @@ class Recording:
         self.hospital_layers = hospital_layers
         self.ledger = ledger
         self.log = RunLog()
-        self.names: dict[int, str] = {}  # node id -> hospital: the operator's enrolment, then the replies
+        self.enrolled: dict[int, str] = {}  # node id -> hospital, in a deployment: the operator's enrolment, the only names it takes
+        self.budgets: dict[str, float] = {}  # in a deployment: the epsilon each enrolled hospital may spend in this run
+        self.names: dict[int, str] = {}  # node id -> hospital, simulated: as the replies say (the partition's)
         self.declined_nodes: set[int] = set()
         self.all_declined = False
         self.sent: ArrayRecord | None = None
         self.sent_eval: ArrayRecord | None = None
+        # One message per round: each training request also asks for an evaluation of the
+        # model it carries (the previous round's), and nodes not asked to train are asked
+        # to evaluate alongside (set by the ServerApp where every hospital trains and evaluates).
+        self.evaluate_with_training = False
         self.asked: list[Message] = []  # this round's training requests (their ids are set once sent)
         self._min_nodes = (self.min_train_nodes, self.min_available_nodes)
         self.hospitals = hospitals or self.min_available_nodes  # all of them, not the minimum per round
@@ -103,23 +112,45 @@ class Recording:
             setattr(self, key, value)
 
     def _name(self, node: int) -> str:
-        return self.names.get(node, f"node {node}")
+        return self.enrolled.get(node) or self.names.get(node, f"node {node}")
 
+    def _hospital(self, node: int, content: RecordDict) -> tuple[str, str | None]:
+        """The hospital a reply from `node` is recorded under, and why it is refused, if it
+        is: in a deployment the name the node's key was enrolled under, never the reply's own."""
+        claimed = wire.site_name(content)
+        if not self.enrolled:
+            return claimed, None
+        site = self._name(node)
+        return site, (None if claimed == site else f"{wire.NAME_MISMATCH} (the reply says {claimed!r})")
+
+    def _addressed(self, messages: Iterable[Message]) -> list[Message]:
+        """In a deployment, each request also tells its node the name its key is enrolled
+        under and its own budget for the run (never another hospital's)."""
+        if not self.enrolled:
+            return list(messages)
+        out = []
+        for m in messages:
+            site = self._name(m.metadata.dst_node_id)
+            content = RecordDict(dict(m.content))
+            content[wire.CONFIG] = ConfigRecord({**dict(m.content[wire.CONFIG]), wire.ENROLLED_AS: site, wire.BUDGET: self.budgets.get(site, 0.0)})
+            out.append(Message(content, m.metadata.dst_node_id, m.metadata.message_type, group_id=m.metadata.group_id))
+        return out
 
     def _with_ledger(self, config: ConfigRecord) -> ConfigRecord:
-        """Every request carries where simulated hospitals keep ledgers, the ledger run id,
-        and the server ledger's latest signed checkpoint."""
+        """Every request carries the ledger run id and the server ledger's latest signed
+        checkpoint; a simulated hospital's, where to keep its ledger (the run directory's:
+        a real node keeps its own, and is sent no path)."""
         if self.ledger is None:
             return config
-        entries = {
-            wire.LEDGER_ROOT: str(self.ledger.root),
-            wire.LEDGER_RUN: self.ledger.run_id,
-            wire.LEDGER_CHECKPOINT: json.dumps(self.ledger.checkpoint(), sort_keys=True),
-        }
+        entries = {wire.LEDGER_RUN: self.ledger.run_id, wire.LEDGER_CHECKPOINT: json.dumps(self.ledger.checkpoint(), sort_keys=True)}
+        if not self.enrolled:
+            entries[wire.LEDGER_ROOT] = str(self.ledger.root)
         return ConfigRecord({**dict(config), **entries})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.asked = list(self._configure_train(server_round, arrays, config, grid))
+        if self.evaluate_with_training and server_round > 1:
+            config = ConfigRecord({**dict(config), wire.EVALUATE_FIRST: True})
+        self.asked = self._addressed(self._configure_train(server_round, arrays, config, grid))
         self.log.round(server_round).asked = [self._name(m.metadata.dst_node_id) for m in self.asked]
         return self.asked
 
@@ -169,7 +200,10 @@ class Recording:
                 outcome.dropped[self._name(node)] = _last_line(msg.error.reason)
                 taken.append(msg)
                 continue
-            site = wire.site_name(msg.content)
+            site, refused = self._hospital(node, msg.content)
+            if refused:
+                outcome.dropped[site] = refused
+                continue
             if site in outcome.trained or site in outcome.declined:  # two nodes answering as one hospital
                 outcome.dropped[f"{self._name(node)} (a second reply as {site})"] = "a second reply under one hospital's name"
                 continue
@@ -191,22 +225,40 @@ class Recording:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent_eval = arrays
-        return super().configure_evaluate(server_round, arrays, self._with_ledger(config), grid)
+        return self._addressed(super().configure_evaluate(server_round, arrays, self._with_ledger(config), grid))
+
+    def evaluate_only(self, model_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """With one message per round: evaluation requests, for the model this round's
+        training requests carry (`self.sent`, round `model_round`'s), to the nodes not
+        asked to train (those that declined for good)."""
+        if self.sent is None:
+            return []
+        self.sent_eval = self.sent
+        trained = {m.metadata.dst_node_id for m in self.asked}
+        config = self._with_ledger(ConfigRecord({**dict(config), wire.SERVER_ROUND: model_round}))
+        content = RecordDict({wire.ARRAYS: self.sent, wire.CONFIG: config})
+        nodes = sorted(set(grid.get_node_ids()) - trained)
+        return self._addressed(grid.create_message(content, MessageType.EVALUATE, node, str(model_round)) for node in nodes)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Type every evaluation of round `server_round`'s model (evaluation replies, and
+        training replies that carry one) into its outcome; pool them; record them."""
         outcome = self.log.round(server_round)
-        ordered = _order(replies)
-        for msg in ordered:
-            if msg.has_error():
+        for msg in _order(replies):
+            if msg.has_error():  # every message given here asked for an evaluation
                 outcome.evaluation_failures += 1
                 continue
-            site = self.names[msg.metadata.src_node_id] = wire.site_name(msg.content)
-            outcome.evaluated[site] = Evaluation(wire.metrics_of(msg.content), wire.ledger_checkpoint(msg.content))
+            evaluated = msg.content[wire.EVALUATION] if wire.EVALUATION in msg.content else None
+            site, refused = self._hospital(msg.metadata.src_node_id, msg.content)
+            if refused or site in outcome.evaluated or (evaluated is None and msg.metadata.message_type == MessageType.TRAIN):
+                outcome.evaluation_failures += 1
+                continue
+            self.names[msg.metadata.src_node_id] = site
+            outcome.evaluated[site] = Evaluation(dict(evaluated) if evaluated is not None else wire.metrics_of(msg.content), wire.ledger_checkpoint(msg.content))
         if self.ledger is not None and self.sent_eval is not None:
             self.ledger.evaluate_round(outcome, self.sent_eval)
-        metrics = super().aggregate_evaluate(server_round, ordered)
-        if metrics is not None:
-            outcome.federated_eval = dict(metrics)
+        metrics = pool([e.metrics for _, e in sorted(outcome.evaluated.items())], wire.WEIGHT) if outcome.evaluated else None
+        outcome.federated_eval = dict(metrics) if metrics is not None else {}
         return metrics
 
 

@@ -4,15 +4,24 @@ server's ledger, the audit and the deployment commands read these names from her
 
 A training or evaluation request (a Message's RecordDict):
     "arrays"  ArrayRecord   the global model
-    "config"  ConfigRecord  the run's settings, flat (`FedmedConfig.for_hospitals`), plus
-                            SERVER_ROUND, FedProx's PROXIMAL_MU, and the ledger entries
-                            LEDGER_ROOT, LEDGER_RUN, LEDGER_CHECKPOINT
+    "config"  ConfigRecord  the run's settings, flat: all that decide results for simulated
+                            hospitals (`FedmedConfig.for_hospitals`), only those that change
+                            what it computes for a real node (`FedmedConfig.for_nodes`); plus
+                            SERVER_ROUND, FedProx's PROXIMAL_MU, the ledger entries
+                            LEDGER_RUN, LEDGER_CHECKPOINT (and, simulated, LEDGER_ROOT), and
+                            for a real node ENROLLED_AS and its BUDGET; a training request
+                            may ask for EVALUATE_FIRST
 A reply:
     "arrays"  ArrayRecord   the update (training replies that trained)
     "metrics" MetricRecord  aggregate figures, `train-*` / `eval-*` / `dp-*`, and WEIGHT
     SITE      ConfigRecord  {"name": the hospital's name}
     DECLINED  ConfigRecord  {"reason": why, and its `dp-*` figures}: a refusal, no arrays
     LEDGER    ConfigRecord  {"checkpoint": the hospital's signed ledger checkpoint, JSON}
+    EVALUATION ConfigRecord the `eval-*` figures and WEIGHT of the model it was sent
+                            (a training reply to EVALUATE_FIRST, trained or declined)
+
+A real node's Flower run config (`Context.run_config`) is empty: every node of a run is
+sent the same one, and the server's own settings stay on the server.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 SITE = "site"
 DECLINED = "declined"
 LEDGER = "ledger"
+EVALUATION = "evaluation"
 
 # ---- keys in the request's config that are not fedmed settings ----------------------
 SERVER_ROUND = "server-round"  # Flower's own
@@ -37,6 +47,11 @@ PROXIMAL_MU = "proximal-mu"  # added by Flower's FedProx
 LEDGER_ROOT = "ledger-root"  # where simulated hospitals keep their ledgers (the run directory's)
 LEDGER_RUN = "ledger-run"  # the ledger run id
 LEDGER_CHECKPOINT = "ledger-checkpoint"  # the server's signed ledger checkpoint, JSON
+ENROLLED_AS = "enrolled-as"  # a real node: the name the server enrolled its key under
+BUDGET = "privacy-budget"  # a real node: the epsilon the server lets it spend in this run (0: no limit)
+# A training request that also asks the hospital to evaluate the model it is sent (the
+# previous round's global model) before training: one message per round, not two.
+EVALUATE_FIRST = "evaluate-first"
 
 # ---- metric names the server reads ----------------------------------------------------
 WEIGHT = "num-examples"  # FedAvg's weight
@@ -49,14 +64,14 @@ PARTITION_ID = "partition-id"  # a simulated hospital's index (the simulation en
 SITE_CONFIG = "site-config"  # a real hospital's site config file, on its own machine
 LEDGER_DIR = "ledger-dir"  # a real hospital's ledger folder, on its own machine
 
-# ---- run config entries a deployment adds (not fedmed settings) -----------------------
-RESUME_FROM = "resume-from"  # the run directory to resume
-HOSPITAL_NODES = "hospital-nodes"  # the enrolled hospitals' names by node id, JSON
+# ---- why the server refuses a reply ---------------------------------------------------
+NAME_MISMATCH = "name does not match the enrolled key"
 
 
-def config_record(cfg: FedmedConfig, server_round: int = 0) -> ConfigRecord:
-    """The run's training settings, flat, so every hospital trains the same way."""
-    return ConfigRecord({**cfg.for_hospitals(), SERVER_ROUND: server_round})
+def config_record(cfg: FedmedConfig, deployed: bool = False) -> ConfigRecord:
+    """The run's training settings, flat, so every hospital trains the same way; a real
+    node (`deployed`) is sent only those that change what it computes."""
+    return ConfigRecord({**(cfg.for_nodes() if deployed else cfg.for_hospitals()), SERVER_ROUND: 0})
 
 
 def config_from_record(record: ConfigRecord) -> FedmedConfig:

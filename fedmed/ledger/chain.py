@@ -10,6 +10,7 @@ and reported by the audit, never repaired.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
@@ -18,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from fedmed.errors import FedmedError
-from fedmed.ledger.keys import Signer
+from fedmed.ledger.keys import Signer, key_id, valid
 from fedmed.run.directory import json_safe
 
 GENESIS = "0" * 64
@@ -40,6 +43,38 @@ def signed_part(record: dict[str, Any]) -> bytes:
 
 def checkpoint_body(checkpoint: dict[str, Any]) -> bytes:
     return canonical({k: checkpoint[k] for k in ("party", "run", "seq", "head", "key_id")})
+
+
+def signature_ok(public: Ed25519PublicKey | None, sig: Any, data: bytes) -> bool:
+    try:
+        return public is not None and valid(public, base64.b64decode(str(sig), validate=True), data)
+    except (binascii.Error, ValueError):
+        return False
+
+
+def record_problems(party: str, public: Ed25519PublicKey | None, index: int, line: bytes, record: dict[str, Any] | None, previous: bytes | None) -> list[str]:
+    """What is wrong with record `index` of `party`'s ledger (`previous`: the line before
+    it, None for the first), checked against the party's public key: [] if nothing."""
+    if record is None:
+        return ["not a JSON record"]
+    if set(record) != {*SIGNED, "sig"}:
+        return [f"fields {sorted(record)} are not those of a ledger record"]
+    out = []
+    if canonical(record) != line:
+        out.append("not in canonical form: the line was edited after it was written")
+    if record["seq"] != index:
+        out.append(f"carries sequence number {record['seq']} at position {index}: records were deleted, inserted or reordered")
+    expected = line_hash(previous) if previous is not None else GENESIS
+    if record["prev"] != expected:
+        out.append(f"its previous-record hash {str(record['prev'])[:12]}... is not the hash of the record before it ({expected[:12]}...): the chain is broken here")
+    if record["party"] != party:
+        out.append(f"written by {record['party']!r}, in {party}'s ledger")
+    expected_key = key_id(public) if public else None
+    if record["key_id"] != expected_key:
+        out.append(f"signed with key {record['key_id']}, not {party}'s published key {expected_key}")
+    elif not signature_ok(public, record["sig"], signed_part(record)):
+        out.append("signature does not verify: the record was altered after signing, or its signature replaced")
+    return out
 
 
 @dataclass
@@ -63,6 +98,18 @@ class LedgerFile:
                 out.records.append(record if isinstance(record, dict) else None)
             except (ValueError, RecursionError):  # not JSON, not UTF-8, nested beyond reason
                 out.records.append(None)
+        return out
+
+    def problems(self, party: str, public: Ed25519PublicKey) -> list[str]:
+        """Every record checked (chain, signatures, a torn tail): [] if the ledger is whole."""
+        out = []
+        for i, (line, record) in enumerate(zip(self.lines, self.records, strict=True)):
+            try:
+                out += [f"record {i}: {p}" for p in record_problems(party, public, i, line, record, self.lines[i - 1] if i else None)]
+            except Exception as exc:  # noqa: BLE001 - a tampered record is reported, never a crash
+                out.append(f"record {i}: malformed ({type(exc).__name__})")
+        if self.torn:
+            out.append(f"an incomplete last line ({len(self.torn)} bytes)")
         return out
 
 

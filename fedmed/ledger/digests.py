@@ -1,9 +1,10 @@
-"""SHA-256 digests of what a ledger refers to but must not contain: model weights,
-the model's architecture and a hospital's data."""
+"""SHA-256 digests of what a ledger refers to but must not contain: model weights and
+the model's architecture; and the commitment (an HMAC) to a hospital's data."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,9 +36,11 @@ def architecture_digest(model: nn.Module) -> str:
     return hashlib.sha256("\n".join([repr(model), *shapes]).encode()).hexdigest()
 
 
-def tensors_digest(*tensors: torch.Tensor) -> str:
-    """A digest of the data itself (never file names): changes if any image or label does."""
-    h = hashlib.sha256()
+def data_commitment(secret: bytes, *tensors: torch.Tensor) -> str:
+    """HMAC-SHA256 of the data itself (never file names) under the hospital's secret: it
+    changes if any image or label does, and without the secret it tells nothing about
+    which data it was (an unkeyed digest would confirm a guessed copy)."""
+    h = hmac.new(secret, digestmod=hashlib.sha256)
     for t in tensors:
         array = np.ascontiguousarray(t.detach().cpu().numpy())
         h.update(f"{array.dtype.str}|{array.shape}|".encode())

@@ -1,5 +1,7 @@
 """A hospital's ledger: where it lives, what the hospital records each round, and the
-signed checkpoint of it that the hospital returns to the server with every reply."""
+signed checkpoint of it that the hospital returns to the server with every reply. Beside
+it, in the same folder: the hospital's keys, its data secret, its lifetime privacy
+budgets (`fedmed.ledger.budget`) and, with FedBN, its own normalisation layers."""
 
 from __future__ import annotations
 
@@ -13,41 +15,54 @@ from fedmed import __version__
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData
 from fedmed.errors import FedmedError
+from fedmed.ledger.budget import LifetimeBudget
 from fedmed.ledger.chain import LedgerFile, LedgerWriter
-from fedmed.ledger.digests import architecture_digest, tensors_digest
-from fedmed.ledger.keys import Signer
+from fedmed.ledger.digests import architecture_digest, data_commitment
+from fedmed.ledger.keys import Signer, data_secret
 from fedmed.privacy.canaries import Canaries
 
 RUN_ID = re.compile(r"[0-9a-f]{16}")  # a folder name under the node's ledger directory, nothing else
 
 
 class HospitalLedger:
-    def __init__(self, writer: LedgerWriter) -> None:
-        self.writer = writer
+    def __init__(self, root: Path, writer: LedgerWriter, secret: bytes) -> None:
+        self.root, self.writer, self._secret = root, writer, secret
+        self.commitment = ""  # to this hospital's data, once `begin` has seen it
 
     @classmethod
     def open(cls, root: Path, run_id: str, site: str) -> HospitalLedger:
-        """`root/<run id>/<site>.jsonl`, signed with `root/keys/<site>.key` (created on first use)."""
+        """`root/<run id>/<site>.jsonl`, signed with `root/keys/<site>.key`; its data
+        committed to with `root/keys/<site>.data-secret` (both created on first use)."""
         if not RUN_ID.fullmatch(run_id):
             raise FedmedError("the server sent a malformed ledger run id: refusing to write this hospital's ledger")
         try:
             signer = Signer.load_or_create(root / "keys", site)
-            return cls(LedgerWriter(root / run_id / f"{site}.jsonl", signer, run_id))
+            return cls(root, LedgerWriter(root / run_id / f"{site}.jsonl", signer, run_id), data_secret(root / "keys", site))
         except OSError as exc:
             raise FedmedError(f"cannot write this hospital's ledger under {root}: {exc.strerror}") from None
+
+    @property
+    def folder(self) -> Path:
+        """This run's folder of the hospital's ledger directory."""
+        return self.writer.path.parent
+
+    def lifetime(self) -> LifetimeBudget:
+        """The privacy this hospital has spent on its data (as committed to) over all runs."""
+        return LifetimeBudget.open(self.root, self.writer.signer, self.commitment)
 
     def begin(
         self, cfg: FedmedConfig, server_round: int, model: nn.Module, site: SiteData, canaries: Canaries | None,
         server_checkpoint: dict[str, Any] | None,
     ) -> None:
         """The run-start record on first contact, then the server's checkpoint, if sent."""
+        self.commitment = data_commitment(self._secret, site.train.x, site.train.y, site.test.x, site.test.y)
         if self.writer.seq == 0:
             self.writer.append("run-start", server_round, {
                 "run": self.writer.run_id,
                 "config_sha256": cfg.digest(),
                 "fedmed_version": __version__,
                 "architecture_sha256": architecture_digest(model),
-                "data_sha256": tensors_digest(site.train.x, site.train.y, site.test.x, site.test.y),
+                "data_commitment": self.commitment,
                 "train_images": len(site.train),
                 "test_images": len(site.test),
                 "canaries": None if canaries is None else {"m": len(canaries.y), "seed": canaries.seed, "included": int(canaries.included.sum())},

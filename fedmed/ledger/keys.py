@@ -4,6 +4,7 @@ owner only, the public key published beside it for auditors."""
 from __future__ import annotations
 
 import hashlib
+import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -58,6 +59,29 @@ def _read_private(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise FedmedError(f"signing key {path} is not an Ed25519 key")
     return key
+
+
+def data_secret(key_dir: Path, party: str) -> bytes:
+    """`KEY_DIR/PARTY.data-secret` (mode 0600, created once): the key of the HMAC with which
+    this party's ledgers commit to its data. Without it, nobody holding a copy of a
+    dataset can test whether this hospital trained on it; the hospital may reveal it to
+    an auditor of its choice (`fedmed audit --data-secret`)."""
+    key_dir.mkdir(parents=True, exist_ok=True)
+    path = key_dir / f"{party}.data-secret"
+    try:
+        write_new(path, secrets.token_hex(32).encode(), 0o600)
+    except FileExistsError:
+        pass
+    return read_data_secret(path)
+
+
+def read_data_secret(path: Path) -> bytes:
+    if path.stat().st_mode & 0o077:
+        raise FedmedError(f"data secret {path} is readable by others: `chmod 600 {path}`")
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise FedmedError(f"data secret {path} is not 64 hexadecimal digits: it was damaged, or is not a fedmed data secret")
+    return bytes.fromhex(text)
 
 
 def load_public(path: Path) -> Ed25519PublicKey:

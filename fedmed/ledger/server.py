@@ -34,11 +34,14 @@ class ServerLedger:
         self.save_updates = save_updates
         self.aggregation = ""
 
-    def start(self, cfg: FedmedConfig, model: nn.Module, arrays: ArrayRecord, aggregation: str) -> None:
+    def start(self, cfg: FedmedConfig, model: nn.Module, arrays: ArrayRecord, aggregation: str, hospital_config_sha256: str) -> None:
+        """`hospital_config_sha256`: the digest of the settings the hospitals are sent (a
+        real node is sent fewer than the server has), which each records at its run start."""
         self.aggregation = aggregation
         self.writer.append("run-start", 0, {
             "run": self.run_id,
             "config_sha256": cfg.digest(),
+            "hospital_config_sha256": hospital_config_sha256,
             "fedmed_version": __version__,
             "architecture_sha256": architecture_digest(model),
             "initial_model_sha256": arrays_digest(arrays),
@@ -83,6 +86,7 @@ class ServerLedger:
                 {"hospital": site, "reason": d.reason, "checkpoint": d.checkpoint} for site, d in sorted(outcome.declined.items())
             ],
             "failures": len(outcome.dropped),
+            "failed": [{"hospital": site, "reason": why} for site, why in sorted(outcome.dropped.items())],
             "new_global_sha256": arrays_digest(new) if new is not None else None,
             **({"privacy": privacy} if privacy else {}),
         })

@@ -3,10 +3,14 @@ request (`model.norm = batch`), and never with DP-SGD."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from fedmed.config import ModelConfig
+from fedmed.run.directory import atomic_write
 
 
 class SmallCNN(nn.Module):
@@ -46,6 +50,18 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int) -> nn.Module:
 
 
 NORM_LAYERS = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.InstanceNorm2d)
+
+
+def save_layers(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Some of a model's arrays (FedBN: a hospital's own normalisation layers), written
+    whole or not at all, readable by the hospital only."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_layers(path: Path) -> dict[str, torch.Tensor] | None:
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def norm_keys(model: nn.Module) -> set[str]:

@@ -46,15 +46,16 @@ class Plan:
     reproducible: bool  # noise and batches from the run seed (simulations), or from the system's entropy
 
 
-def plan(cfg: FedmedConfig, n: int) -> Plan:
+def plan(cfg: FedmedConfig, n: int, calibrated: float | None = None) -> Plan:
     """Sigma calibrated once so that all planned rounds together spend `privacy.epsilon`
-    (not per round: that would compose to far more)."""
+    (not per round: that would compose to far more). `calibrated`: the sigma this plan
+    gave earlier in the run (a fresh ClientApp process each round need not search again)."""
     p = cfg.privacy
     rate = 1 / math.ceil(n / cfg.train.batch_size)
     steps = cfg.train.local_epochs * int(1 / rate)  # as Opacus's Poisson loader counts its batches
     planned = steps * cfg.federation.rounds
     delta = check_delta(p.delta, n, "training images at this hospital")
-    sigma = p.noise_multiplier or calibrate(p.accountant, p.epsilon, delta, rate, planned)
+    sigma = p.noise_multiplier or calibrated or calibrate(p.accountant, p.epsilon, delta, rate, planned)
     return Plan(n, rate, steps, planned, sigma, delta, p.max_grad_norm, p.accountant, p.reproducible)
 
 

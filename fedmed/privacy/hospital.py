@@ -1,7 +1,7 @@
 """A hospital's side of sample-level DP: its plan, the privacy it has spent (read back
-from its own signed ledger, so it survives restarts of the node and of the server, in
-simulation and on a real node alike), and its budget, which it enforces itself before
-training."""
+from its own signed ledgers, so it survives restarts of the node and of the server), and
+its budgets, which it enforces itself before training: the run's, set by the server, and
+a real hospital's lifetime cap on its data over all runs (`site.max_epsilon`)."""
 
 from __future__ import annotations
 
@@ -12,46 +12,52 @@ from fedmed.privacy.accounting import StepHistory
 from fedmed.privacy.dpsgd import DPSGD, Plan, plan
 
 
-def budget(cfg: FedmedConfig, site: str, own: float = 0.0) -> float:
-    """The most epsilon this hospital spends (0: no limit): the stricter of its own
-    policy's `site.max_epsilon` and what the server sets for it (its entry in
-    `privacy.budgets`, else `privacy.budget`)."""
-    theirs = cfg.privacy.budget_for(site)
-    return min(b for b in (own, theirs) if b) if (own or theirs) else 0.0
-
-
 @dataclass
 class HospitalPrivacy:
     plan: Plan
-    history: StepHistory
-    budget: float
+    history: StepHistory  # this run's DP rounds
+    budget: float  # the most epsilon it spends in this run, as the server sets it (0: no limit)
+    lifetime: StepHistory | None = None  # a real hospital: every DP round on this data, over all runs (this one's included)
+    lifetime_cap: float = 0.0  # its own policy's `site.max_epsilon` (0: no limit)
 
     @classmethod
-    def load(cls, cfg: FedmedConfig, site: str, n: int, spent: list[tuple[float, float, int]], own_budget: float = 0.0) -> HospitalPrivacy:
-        """`spent`: this hospital's earlier DP rounds in the run (from its ledger)."""
-        history = StepHistory(cfg.privacy.accountant)
-        for sigma, rate, steps in spent:
-            history.add(sigma, rate, steps)
-        return cls(plan(cfg, n), history, budget(cfg, site, own_budget))
+    def load(
+        cls, cfg: FedmedConfig, n: int, spent: list[tuple[float, float, int]], budget: float,
+        lifetime: list[tuple[float, float, int]] | None = None, lifetime_cap: float = 0.0,
+    ) -> HospitalPrivacy:
+        """`spent`: this hospital's earlier DP rounds in the run (from its ledger);
+        `lifetime`: all its DP rounds on this data in any run (from its budget ledger)."""
+        # The run's settings and data are the same every round: so is the sigma it trained with.
+        calibrated = spent[-1][0] if spent else None
+        return cls(plan(cfg, n, calibrated), _history(cfg, spent), budget, None if lifetime is None else _history(cfg, lifetime), lifetime_cap)
 
     def refusal(self) -> str | None:
         """Why this hospital will not train this round, if it will not."""
-        if not self.budget:
-            return None
-        after = self.history.epsilon_after(self.plan.sigma, self.plan.rate, self.plan.steps_per_round, self.plan.delta)
-        if after <= self.budget:
-            return None
-        return (
-            f"privacy budget: another round would bring epsilon from {self.history.epsilon(self.plan.delta):.3f} "
-            f"to {after:.3f}, above this hospital's budget of {self.budget:g}"
-        )
+        p = self.plan
+        if self.budget:
+            after = self.history.epsilon_after(p.sigma, p.rate, p.steps_per_round, p.delta)
+            if after > self.budget:
+                return (
+                    f"privacy budget: another round would bring epsilon from {self.history.epsilon(p.delta):.3f} "
+                    f"to {after:.3f}, above this hospital's budget of {self.budget:g}"
+                )
+        if self.lifetime is not None and self.lifetime_cap:
+            after = self.lifetime.epsilon_after(p.sigma, p.rate, p.steps_per_round, p.delta)
+            if after > self.lifetime_cap:
+                return (
+                    f"lifetime privacy budget: another round would bring this hospital's epsilon on this data, over all runs, "
+                    f"from {self.lifetime.epsilon(p.delta):.3f} to {after:.3f}, above its cap of {self.lifetime_cap:g} (site.max_epsilon)"
+                )
+        return None
 
     def dpsgd(self) -> DPSGD:
         """This round's DP-SGD, for the training loop."""
         return DPSGD(self.plan)
 
     def spend(self, steps: int) -> None:
-        self.history.add(self.plan.sigma, self.plan.rate, steps)
+        for history in (self.history, self.lifetime):
+            if history is not None:
+                history.add(self.plan.sigma, self.plan.rate, steps)
 
     def metrics(self) -> dict[str, float | int]:
         """The same keys in every reply: cumulative over every round this hospital trained."""
@@ -64,3 +70,10 @@ class HospitalPrivacy:
             "dp-max-grad-norm": self.plan.max_grad_norm,
             "dp-budget": self.budget,
         }
+
+
+def _history(cfg: FedmedConfig, entries: list[tuple[float, float, int]]) -> StepHistory:
+    history = StepHistory(cfg.privacy.accountant)
+    for sigma, rate, steps in entries:
+        history.add(sigma, rate, steps)
+    return history
