@@ -429,8 +429,8 @@ class FedmedConfig(_Section):
         it computes. No paths, no data settings but the image size and classes it must
         match, no server-side settings, and no budgets (they name other hospitals: each
         node is sent its own budget beside these)."""
-        budgets = ("privacy.budget", "privacy.budgets")
-        return {k: v for k, v in self.flat().items() if (k in NODE_KEYS or k.split(".")[0] in NODE_SECTIONS) and k not in budgets}
+        withheld = ("privacy.budget", "privacy.budgets", "privacy.canaries")  # budgets name hospitals; canaries are simulated only
+        return {k: v for k, v in self.flat().items() if (k in NODE_KEYS or k.split(".")[0] in NODE_SECTIONS) and k not in withheld}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

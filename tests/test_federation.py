@@ -433,3 +433,26 @@ def test_fedbn_layers_outlive_a_server_restart(tiny_config):
     run = Path(cfg.output.dir) / cfg.output.name
     run_in_process(cfg, resume=run)  # new nodes (new Flower contexts), as after a restart
     assert all(h["train"]["local_arrays_restored"] > 0 for h in rounds_of(run)[2]["hospitals"].values())
+
+
+def test_a_server_that_crashes_after_writing_a_rounds_record_but_before_its_checkpoint_resumes_without_a_repeat(tiny_config, monkeypatch):
+    from fedmed.audit.report import audit
+    from fedmed.federation import checkpoint
+
+    cfg = simulation.prepare(tiny_config("federation.rounds=3"))
+    save = checkpoint.save
+
+    def crash_before_round_2s(out, state):
+        if state.round == 2:  # round 1's record is written (round 2's requests brought its evaluations)
+            raise Crash
+        save(out, state)
+
+    monkeypatch.setattr(checkpoint, "save", crash_before_round_2s)
+    with pytest.raises(Crash):
+        run_in_process(cfg)
+    monkeypatch.setattr(checkpoint, "save", save)
+    run = Path(cfg.output.dir) / cfg.output.name
+    assert [r["round"] for r in rounds_of(run)] == [1]
+    run_in_process(cfg, resume=run)
+    assert [r["round"] for r in rounds_of(run)] == [1, 2, 3]
+    assert audit([run], out_dir=run / "audit") == 0  # the redone round's ledger records follow the resume

@@ -83,30 +83,55 @@ def test_the_lifetime_cap_counts_every_run_on_the_same_data(tiny_config, images,
     assert "(its data now)" in report.stdout
 
 
-def test_a_damaged_lifetime_budget_is_reported_and_training_declined_not_reset(tiny_config, images, cache_dir, tmp_path):
+def _edit(path: Path) -> None:
+    path.write_text(path.read_text().replace('"steps":3', '"steps":1'))
+
+
+def _cut(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # whole records: the chain still verifies
+
+
+@pytest.mark.parametrize("damage", [_edit, _cut, Path.unlink], ids=["edited", "cut short", "deleted"])
+def test_a_damaged_lifetime_budget_is_reported_and_training_declined_not_reset(tiny_config, images, cache_dir, tmp_path, capsys, damage):
     site = _site_config(tmp_path, images, cache_dir, max_epsilon=100.0)
-    _node_run(tiny_config, site, "federation.rounds=1", "output.name=first")
+    _node_run(tiny_config, site, "output.name=first")
     budget = next((tmp_path / "ledgers" / "budget").glob("*.jsonl"))
-    damaged = budget.read_text().replace('"steps":3', '"steps":1')
-    budget.write_text(damaged)
+    damage(budget)
+    kept = budget.read_bytes() if budget.exists() else None
+    capsys.readouterr()
     run = _node_run(tiny_config, site, "federation.rounds=1", "output.name=second")
     record = next(r for r in LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records if r["event"] == "train-round")
     assert [d["reason"] for d in record["payload"]["declined"]] == ["this hospital's lifetime privacy budget does not verify (the reason is in its own log)"]
     assert str(tmp_path) not in json.dumps(record)  # where it lies stays in the hospital's log
-    assert budget.read_text() == damaged  # kept as it was
-    report = fedmed("site", "budget", "--config", site)
-    assert report.returncode == 1 and "does not verify" in report.stdout
+    assert str(budget) in capsys.readouterr().err  # which is this process's
+    assert (budget.read_bytes() if budget.exists() else None) == kept  # kept as it was, never reset
 
 
 def test_a_budget_ledger_for_other_data_is_refused(tmp_path):
     signer = Signer.load_or_create(tmp_path / "keys", "hospital-01")
-    LifetimeBudget.open(tmp_path, signer, "a" * 64).spend(Spend("0123456789abcdef", 1, 1.0, 0.3, 3, "prv", 1e-5))
-    reopened = LifetimeBudget.open(tmp_path, signer, "a" * 64)
-    assert reopened.entries() == [(1.0, 0.3, 3)]
-    assert LifetimeBudget.open(tmp_path, signer, "b" * 64).entries() == []  # another dataset, its own budget
+    LifetimeBudget.open(tmp_path, signer, "a" * 64, 24).spend(Spend("0123456789abcdef", 1, 1.0, 0.3, 3))
+    assert LifetimeBudget.open(tmp_path, signer, "a" * 64, 24).history().entries == [(1.0, 0.3, 3)]
+    assert LifetimeBudget.open(tmp_path, signer, "b" * 64, 24).history().entries == []  # another dataset, its own budget
     (tmp_path / "budget" / f"hospital-01-{'c' * 16}.jsonl").write_bytes((tmp_path / "budget" / f"hospital-01-{'a' * 16}.jsonl").read_bytes())
     with pytest.raises(FedmedError, match="belongs to another dataset"):
-        LifetimeBudget.open(tmp_path, signer, "c" * 64)
+        LifetimeBudget.open(tmp_path, signer, "c" * 64, 24)
+
+
+def test_the_lifetime_sum_is_taken_at_the_datasets_delta_whatever_delta_a_run_asks_for(tiny_config, images, cache_dir, tmp_path):
+    from fedmed.privacy.accounting import epsilon_of
+    from fedmed.privacy.dpsgd import plan
+
+    cap = _cap_after(3)
+    site = _site_config(tmp_path, images, cache_dir, max_epsilon=cap)
+    _node_run(tiny_config, site, "output.name=first")  # two rounds
+    loose = ["privacy.delta=0.01"]
+    run = _node_run(tiny_config, site, "output.name=second", *loose)
+    declined = [r["payload"]["declined"] for r in LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records if r["event"] == "train-round"]
+    assert len(declined[0]) == 1 and "at delta 1.0e-05" in declined[0][0]["reason"]
+    # Summed at the run's own delta, that round would have fitted under the cap.
+    first, second = (plan(config_mod.load(None, [*TINY, "privacy.mode=sample", f"privacy.epsilon={EPSILON}", *extra]), 24) for extra in ([], loose))
+    entries = ((first.sigma, first.rate, 2 * first.steps_per_round), (second.sigma, second.rate, second.steps_per_round))
+    assert epsilon_of("prv", entries, 0.01) < cap
 
 
 def test_the_audit_confirms_a_data_commitment_with_the_revealed_secret_and_nothing_without(tiny_config, tmp_path):
@@ -146,3 +171,24 @@ def test_a_clientapp_process_imports_only_what_a_request_needs():
     code = f"import sys, fedmed.federation.client_app; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_real_hospitals_data_and_commitment_do_not_depend_on_the_servers_seed(images, cache_dir, tmp_path):
+    """Images in class folders only (no Training/Testing): the hospital splits them itself."""
+    import shutil
+
+    from fedmed.federation.client_app import hospital_data
+    from fedmed.ledger.digests import data_commitment
+
+    flat = tmp_path / "flat"
+    for split in ("Training", "Testing"):
+        for folder in (images / "hospital-01" / split).iterdir():
+            (flat / folder.name).mkdir(parents=True, exist_ok=True)
+            for image in folder.iterdir():
+                shutil.copy(image, flat / folder.name / f"{split}-{image.name}")
+    own = config_mod.load(_site_config(tmp_path, images, cache_dir), [f"data.path='{flat}'"])
+    commitments = set()
+    for seed in (0, 1, 2):
+        site, _ = hospital_data(config_mod.load(None, [*TINY, f"seed={seed}"], {"data.cache_dir": cache_dir}), own, 0)
+        commitments.add(data_commitment(b"k" * 32, site.train.x, site.train.y, site.test.x, site.test.y))
+    assert len(commitments) == 1

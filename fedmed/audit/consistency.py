@@ -118,7 +118,8 @@ def _same_run(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
             continue
         index, record = mine[0]
         # A real node is sent fewer settings than the server holds: it records their digest.
-        expected = {"config_sha256": start.get("hospital_config_sha256"), "architecture_sha256": start.get("architecture_sha256"), "run": start.get("run")}
+        sent = start.get("hospital_config_sha256", start.get("config_sha256"))  # ledgers before fedmed sent real nodes fewer settings
+        expected = {"config_sha256": sent, "architecture_sha256": start.get("architecture_sha256"), "run": start.get("run")}
         for key, theirs in expected.items():
             if record["payload"].get(key) != theirs:
                 out.append(Finding("consistency", hospital.where(index), f"{key} differs from the server's: {record['payload'].get(key)} vs {theirs}"))
@@ -138,11 +139,15 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
     hospital_declined = {n: _by_round(h, "declined") for n, h in evidence.hospitals.items()}
     hospital_eval = {n: _by_round(h, "evaluate") for n, h in evidence.hospitals.items()}
     current = start.get("initial_model_sha256")
+    model_after = {0: current}  # the global model after each round, for a resumed server to pick up
     for index, record in enumerate(server.file.records):
         if record is None:
             continue
         where, payload, rnd = server.where(index), record.get("payload", {}), record.get("round")
         event = record.get("event")
+        if event == "resume":  # back to the checkpoint's model: what a crash cut short is redone
+            current = model_after.get(payload.get("after_round"), current)
+            continue
         if event in ("train-round", "evaluate-round") and payload.get("sent_sha256") != current:
             out.append(Finding("consistency", where, f"sent model {str(payload.get('sent_sha256'))[:12]}... is not the current global model {str(current)[:12]}..."))
         if event == "train-round":
@@ -154,6 +159,7 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
             if payload.get("new_global_sha256"):
                 out += _aggregate(evidence, start, where, rnd, payload)
                 current = payload["new_global_sha256"]
+            model_after[rnd] = current
         elif event == "evaluate-round":
             for entry in payload.get("participants", []):
                 mine = hospital_eval.get(entry.get("hospital"), {}).get(rnd)

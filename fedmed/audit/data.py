@@ -42,6 +42,8 @@ def commitment(evidence: Evidence, secret_path: Path, data: Path | None) -> list
         raise AuditInputError(f"cannot read {exc.filename or secret_path}: {exc.strerror}") from None
     except FedmedError as exc:
         raise AuditInputError(f"cannot check {hospital}'s data commitment: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - data that cannot be loaded is unusable input, not a crash
+        raise AuditInputError(f"cannot load {hospital}'s data to check its commitment ({type(exc).__name__}: {exc})") from None
     if data_commitment(secret, site.train.x, site.train.y, site.test.x, site.test.y) != start.get("payload", {}).get("data_commitment"):
         return [Finding("data", party.where(index), f"the data commitment does not match {hospital}'s data in {source} under the given secret: it trained on other data, or the secret or data are not its own")]
     evidence.notes.append(f"{hospital}'s data commitment matches its data in {source} under the secret it revealed")

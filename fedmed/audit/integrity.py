@@ -30,10 +30,6 @@ def _record(party: PartyLedger, i: int, line: bytes, record: dict[str, Any] | No
         fail(i, problem)
 
 
-def _signature_ok(party: PartyLedger, sig: Any, data: bytes) -> bool:
-    return signature_ok(party.public, sig, data)
-
-
 def checkpoints(evidence: Evidence) -> list[Finding]:
     """Every checkpoint recorded in one ledger must match the other ledger at that point."""
     out: list[Finding] = []
@@ -92,7 +88,7 @@ def _match(where: str, checkpoint: dict[str, Any], other: PartyLedger, run: str 
         body = checkpoint_body(checkpoint)
     except (KeyError, TypeError, ValueError):
         return [Finding("checkpoints", where, f"malformed checkpoint of {other.party}: {checkpoint!r}")]
-    if checkpoint["party"] != other.party or not _signature_ok(other, checkpoint.get("sig"), body):
+    if checkpoint["party"] != other.party or not signature_ok(other.public, checkpoint.get("sig"), body):
         return [Finding("checkpoints", where, f"checkpoint of {other.party} at record {seq} is not signed by {other.party}'s key")]
     if run is not None and checkpoint["run"] != run:
         return [Finding("checkpoints", where, f"checkpoint of {other.party} belongs to run {checkpoint['run']}, not {run}")]

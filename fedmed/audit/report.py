@@ -51,6 +51,8 @@ def audit(
     data_secret: Path | None = None, data: Path | None = None,
 ) -> int:
     console = console or Console()
+    if data is not None and data_secret is None:
+        raise AuditInputError("--data goes with --data-secret: the hospital's secret, to check its data commitment")
     started = time.perf_counter()
     evidence = load(paths)
     findings: dict[str, list[Finding]] = {
@@ -67,8 +69,6 @@ def audit(
 
     findings["privacy"] = _guarded("privacy", run_privacy)
     findings["leakage"] = _guarded("leakage", lambda: leakage(evidence))
-    if data is not None and data_secret is None:
-        raise AuditInputError("--data goes with --data-secret: the hospital's secret, to check its data commitment")
     if data_secret is not None:
         findings["data"] = commitment(evidence, data_secret, data)
     canaries: dict[str, Any] = {}

@@ -12,7 +12,7 @@ from rich.table import Table
 from fedmed.config import FedmedConfig
 from fedmed.errors import FedmedError
 from fedmed.federation.client_app import hospital_data
-from fedmed.ledger.budget import Spend, read_spends
+from fedmed.ledger.budget import Dataset, Spend, read_spends
 from fedmed.ledger.digests import data_commitment
 from fedmed.ledger.keys import load_public, read_data_secret
 from fedmed.privacy.accounting import StepHistory
@@ -35,36 +35,36 @@ def report(cfg: FedmedConfig, config_path: Path, console: Console) -> int:
     failed = False
     for path in files:
         try:
-            commitment, spends = read_spends(path, name, public)
+            dataset, spends = read_spends(path, name, public)
         except FedmedError as exc:
             console.print(f"[red]{exc}[/red]")
             failed = True
             continue
-        console.print(_table(commitment, spends, cap, commitment == current))
+        console.print(_table(dataset, spends, cap, dataset.commitment == current))
     return 1 if failed else 0
 
 
-def _table(commitment: str, spends: list[Spend], cap: float, current: bool) -> Table:
-    last = spends[-1] if spends else None
-    total = _epsilon(spends, last)
-    spent = f"epsilon {total:.3f} spent" + (f" ({last.accountant}, delta {last.delta:.1e})" if last else "")
+def _table(dataset: Dataset, spends: list[Spend], cap: float, current: bool) -> Table:
+    total = _epsilon(dataset, spends)
     left = f", {max(cap - total, 0.0):.3f} left" if cap else ""
-    table = Table("run", "rounds", "steps", "epsilon of the run alone", title=f"dataset {commitment[:16]}{' (its data now)' if current else ''}: {spent}{left}")
+    title = (
+        f"dataset {dataset.commitment[:16]}{' (its data now)' if current else ''}: epsilon {total:.3f} spent"
+        f" ({dataset.accountant}, delta {dataset.delta:.1e}){left}"
+    )
+    table = Table("run", "rounds", "steps", "epsilon of the run alone", title=title)
     for run in dict.fromkeys(s.run for s in spends):
         mine = [s for s in spends if s.run == run]
         rounds = sorted({s.round for s in mine})
-        table.add_row(run, f"{rounds[0]}-{rounds[-1]}" if len(rounds) > 1 else str(rounds[0]), str(sum(s.steps for s in mine)), f"{_epsilon(mine, mine[-1]):.3f}")
+        table.add_row(run, f"{rounds[0]}-{rounds[-1]}" if len(rounds) > 1 else str(rounds[0]), str(sum(s.steps for s in mine)), f"{_epsilon(dataset, mine):.3f}")
     return table
 
 
-def _epsilon(spends: list[Spend], last: Spend | None) -> float:
-    """Every spend composed with the accountant and delta of `last` (the latest)."""
-    if last is None:
-        return 0.0
-    history = StepHistory(last.accountant)
+def _epsilon(dataset: Dataset, spends: list[Spend]) -> float:
+    """The spends composed as the hospital does: with the dataset's accountant and delta."""
+    history = StepHistory(dataset.accountant)
     for s in spends:
         history.add(s.sigma, s.sample_rate, s.steps)
-    return history.epsilon(last.delta)
+    return history.epsilon(dataset.delta)
 
 
 def _current(cfg: FedmedConfig, root: Path) -> str | None:

@@ -118,7 +118,9 @@ def _run_node(command: list[str], log: Path, console: Console) -> int | None:
     try:
         while True:
             try:
-                return proc.wait(timeout=WATCH_S)
+                code = proc.wait(timeout=WATCH_S)
+                _show_refusals(log, offset, shown, console)  # what it logged in its last moments
+                return code
             except subprocess.TimeoutExpired:
                 offset = _show_refusals(log, offset, shown, console)
     except KeyboardInterrupt:

@@ -96,7 +96,11 @@ def _ledger(context: Context, config: ConfigRecord, site: str) -> HospitalLedger
     root = context.node_config.get(wire.LEDGER_DIR) or config.get(wire.LEDGER_ROOT)
     if not root:
         raise FedmedError(f"this node has no `{wire.LEDGER_DIR}` in its node config: set one for its training ledgers")
-    return HospitalLedger.open(Path(str(root)).expanduser(), str(config[wire.LEDGER_RUN]), site)
+    try:
+        return HospitalLedger.open(Path(str(root)).expanduser(), str(config[wire.LEDGER_RUN]), site)
+    except FedmedError as exc:  # it may name this machine's files: the server learns only that it failed
+        print(f"fedmed: this hospital's ledger cannot be used: {exc}", file=sys.stderr)
+        raise FedmedError("this hospital's ledger, its key or its data secret cannot be used (the reason is in the hospital's own log)") from None
 
 
 def _receive(msg: Message, context: Context) -> Request:
@@ -148,7 +152,7 @@ def _privacy_entry(cfg: FedmedConfig, private: HospitalPrivacy | None, steps: in
         "max_grad_norm": p.max_grad_norm, "delta": p.delta, "secure_mode": False,
         "noise": "run seed" if p.reproducible else "system entropy",
         "epsilon": private.history.epsilon(p.delta), "budget": private.budget,
-        **({"lifetime_epsilon": private.lifetime.epsilon(p.delta), "lifetime_cap": private.lifetime_cap} if private.lifetime is not None else {}),
+        **({"lifetime_epsilon": private.lifetime_epsilon(), "lifetime_cap": private.lifetime_cap, "lifetime_delta": private.lifetime_delta} if private.lifetime is not None else {}),
     }
 
 
@@ -163,8 +167,8 @@ def _hospital_privacy(r: Request) -> tuple[HospitalPrivacy | None, LifetimeBudge
     n, spent = len(r.site.train.y), r.ledger.privacy_spent()
     if r.own is None:  # simulated: the run's budget only
         return HospitalPrivacy.load(r.cfg, n, spent, r.budget), None
-    lifetime = r.ledger.lifetime()
-    return HospitalPrivacy.load(r.cfg, n, spent, r.budget, lifetime.entries(), r.own.site.max_epsilon), lifetime
+    lifetime = r.ledger.lifetime(n)
+    return HospitalPrivacy.load(r.cfg, n, spent, r.budget, lifetime.history(), r.own.site.max_epsilon, lifetime.dataset.delta), lifetime
 
 
 def _decline(msg: Message, r: Request, private: HospitalPrivacy | None, received: str, reason: str, evaluated: dict[str, Any]) -> Message:
@@ -214,11 +218,12 @@ def train(msg: Message, context: Context) -> Message:
         r.model, site.train.x, site.train.y, cfg.train, seed=derive_seed(cfg.seed, r.server_round, site.index), proximal_mu=mu,
         possible=possible, annotated=annotated, private=private.dpsgd() if private else None,
     )
+    spent_entry = {}
     if private is not None:
         private.spend(stats.steps)
         if lifetime is not None:
             p = private.plan
-            lifetime.spend(Spend(r.ledger.writer.run_id, r.server_round, p.sigma, p.rate, stats.steps, p.accountant, p.delta))
+            spent_entry["lifetime_checkpoint"] = lifetime.spend(Spend(r.ledger.writer.run_id, r.server_round, p.sigma, p.rate, stats.steps))
     metrics = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
@@ -236,7 +241,7 @@ def train(msg: Message, context: Context) -> Message:
     r.ledger.record("train", r.server_round, {
         "received_sha256": received,
         "settings": {"local_epochs": t.local_epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr, "steps": stats.steps, "proximal_mu": mu},
-        "privacy": _privacy_entry(cfg, private, stats.steps),
+        "privacy": {**_privacy_entry(cfg, private, stats.steps), **spent_entry},
         "metrics": dict(wire.metric_record(metrics)),
         "update_sha256": arrays_digest(shared),
     })

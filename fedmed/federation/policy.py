@@ -42,8 +42,10 @@ def check_name(own: FedmedConfig, enrolled: object) -> None:
 
 
 def hospital_config(federation: FedmedConfig, own: FedmedConfig) -> FedmedConfig:
-    """The federation's training settings over this hospital's own data (all of it its
-    own: one hospital, no simulated skew or label hiding)."""
+    """The settings to load this hospital's own data with: all of it its own (one
+    hospital, no simulated skew or label hiding), split with its own seed, so the server
+    cannot change which images it holds out (nor its data commitment, and with it the
+    lifetime budget kept per commitment)."""
     theirs, mine = federation.data, own.data
     if mine.image_size != theirs.image_size:
         raise FedmedError(f"the federation trains on {theirs.image_size} px images; this hospital's site config says data.image_size = {mine.image_size}")
@@ -52,7 +54,7 @@ def hospital_config(federation: FedmedConfig, own: FedmedConfig) -> FedmedConfig
             f"the federation's classes are {','.join(theirs.classes)}; this hospital's site config says data.classes = {','.join(mine.classes)}"
         )
     data = mine.model_copy(update={"hospitals": 1})
-    return federation.model_copy(update={"data": data, "skew": SkewConfig(), "labels": LabelsConfig()})
+    return federation.model_copy(update={"data": data, "skew": SkewConfig(), "labels": LabelsConfig(), "seed": own.seed})
 
 
 def refusal(own: FedmedConfig, federation: FedmedConfig, server_round: int, architecture: str, sigma: float | None) -> str | None:

@@ -54,7 +54,10 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     previous = checkpoint.load(RunDirectory(resume)) if resume else None
     if previous is not None and previous.config_sha256 != cfg.digest():
         raise FedmedError(f"the settings differ from those {resume} started with: resume with the same config, or start a new run")
-    out = RunDirectory.reopen(resume, previous.round) if resume and previous else RunDirectory.create(cfg)
+    # A checkpoint's round may still await its evaluations (its record unwritten): records
+    # written after it, by a round the crash cut short, are dropped.
+    waiting = previous.server.get("pending") if previous else None
+    out = RunDirectory.reopen(resume, waiting["round"] - 1 if waiting else previous.round) if resume and previous else RunDirectory.create(cfg)
     test_set = global_test(cfg)
     model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     rounds, n = cfg.federation.rounds, cfg.data.hospitals
@@ -87,7 +90,7 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     # per hospital, not two; the last round's model is evaluated after the loop. A round's
     # record is written once its model's evaluations are in (`pending` until then).
     merged = strategy.evaluate_with_training = f.fraction_train == 1.0 and f.fraction_evaluate == 1.0
-    pending: Pending | None = Pending(**previous.server["pending"]) if previous and previous.server.get("pending") else None
+    pending: Pending | None = Pending(**waiting) if waiting else None
 
     def send(messages: Iterable[Message]) -> list[Message]:
         return exchange(grid, messages, f.round_timeout)

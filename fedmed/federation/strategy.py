@@ -77,15 +77,14 @@ class Recording:
     def __init__(
         self, *, hospital_layers: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, hospitals: int = 0, **kwargs: Any
     ) -> None:
-        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
-        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)  # evaluations are pooled by `aggregate_evaluate`
         super().__init__(weighted_by_key=wire.WEIGHT, **kwargs)
         self.hospital_layers = hospital_layers
         self.ledger = ledger
         self.log = RunLog()
         self.enrolled: dict[int, str] = {}  # node id -> hospital, in a deployment: the operator's enrolment, the only names it takes
         self.budgets: dict[str, float] = {}  # in a deployment: the epsilon each enrolled hospital may spend in this run
-        self.names: dict[int, str] = {}  # node id -> hospital, simulated: as the replies say (the partition's)
+        self.names: dict[int, str] = {}  # node id -> hospital, simulated: as the replies say (the partition's); unused when enrolled
         self.declined_nodes: set[int] = set()
         self.all_declined = False
         self.sent: ArrayRecord | None = None
@@ -120,7 +119,9 @@ class Recording:
         claimed = wire.site_name(content)
         if not self.enrolled:
             return claimed, None
-        site = self._name(node)
+        site = self.enrolled.get(node)
+        if site is None:  # cannot happen with node authentication; refused all the same
+            return f"node {node}", "this node's key is not enrolled"
         return site, (None if claimed == site else f"{wire.NAME_MISMATCH} (the reply says {claimed!r})")
 
     def _addressed(self, messages: Iterable[Message]) -> list[Message]:
@@ -207,7 +208,8 @@ class Recording:
             if site in outcome.trained or site in outcome.declined:  # two nodes answering as one hospital
                 outcome.dropped[f"{self._name(node)} (a second reply as {site})"] = "a second reply under one hospital's name"
                 continue
-            self.names[node] = site
+            if not self.enrolled:
+                self.names[node] = site
             checkpoint = wire.ledger_checkpoint(msg.content)
             if wire.DECLINED in msg.content:
                 refusal = dict(msg.content[wire.DECLINED])
@@ -231,8 +233,7 @@ class Recording:
         """With one message per round: evaluation requests, for the model this round's
         training requests carry (`self.sent`, round `model_round`'s), to the nodes not
         asked to train (those that declined for good)."""
-        if self.sent is None:
-            return []
+        assert self.sent is not None  # set by this round's configure_train
         self.sent_eval = self.sent
         trained = {m.metadata.dst_node_id for m in self.asked}
         config = self._with_ledger(ConfigRecord({**dict(config), wire.SERVER_ROUND: model_round}))
@@ -253,7 +254,8 @@ class Recording:
             if refused or site in outcome.evaluated or (evaluated is None and msg.metadata.message_type == MessageType.TRAIN):
                 outcome.evaluation_failures += 1
                 continue
-            self.names[msg.metadata.src_node_id] = site
+            if not self.enrolled:
+                self.names[msg.metadata.src_node_id] = site
             outcome.evaluated[site] = Evaluation(dict(evaluated) if evaluated is not None else wire.metrics_of(msg.content), wire.ledger_checkpoint(msg.content))
         if self.ledger is not None and self.sent_eval is not None:
             self.ledger.evaluate_round(outcome, self.sent_eval)

@@ -1,23 +1,41 @@
 """A hospital's lifetime privacy budget: every DP-SGD step it ever took on one dataset,
 over every run and whatever run id the server used, in a signed, hash-chained ledger of
 its own (`LEDGER_DIR/budget/<site>-<commitment>.jsonl`). The hospital composes all of it
-with the accountant before it agrees to train (`site.max_epsilon` is a lifetime cap).
+before it agrees to train (`site.max_epsilon` is a lifetime cap), with an accountant and
+a delta fixed when the dataset was first seen: a server cannot loosen the sum by asking
+for another.
 
 A budget file that does not verify is never read as empty: the hospital declines to
-train until someone looks at it."""
+train until someone looks at it. Each run ledger's training record holds the budget
+ledger's checkpoint after that round's spend, so a budget ledger that was deleted, or
+cut short by whole records, is caught too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedmed.errors import FedmedError
-from fedmed.ledger.chain import LedgerFile, LedgerWriter
+from fedmed.ledger.chain import LedgerFile, LedgerWriter, line_hash
 from fedmed.ledger.keys import Signer
 
-DATASET, SPEND = "dataset", "spend"  # the first record (the full commitment), then one per DP round
+if TYPE_CHECKING:
+    from fedmed.privacy.accounting import StepHistory
+
+DATASET, SPEND = "dataset", "spend"  # the first record (the dataset's terms), then one per DP round
+ACCOUNTANT = "prv"  # the lifetime sum's accountant: the tight one
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The terms a budget ledger was opened on, in its first record."""
+
+    commitment: str  # the full data commitment
+    accountant: str
+    delta: float  # min(1e-5, 0.1/n) for its n training images
 
 
 @dataclass(frozen=True)
@@ -27,59 +45,85 @@ class Spend:
     sigma: float
     sample_rate: float
     steps: int
-    accountant: str
-    delta: float
 
 
 def budget_file(root: Path, site: str, commitment: str) -> Path:
     return root / "budget" / f"{site}-{commitment[:16]}.jsonl"
 
 
-def read_spends(path: Path, site: str, public: Ed25519PublicKey) -> tuple[str, list[Spend]]:
-    """(the dataset's full commitment, every spend) from a budget file, verified against
-    the hospital's key: FedmedError (naming the file) if it does not verify."""
+def read_spends(path: Path, site: str, public: Ed25519PublicKey) -> tuple[Dataset, list[Spend]]:
+    """A budget file's terms and every spend, verified against the hospital's key:
+    FedmedError (naming the file) if it does not verify."""
     ledger = LedgerFile.read(path)
     records = [r for r in ledger.records if r is not None]
     problems = ledger.problems(site, public)
     if not problems and (not records or records[0]["event"] != DATASET):
         problems = ["it does not start with its dataset record"]
     if problems:
-        raise FedmedError(f"lifetime privacy budget {path} does not verify ({problems[0]}): it is kept as it is; restore it from a backup, or ask your privacy officer")
+        raise FedmedError(f"lifetime privacy budget {path} does not verify ({problems[0]}): it is kept as it is; ask your privacy officer")
+    terms = records[0]["payload"]
     spends = [
-        Spend(str(p["run"]), int(r["round"]), float(p["sigma"]), float(p["sample_rate"]), int(p["steps"]), str(p["accountant"]), float(p["delta"]))
+        Spend(str(p["run"]), int(r["round"]), float(p["sigma"]), float(p["sample_rate"]), int(p["steps"]))
         for r in records[1:]
         if r["event"] == SPEND
         for p in [r["payload"]]
     ]
-    return str(records[0]["payload"]["data_commitment"]), spends
+    return Dataset(str(terms["data_commitment"]), str(terms["accountant"]), float(terms["delta"])), spends
+
+
+def checkpoints_recorded(root: Path, site: str, path: Path) -> tuple[int, str] | None:
+    """The latest checkpoint (record number, head hash) of budget ledger `path` that any of
+    this hospital's run ledgers recorded."""
+    latest: tuple[int, str] | None = None
+    for run in root.glob(f"*/{site}.jsonl"):
+        for record in LedgerFile.read(run).records:
+            mark = ((record or {}).get("payload", {}).get("privacy") or {}).get("lifetime_checkpoint") or {}
+            if mark.get("budget") == path.name and (latest is None or int(mark["seq"]) > latest[0]):
+                latest = (int(mark["seq"]), str(mark["head"]))
+    return latest
 
 
 class LifetimeBudget:
     """One dataset's budget ledger, read and verified once per request."""
 
-    def __init__(self, writer: LedgerWriter, spends: list[Spend]) -> None:
-        self.writer, self.spends = writer, spends
+    def __init__(self, writer: LedgerWriter, dataset: Dataset, spends: list[Spend]) -> None:
+        self.writer, self.dataset, self.spends = writer, dataset, spends
 
     @classmethod
-    def open(cls, root: Path, signer: Signer, commitment: str) -> LifetimeBudget:
+    def open(cls, root: Path, signer: Signer, commitment: str, n: int) -> LifetimeBudget:
+        """The budget ledger of the data committed to (`n` training images), created on
+        first use; FedmedError if it does not verify or is not what the run ledgers recorded."""
         path = budget_file(root, signer.party, commitment)
+        recorded = checkpoints_recorded(root, signer.party, path)
+        from fedmed.privacy.accounting import default_delta  # Opacus: imported by DP requests only
+
         if not path.exists():
+            if recorded is not None:
+                raise FedmedError(f"lifetime privacy budget {path} is missing, though this hospital's run ledgers record spending in it: restore it; ask your privacy officer")
+            dataset = Dataset(commitment, ACCOUNTANT, default_delta(n))
             writer = LedgerWriter(path, signer, "lifetime")
-            writer.append(DATASET, 0, {"data_commitment": commitment})
-            return cls(writer, [])
-        found, spends = read_spends(path, signer.party, signer.public)
-        if found != commitment:
+            writer.append(DATASET, 0, {"data_commitment": commitment, "accountant": dataset.accountant, "delta": dataset.delta})
+            return cls(writer, dataset, [])
+        dataset, spends = read_spends(path, signer.party, signer.public)
+        if dataset.commitment != commitment:
             raise FedmedError(f"lifetime privacy budget {path} belongs to another dataset: it is kept as it is; ask your privacy officer")
-        return cls(LedgerWriter(path, signer, "lifetime"), spends)
+        writer = LedgerWriter(path, signer, "lifetime")
+        if recorded is not None and (recorded[0] >= writer.seq or line_hash(LedgerFile.read(path).lines[recorded[0]]) != recorded[1]):
+            raise FedmedError(f"lifetime privacy budget {path} is shorter than, or differs from, what this hospital's run ledgers recorded: it was cut or replaced; ask your privacy officer")
+        return cls(writer, dataset, spends)
 
-    def entries(self) -> list[tuple[float, float, int]]:
-        """(sigma, sample rate, steps) of every DP round, for the accountant."""
-        return [(s.sigma, s.sample_rate, s.steps) for s in self.spends]
+    def history(self) -> StepHistory:
+        """Every DP round on this data, for the accountant fixed with the dataset."""
+        from fedmed.privacy.accounting import StepHistory
 
-    def spend(self, spend: Spend) -> None:
-        """Recorded before the update leaves: a round is counted even if its reply is lost."""
-        self.writer.append(SPEND, spend.round, {
-            "run": spend.run, "sigma": spend.sigma, "sample_rate": spend.sample_rate, "steps": spend.steps,
-            "accountant": spend.accountant, "delta": spend.delta,
-        })
+        history = StepHistory(self.dataset.accountant)
+        for s in self.spends:
+            history.add(s.sigma, s.sample_rate, s.steps)
+        return history
+
+    def spend(self, spend: Spend) -> dict[str, object]:
+        """Recorded before the update leaves (a round counts even if its reply is lost);
+        returns the checkpoint for the run ledger's training record."""
+        self.writer.append(SPEND, spend.round, {"run": spend.run, "sigma": spend.sigma, "sample_rate": spend.sample_rate, "steps": spend.steps})
         self.spends.append(spend)
+        return {"budget": self.writer.path.name, "seq": self.writer.seq - 1, "head": self.writer.head}

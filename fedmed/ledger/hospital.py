@@ -46,9 +46,10 @@ class HospitalLedger:
         """This run's folder of the hospital's ledger directory."""
         return self.writer.path.parent
 
-    def lifetime(self) -> LifetimeBudget:
-        """The privacy this hospital has spent on its data (as committed to) over all runs."""
-        return LifetimeBudget.open(self.root, self.writer.signer, self.commitment)
+    def lifetime(self, n: int) -> LifetimeBudget:
+        """The privacy this hospital has spent on its data (as committed to; `n` training
+        images) over all runs."""
+        return LifetimeBudget.open(self.root, self.writer.signer, self.commitment, n)
 
     def begin(
         self, cfg: FedmedConfig, server_round: int, model: nn.Module, site: SiteData, canaries: Canaries | None,

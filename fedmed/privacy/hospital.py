@@ -17,19 +17,23 @@ class HospitalPrivacy:
     plan: Plan
     history: StepHistory  # this run's DP rounds
     budget: float  # the most epsilon it spends in this run, as the server sets it (0: no limit)
-    lifetime: StepHistory | None = None  # a real hospital: every DP round on this data, over all runs (this one's included)
+    lifetime: StepHistory | None = None  # a real hospital: every DP round on this data, over all runs, with the dataset's accountant
     lifetime_cap: float = 0.0  # its own policy's `site.max_epsilon` (0: no limit)
+    lifetime_delta: float = 0.0  # the delta the lifetime sum is taken at: the dataset's, not the run's
 
     @classmethod
     def load(
         cls, cfg: FedmedConfig, n: int, spent: list[tuple[float, float, int]], budget: float,
-        lifetime: list[tuple[float, float, int]] | None = None, lifetime_cap: float = 0.0,
+        lifetime: StepHistory | None = None, lifetime_cap: float = 0.0, lifetime_delta: float = 0.0,
     ) -> HospitalPrivacy:
         """`spent`: this hospital's earlier DP rounds in the run (from its ledger);
         `lifetime`: all its DP rounds on this data in any run (from its budget ledger)."""
+        history = StepHistory(cfg.privacy.accountant)
+        for sigma, rate, steps in spent:
+            history.add(sigma, rate, steps)
         # The run's settings and data are the same every round: so is the sigma it trained with.
         calibrated = spent[-1][0] if spent else None
-        return cls(plan(cfg, n, calibrated), _history(cfg, spent), budget, None if lifetime is None else _history(cfg, lifetime), lifetime_cap)
+        return cls(plan(cfg, n, calibrated), history, budget, lifetime, lifetime_cap, lifetime_delta)
 
     def refusal(self) -> str | None:
         """Why this hospital will not train this round, if it will not."""
@@ -42,13 +46,16 @@ class HospitalPrivacy:
                     f"to {after:.3f}, above this hospital's budget of {self.budget:g}"
                 )
         if self.lifetime is not None and self.lifetime_cap:
-            after = self.lifetime.epsilon_after(p.sigma, p.rate, p.steps_per_round, p.delta)
+            after = self.lifetime.epsilon_after(p.sigma, p.rate, p.steps_per_round, self.lifetime_delta)
             if after > self.lifetime_cap:
                 return (
                     f"lifetime privacy budget: another round would bring this hospital's epsilon on this data, over all runs, "
-                    f"from {self.lifetime.epsilon(p.delta):.3f} to {after:.3f}, above its cap of {self.lifetime_cap:g} (site.max_epsilon)"
+                    f"from {self.lifetime_epsilon():.3f} to {after:.3f} (at delta {self.lifetime_delta:.1e}), above its cap of {self.lifetime_cap:g} (site.max_epsilon)"
                 )
         return None
+
+    def lifetime_epsilon(self) -> float:
+        return self.lifetime.epsilon(self.lifetime_delta) if self.lifetime is not None else 0.0
 
     def dpsgd(self) -> DPSGD:
         """This round's DP-SGD, for the training loop."""
@@ -71,9 +78,3 @@ class HospitalPrivacy:
             "dp-budget": self.budget,
         }
 
-
-def _history(cfg: FedmedConfig, entries: list[tuple[float, float, int]]) -> StepHistory:
-    history = StepHistory(cfg.privacy.accountant)
-    for sigma, rate, steps in entries:
-        history.add(sigma, rate, steps)
-    return history
