@@ -73,8 +73,8 @@ def dropout_and_resume(fed: Federation) -> dict[str, Any]:
     fed.crash("server")
     fed.crash("hospital-01")
     before = [r["round"] for r in fed.rounds_done()]
-    fed.start_site("hospital-01", label="hospital-01-again")
     fed.start_server(config, "--resume", label="resumed")
+    fed.start_site("hospital-01", label="hospital-01-again")  # once the server is back: `site start` checks it answers
     blocked_key.unlink()
     fed.start_site("hospital-03", label="hospital-03-again")
     return {"before": before, "code": fed.finish("resumed")}
