@@ -55,6 +55,26 @@ def test_kaggle_layout_counts_each_class_and_split(tmp_path, data_config):
     assert set(ds.manifest["source_modes"]) == {"L", "RGB"}
 
 
+def test_a_process_that_finishes_decoding_second_keeps_the_cache_another_is_reading(tmp_path, data_config, monkeypatch):
+    """Two nodes on one machine decoding the same images at once: the second to finish
+    must not replace (delete) the cache the first is already reading."""
+    from fedmed.data import dataset as dataset_mod
+
+    data = data_config(kaggle(tmp_path / "kaggle"))
+    load_dataset(data)
+    cache = next((tmp_path / "cache" / "datasets").iterdir())
+    first = (cache / "index.npz").stat().st_ino
+    real, checks = dataset_mod._complete, []
+
+    def checked_before_it_appeared(path: Path) -> bool:
+        checks.append(path)
+        return False if len(checks) == 1 else real(path)
+
+    monkeypatch.setattr(dataset_mod, "_complete", checked_before_it_appeared)
+    load_dataset(data)  # decodes again, as a process that looked before the other's cache appeared
+    assert (cache / "index.npz").stat().st_ino == first
+
+
 def test_class_map_maps_other_folder_names(tmp_path, data_config):
     fx.image_folder(tmp_path / "d", {"tumour": 4, "healthy": 4})
     data = data_config(tmp_path / "d", 'data.classes="healthy,tumour"')

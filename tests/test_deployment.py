@@ -74,7 +74,12 @@ def dropout_and_resume(fed: Federation) -> dict[str, Any]:
     fed.crash("hospital-01")
     before = [r["round"] for r in fed.rounds_done()]
     fed.start_server(config, "--resume", label="resumed")
-    fed.start_site("hospital-01", label="hospital-01-again")  # once the server is back: `site start` checks it answers
+    # Round 2 still waits for a third hospital (hospital-03 is not back). hospital-01's new
+    # node joins once the server has let go of the one killed (its heartbeat lapses); only
+    # then does hospital-03 come back, so round 2 asks the new node, not the dead one.
+    joined = fed.node_log("hospital-01").count("SuperNode ID")
+    fed.start_site("hospital-01", label="hospital-01-again")
+    fed.wait_for(lambda: fed.node_log("hospital-01").count("SuperNode ID") > joined, "hospital-01's node to join again", fed.procs["resumed"])
     blocked_key.unlink()
     fed.start_site("hospital-03", label="hospital-03-again")
     return {"before": before, "code": fed.finish("resumed")}

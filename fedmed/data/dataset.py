@@ -134,7 +134,7 @@ def load_dataset(data: DataConfig, announce: Callable[[str], None] | None = None
                 raise FedmedError(f"data.format = npz needs exactly one .npz file in data.path (found {len(archives)})")
             root, files = root / archives[0], [Path(archives[0]).name]
     cache = cache_root(data.cache_dir) / "datasets" / _fingerprint(root, files, fmt, data)
-    if not all((cache / name).is_file() for name in CACHE_FILES):
+    if not _complete(cache):
         if announce:
             announce(f"decoding the {fmt} dataset (first use; later runs read the cache in {cache.parent})")
         _build(cache, root, files, passed, fmt, data)
@@ -208,16 +208,20 @@ def _build(cache: Path, root: Path, files: list[str], passed: list[tuple[str, st
         np.save(tmp / "images.npy", images)
         np.savez(tmp / "index.npz", **arrays)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if cache.exists():  # an incomplete cache from an interrupted run
-            shutil.rmtree(cache, ignore_errors=True)
-        try:
-            os.replace(tmp, cache)
-        except OSError:  # another process built it first: theirs is as good
-            pass
+        if not _complete(cache):  # another process may have built it meanwhile: theirs is as good, and may be being read
+            shutil.rmtree(cache, ignore_errors=True)  # an incomplete cache from an interrupted run (or none)
+            try:
+                os.replace(tmp, cache)
+            except OSError:  # another process built it first
+                pass
     except OSError as exc:
         raise FedmedError(f"cannot write the dataset cache in {cache.parent} ({exc.strerror}): free space or set data.cache_dir") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(cache: Path) -> bool:
+    return all((cache / name).is_file() for name in CACHE_FILES)
 
 
 def _remove_leftovers(folder: Path, age_s: float = 3600.0) -> None:

@@ -21,7 +21,7 @@ from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, site_data
 from fedmed.errors import FedmedError
 from fedmed.federation import policy, wire
-from fedmed.ledger.budget import LifetimeBudget, Spend
+from fedmed.ledger.budget import BudgetLedgerError, LifetimeBudget, Spend
 from fedmed.ledger.digests import architecture_digest, arrays_digest
 from fedmed.ledger.hospital import HospitalLedger
 from fedmed.models import build_model, load_layers, norm_keys, save_layers
@@ -159,7 +159,7 @@ def _privacy_entry(cfg: FedmedConfig, private: HospitalPrivacy | None, steps: in
 def _hospital_privacy(r: Request) -> tuple[HospitalPrivacy | None, LifetimeBudget | None]:
     """This hospital's DP-SGD plan and what it has spent so far, in this run and (a real
     hospital) on its data over all runs. Sample-level DP only: Opacus takes a second to
-    import, so only then. FedmedError if the lifetime budget does not verify."""
+    import, so only then. BudgetLedgerError if the lifetime budget does not verify."""
     if r.cfg.privacy.mode != "sample":
         return None, None
     from fedmed.privacy.hospital import HospitalPrivacy
@@ -203,7 +203,7 @@ def train(msg: Message, context: Context) -> Message:
         evaluated[wire.EVALUATION] = ConfigRecord(dict(wire.metric_record(_evaluation(r, received, r.server_round - 1))))
     try:
         private, lifetime = _hospital_privacy(r)
-    except FedmedError as exc:  # never train on a budget that cannot be read: it would start from zero
+    except BudgetLedgerError as exc:  # never train on a budget that cannot be read: it would start from zero
         print(f"fedmed: {exc}", file=sys.stderr)
         return _decline(msg, r, None, received, "this hospital's lifetime privacy budget does not verify (the reason is in its own log)", evaluated)
     reason = None

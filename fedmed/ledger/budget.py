@@ -25,6 +25,10 @@ from fedmed.ledger.keys import Signer
 if TYPE_CHECKING:
     from fedmed.privacy.accounting import StepHistory
 
+class BudgetLedgerError(FedmedError):
+    """A lifetime budget ledger that cannot be trusted: the hospital declines to train."""
+
+
 DATASET, SPEND = "dataset", "spend"  # the first record (the dataset's terms), then one per DP round
 ACCOUNTANT = "prv"  # the lifetime sum's accountant: the tight one
 
@@ -60,7 +64,7 @@ def read_spends(path: Path, site: str, public: Ed25519PublicKey) -> tuple[Datase
     if not problems and (not records or records[0]["event"] != DATASET):
         problems = ["it does not start with its dataset record"]
     if problems:
-        raise FedmedError(f"lifetime privacy budget {path} does not verify ({problems[0]}): it is kept as it is; ask your privacy officer")
+        raise BudgetLedgerError(f"lifetime privacy budget {path} does not verify ({problems[0]}): it is kept as it is; ask your privacy officer")
     terms = records[0]["payload"]
     spends = [
         Spend(str(p["run"]), int(r["round"]), float(p["sigma"]), float(p["sample_rate"]), int(p["steps"]))
@@ -92,24 +96,33 @@ class LifetimeBudget:
     @classmethod
     def open(cls, root: Path, signer: Signer, commitment: str, n: int) -> LifetimeBudget:
         """The budget ledger of the data committed to (`n` training images), created on
-        first use; FedmedError if it does not verify or is not what the run ledgers recorded."""
+        first use; BudgetLedgerError if it does not verify or is not what the run ledgers recorded."""
+        try:
+            return cls._open(root, signer, commitment, n)
+        except BudgetLedgerError:
+            raise
+        except (FedmedError, OSError, ValueError, KeyError, TypeError) as exc:  # a torn or malformed file, an unreadable one
+            raise BudgetLedgerError(f"lifetime privacy budget of {commitment[:16]} under {root} cannot be read ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _open(cls, root: Path, signer: Signer, commitment: str, n: int) -> LifetimeBudget:
         path = budget_file(root, signer.party, commitment)
         recorded = checkpoints_recorded(root, signer.party, path)
         from fedmed.privacy.accounting import default_delta  # Opacus: imported by DP requests only
 
         if not path.exists():
             if recorded is not None:
-                raise FedmedError(f"lifetime privacy budget {path} is missing, though this hospital's run ledgers record spending in it: restore it; ask your privacy officer")
+                raise BudgetLedgerError(f"lifetime privacy budget {path} is missing, though this hospital's run ledgers record spending in it: restore it; ask your privacy officer")
             dataset = Dataset(commitment, ACCOUNTANT, default_delta(n))
             writer = LedgerWriter(path, signer, "lifetime")
             writer.append(DATASET, 0, {"data_commitment": commitment, "accountant": dataset.accountant, "delta": dataset.delta})
             return cls(writer, dataset, [])
         dataset, spends = read_spends(path, signer.party, signer.public)
         if dataset.commitment != commitment:
-            raise FedmedError(f"lifetime privacy budget {path} belongs to another dataset: it is kept as it is; ask your privacy officer")
+            raise BudgetLedgerError(f"lifetime privacy budget {path} belongs to another dataset: it is kept as it is; ask your privacy officer")
         writer = LedgerWriter(path, signer, "lifetime")
         if recorded is not None and (recorded[0] >= writer.seq or line_hash(LedgerFile.read(path).lines[recorded[0]]) != recorded[1]):
-            raise FedmedError(f"lifetime privacy budget {path} is shorter than, or differs from, what this hospital's run ledgers recorded: it was cut or replaced; ask your privacy officer")
+            raise BudgetLedgerError(f"lifetime privacy budget {path} is shorter than, or differs from, what this hospital's run ledgers recorded: it was cut or replaced; ask your privacy officer")
         return cls(writer, dataset, spends)
 
     def history(self) -> StepHistory:
