@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmed import config as config_mod
 from fedmed.errors import FedmedError
 from fedmed.run.directory import RunDirectory, atomic_write
 
 Scalar = bool | int | float | str
+
+
+# Settings a study sets itself for every cell: a grid or a variant cannot vary them.
+RESERVED = {"seed": "list the seeds in sweep.seeds", "output.dir": "pass --out", "output.name": "each cell is named after its settings"}
 
 
 class SweepSpec(BaseModel):
@@ -51,6 +55,16 @@ class SweepSpec(BaseModel):
     metric: Literal["accuracy", "hospital_test_accuracy"] = Field(
         "accuracy", description="What the final-accuracy plot shows: the global test set's, or the hospitals' own test sets'."
     )
+
+    @model_validator(mode="after")
+    def _varies_what_it_can(self) -> SweepSpec:
+        for key in [*self.grid, *(k for variant in self.variants for k in variant)]:
+            if key in RESERVED:
+                raise ValueError(f"{key} cannot be varied by a grid or a variant: {RESERVED[key]}")
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"sweep.grid.{key} is an empty list: give it at least one value")
+        return self
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,8 @@ def load_study(path: Path) -> tuple[dict[str, Any], SweepSpec]:
         spec = SweepSpec.model_validate(tree.pop("sweep", {}))
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise FedmedError(f"study error: `sweep.{'.'.join(map(str, err['loc']))}`: {err['msg']}") from None
+        where = f"`sweep.{'.'.join(map(str, err['loc']))}`: " if err["loc"] else ""
+        raise FedmedError(f"study error: {where}{err['msg'].removeprefix('Value error, ')}") from None
     # A study's cells keep their ledgers but not every round's updates (about 2 MB a round
     # each), unless the study file asks for them.
     base = {"output.save_updates": False, **config_mod.flatten(tree)}

@@ -76,13 +76,27 @@ def test_an_edited_study_runs_its_cells_again(study):
 
 @pytest.mark.parametrize(
     ("grid", "needle"),
-    [('"train.lrr" = [1]', "unknown config key `train.lrr`"), ('"skew.beta" = [0.0]', "`skew.beta`")],
+    [
+        ('"train.lrr" = [1]', "unknown config key `train.lrr`"),
+        ('"skew.beta" = [0.0]', "`skew.beta`"),
+        ("seed = [1, 2]", "seed cannot be varied by a grid or a variant: list the seeds in sweep.seeds"),  # would train every cell with sweep.seeds' seed
+        ('"output.name" = ["a"]', "output.name cannot be varied"),
+        ('"train.lr" = []', "sweep.grid.train.lr is an empty list"),
+    ],
 )
 def test_a_bad_study_is_one_line(tmp_path, grid, needle):
     path = tmp_path / "study.toml"
     path.write_text(f"[sweep]\nseeds = [0]\n[sweep.grid]\n{grid}\n")
     result = fedmed("sweep", path, "--out", tmp_path / "out")
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_variant_cannot_set_the_seed_either(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text('[sweep]\nvariants = [{"seed" = 3}]\n')
+    result = fedmed("sweep", path, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "seed cannot be varied" in result.stderr
 
 
 def test_a_setting_in_both_a_variant_and_the_grid_is_refused(tmp_path):
