@@ -23,7 +23,8 @@ from fedmed.errors import FedmedError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # No setting is infinite or NaN: privacy.epsilon = inf would calibrate DP-SGD to no noise at all.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a hospital's name: it names files

@@ -123,3 +123,10 @@ def test_every_study_config_is_valid(path):
             config_mod.load(path)
     else:
         config_mod.load(path)
+
+
+@pytest.mark.parametrize("setting", ["privacy.epsilon=inf", "privacy.epsilon=nan", "train.lr=inf", "federation.round_timeout=inf"])
+def test_a_setting_that_is_not_a_finite_number_is_refused(setting):
+    """privacy.epsilon = inf would calibrate DP-SGD to no noise at all."""
+    with pytest.raises(FedmedError, match="finite number"):
+        config_mod.load(None, [setting])

@@ -100,8 +100,6 @@ def epsilon_of(kind: str, entries: tuple[tuple[float, float, int], ...], delta: 
 def calibrate(kind: str, epsilon: float, delta: float, rate: float, steps: int) -> float:
     """The smallest sigma (within TOLERANCE) whose epsilon after `steps` steps at sample
     rate `rate` is at most `epsilon`: calibrated once, for the whole planned run."""
-    if math.isinf(epsilon):
-        return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
