@@ -24,7 +24,7 @@ from fedmed.federation.wire import ENROLLED_AS, NAME_MISMATCH
 from fedmed.ledger.chain import LedgerFile
 from fedmed.run.directory import RunDirectory
 
-from .conftest import fedmed_process
+from .conftest import fedmed, fedmed_process
 from .deployment import HOSPITALS, Federation, make_world
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the module's federations run in the first test's setup
@@ -112,8 +112,7 @@ def lifetime_budget(fed: Federation) -> dict[str, Any]:
     fed.start_server(fed.server_config(enrolled="server/enrolled-2", privacy=PRIVACY, rounds=2), label="second")
     second = fed.finish("second")
     runs.append(fed.run_dir())
-    budget = fedmed_process("site", "budget", "--config", fed.root / f"{fed.ledgers}-hospital-01.toml", cwd=fed.root, timeout=300)
-    return {"codes": (first, second), "runs": runs, "budget": budget}
+    return {"codes": (first, second), "runs": runs}
 
 
 PRIVACY = {"mode": "sample", "epsilon": 8.0}
@@ -268,7 +267,7 @@ def test_the_audit_passes_for_the_honest_hospitals_and_names_the_refused_node(ru
     server = next(fed.run_dir().glob("ledgers/*/server.jsonl"))
     ledgers = fed.root / fed.ledgers
     hospitals = [p for name in ("hospital-01", "hospital-03") for p in (next(ledgers.glob(f"*/{name}.jsonl")), ledgers / "keys" / f"{name}.pub")]
-    audit = fedmed_process("audit", server, fed.run_dir() / "ledgers/keys/server.pub", *hospitals, "--out", tmp_path, timeout=300)
+    audit = fedmed_process("audit", server, fed.run_dir() / "ledgers/keys/server.pub", *hospitals, "--out", tmp_path)
     assert audit.returncode == 0, audit.stdout[-3000:]
     assert "refused hospital-02's node in round(s) 1, 2" in audit.stdout
 
@@ -301,7 +300,7 @@ def test_a_hospitals_lifetime_budget_holds_across_runs_whatever_their_run_id(run
 
 def test_site_budget_shows_what_each_run_spent_and_what_is_left(runs):
     fed, out = runs("lifetime")
-    budget = out["budget"]
+    budget = fedmed("site", "budget", "--config", fed.root / f"{fed.ledgers}-hospital-01.toml", cwd=fed.root)
     assert budget.returncode == 0, budget.stderr
     for run in out["runs"]:
         assert next(run.glob("ledgers/*/server.jsonl")).parent.name in budget.stdout

@@ -12,10 +12,9 @@ from rich.table import Table
 from fedmed.config import FedmedConfig
 from fedmed.errors import FedmedError
 from fedmed.federation.client_app import hospital_data
-from fedmed.ledger.budget import Dataset, Spend, read_spends
+from fedmed.ledger.budget import Dataset, Spend, history_of, read_spends
 from fedmed.ledger.digests import data_commitment
 from fedmed.ledger.keys import load_public, read_data_secret
-from fedmed.privacy.accounting import StepHistory
 
 
 def report(cfg: FedmedConfig, config_path: Path, console: Console) -> int:
@@ -60,11 +59,7 @@ def _table(dataset: Dataset, spends: list[Spend], cap: float, current: bool) -> 
 
 
 def _epsilon(dataset: Dataset, spends: list[Spend]) -> float:
-    """The spends composed as the hospital does: with the dataset's accountant and delta."""
-    history = StepHistory(dataset.accountant)
-    for s in spends:
-        history.add(s.sigma, s.sample_rate, s.steps)
-    return history.epsilon(dataset.delta)
+    return history_of(dataset, spends).epsilon(dataset.delta)
 
 
 def _current(cfg: FedmedConfig, root: Path) -> str | None:

@@ -57,14 +57,17 @@ def budget_file(root: Path, site: str, commitment: str) -> Path:
 
 def read_spends(path: Path, site: str, public: Ed25519PublicKey) -> tuple[Dataset, list[Spend]]:
     """A budget file's terms and every spend, verified against the hospital's key:
-    FedmedError (naming the file) if it does not verify."""
-    ledger = LedgerFile.read(path)
+    BudgetLedgerError (naming the file) if it does not verify."""
+    return _verified(LedgerFile.read(path), site, public)
+
+
+def _verified(ledger: LedgerFile, site: str, public: Ed25519PublicKey) -> tuple[Dataset, list[Spend]]:
     records = [r for r in ledger.records if r is not None]
     problems = ledger.problems(site, public)
     if not problems and (not records or records[0]["event"] != DATASET):
         problems = ["it does not start with its dataset record"]
     if problems:
-        raise BudgetLedgerError(f"lifetime privacy budget {path} does not verify ({problems[0]}): it is kept as it is; ask your privacy officer")
+        raise BudgetLedgerError(f"lifetime privacy budget {ledger.path} does not verify ({problems[0]}): it is kept as it is; ask your privacy officer")
     terms = records[0]["payload"]
     spends = [
         Spend(str(p["run"]), int(r["round"]), float(p["sigma"]), float(p["sample_rate"]), int(p["steps"]))
@@ -73,6 +76,17 @@ def read_spends(path: Path, site: str, public: Ed25519PublicKey) -> tuple[Datase
         for p in [r["payload"]]
     ]
     return Dataset(str(terms["data_commitment"]), str(terms["accountant"]), float(terms["delta"])), spends
+
+
+def history_of(dataset: Dataset, spends: list[Spend]) -> StepHistory:
+    """Spends composed as the hospital composes them: with the dataset's accountant (and
+    read at its delta)."""
+    from fedmed.privacy.accounting import StepHistory  # Opacus: imported by DP requests only
+
+    history = StepHistory(dataset.accountant)
+    for s in spends:
+        history.add(s.sigma, s.sample_rate, s.steps)
+    return history
 
 
 def checkpoints_recorded(root: Path, site: str, path: Path) -> tuple[int, str] | None:
@@ -117,22 +131,17 @@ class LifetimeBudget:
             writer = LedgerWriter(path, signer, "lifetime")
             writer.append(DATASET, 0, {"data_commitment": commitment, "accountant": dataset.accountant, "delta": dataset.delta})
             return cls(writer, dataset, [])
-        dataset, spends = read_spends(path, signer.party, signer.public)
+        ledger = LedgerFile.read(path)
+        dataset, spends = _verified(ledger, signer.party, signer.public)
         if dataset.commitment != commitment:
             raise BudgetLedgerError(f"lifetime privacy budget {path} belongs to another dataset: it is kept as it is; ask your privacy officer")
-        writer = LedgerWriter(path, signer, "lifetime")
-        if recorded is not None and (recorded[0] >= writer.seq or line_hash(LedgerFile.read(path).lines[recorded[0]]) != recorded[1]):
+        if recorded is not None and (recorded[0] >= len(ledger.lines) or line_hash(ledger.lines[recorded[0]]) != recorded[1]):
             raise BudgetLedgerError(f"lifetime privacy budget {path} is shorter than, or differs from, what this hospital's run ledgers recorded: it was cut or replaced; ask your privacy officer")
-        return cls(writer, dataset, spends)
+        return cls(LedgerWriter(path, signer, "lifetime"), dataset, spends)
 
     def history(self) -> StepHistory:
         """Every DP round on this data, for the accountant fixed with the dataset."""
-        from fedmed.privacy.accounting import StepHistory
-
-        history = StepHistory(self.dataset.accountant)
-        for s in self.spends:
-            history.add(s.sigma, s.sample_rate, s.steps)
-        return history
+        return history_of(self.dataset, self.spends)
 
     def spend(self, spend: Spend) -> dict[str, object]:
         """Recorded before the update leaves (a round counts even if its reply is lost);
