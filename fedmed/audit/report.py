@@ -30,7 +30,7 @@ CHECKS = {
     "identity": "every reply recorded under a hospital's name carries that hospital's own signed checkpoint; refused nodes are named",
     "consistency": "models sent = models received, updates recorded = updates sent, aggregates follow from the updates",
     "privacy": "epsilon recomputed with dp-accounting from the logged parameters; budgets; reported figures",
-    "leakage": "no paths, file names, patient IDs, DICOM tags or image-sized arrays in ledgers, metrics or logs",
+    "leakage": "no paths, file names, patient, national or accession IDs, DICOM tags or names, birth dates, e-mails, image-sized arrays or over-long lines in ledgers, metrics or logs",
     "data": "the hospital's data commitment matches its data, under the secret it revealed",
     "empirical": "canary membership guesses give an epsilon lower bound no higher than the claim",
 }
