@@ -117,6 +117,11 @@ class DataConfig(_Section):
     )
     modality: str = Field("", description="Only volumes named `*_<modality>.nii[.gz]` (BraTS style, e.g. `t1ce`); empty: all.")
     workers: int = Field(0, ge=0, le=256, description="Processes decoding images on first load; 0: one per CPU core.")
+    max_pixels: int = Field(
+        25_000_000,
+        gt=0,
+        description="Most pixels one file may declare (an image's width x height, a DICOM file's rows x columns x frames, a NIfTI volume's voxels, each image of an `.npz`), read from its header before decoding: a larger file is skipped with the reason, a larger `.npz` refused. 25 million (5000 x 5000) is far above brain MRI (slices of 256-1024 pixels square, volumes rarely over 21 million voxels) and keeps a decoded array to about 100 MB (float32), where a 20 KB file declaring 13,000 x 13,000 pixels would take over a gigabyte.",
+    )
     image_size: int = Field(64, ge=32, le=256, description="Side of the square images in pixels (32-256).")
     hospitals: int = Field(8, ge=1, le=128, description="Number of simulated hospitals.")
     train_per_hospital: int = Field(600, ge=4, description="Training images per hospital (demo only).")

@@ -3,6 +3,7 @@ hospital's tools use (Pillow, nibabel, pydicom)."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,14 @@ def dicom_volume(rng: np.random.Generator, slices: int = 12, size: int = 32) -> 
     yy, xx = np.mgrid[:size, :size]
     disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size * 0.4) ** 2
     return np.stack([disc * (200.0 + 50.0 * z) + rng.normal(0, 1, (size, size)) * disc for z in range(slices)])
+
+
+def npz_headers_only(path: Path, **shapes: tuple[int, ...]) -> Path:
+    """An .npz whose members are bare .npy headers declaring these uint8 shapes, with no
+    data after them: any reader that goes past a header fails, so a message naming the
+    shapes shows that only the headers were read."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, shape in shapes.items():
+            with archive.open(f"{key}.npy", "w") as member:
+                np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return path

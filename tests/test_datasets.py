@@ -4,6 +4,7 @@ the cache, and each kind of bad input."""
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fedmed.data.decode import read_dicom_series
 from fedmed.data.partition import TEST, TRAIN, assign, split_by_patient
 from fedmed.errors import FedmedError
 from tests import mri_fixtures as fx
+from tests.conftest import assert_clean_failure, fedmed_process
 
 CLASSES = ("glioma", "meningioma", "no_tumour", "pituitary")
 
@@ -392,17 +394,19 @@ def test_modalities_of_one_case_are_one_patient_and_masks_are_not_images(tmp_pat
         assert len(set(parts.split[ds.patient == patient].tolist())) == 1
 
 
-def test_blank_images_do_not_tie_patients_together(tmp_path, data_config):
+def test_blank_image_files_are_skipped_and_tie_no_patients_together(tmp_path, data_config):
     rng = np.random.default_rng(0)
     for i in range(12):
         folder = tmp_path / "d" / CLASSES[i % 2] / f"patient{i:02d}"
         folder.mkdir(parents=True)
         for k in range(3):
             Image.fromarray(fx.picture(rng, 40, 40)).save(folder / f"{k}.png")
-        Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "blank.png")
+        Image.fromarray(np.full((40, 40), 7 * i, np.uint8)).save(folder / "blank.png")
     data = data_config(tmp_path / "d", "data.test_fraction=0.34")
-    split, groups, dups = split_by_patient(load_dataset(data), data, seed=0)
-    assert len(np.unique(groups)) == 12 and (split == TEST).sum() == 16
+    ds = load_dataset(data)
+    assert ds.skip_counts() == {"blank image (constant intensity)": 12}
+    split, groups, dups = split_by_patient(ds, data, seed=0)
+    assert len(np.unique(groups)) == 12 and (split == TEST).sum() == 12
     assert dups["train_test"] == 0
 
 
@@ -453,3 +457,128 @@ def test_an_interrupted_cache_is_rebuilt(tmp_path, data_config):
     cache = tmp_path / "cache" / "datasets" / first.manifest["digest"]
     (cache / "index.npz").unlink()
     assert len(load_dataset(data)) == len(first)
+
+
+# ---- bad input in one line, or skipped with a reason (issue 16) ----------------------
+
+
+def two_class_images(root: Path, per_class: int = 4) -> Path:
+    fx.image_folder(root, {"glioma": per_class, "pituitary": per_class}, suffix=".png")
+    return root
+
+
+def check_command(path: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """`fedmed data check` arguments for a small dataset, with its own cache."""
+    settings = ["data.image_size=32", "data.hospitals=1", f"data.cache_dir={tmp_path / 'cache'}", *extra]
+    return ["data", "check", str(path), *(arg for setting in settings for arg in ("--set", setting))]
+
+
+def test_npz_with_an_empty_split_stops_in_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "empty.npz",
+        train_images=rng.integers(0, 255, (8, 28, 28), dtype=np.uint8),
+        train_labels=np.arange(8) % 4,
+        test_images=np.zeros((0, 28, 28), np.uint8),
+        test_labels=np.zeros(0, np.int64),
+    )
+    result = fedmed_process(*check_command(tmp_path / "empty.npz", tmp_path))
+    assert_clean_failure(result, "the .npz's test split is empty (test_images holds no image): put the test images in test_images")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "blank"])
+def test_npz_with_non_finite_or_blank_images_is_refused_with_a_count(tmp_path, data_config, bad):
+    rng = np.random.default_rng(0)
+    train = rng.uniform(0, 1, (8, 28, 28)).astype(np.float32)
+    train[[1, 4, 6]] = {"nan": np.nan, "inf": np.inf, "blank": 0.5}[bad]
+    np.savez(tmp_path / "a.npz", train_images=train, train_labels=np.arange(8) % 4)
+    expected = "not finite (NaN or infinite)" if bad != "blank" else "blank (one constant value)"
+    with pytest.raises(FedmedError, match=rf"^3 of 8 training images \(train_images\) are {re.escape(expected)}"):
+        load_dataset(data_config(tmp_path / "a.npz"))
+
+
+@pytest.mark.parametrize("source", ["tiff", "nifti"])
+def test_non_finite_image_files_are_skipped_with_the_reason(tmp_path, data_config, source):
+    rng = np.random.default_rng(0)
+    root = two_class_images(tmp_path / "d") if source == "tiff" else tmp_path / "d"
+    if source == "tiff":
+        values = fx.picture(rng, 40, 40).astype(np.float32)
+        values[5, 5] = np.nan
+        Image.fromarray(values, mode="F").save(root / "glioma" / "nan.tif")
+        bad, reason = "glioma/nan.tif", "image is not finite (NaN or infinite pixels)"
+    else:
+        for i, name in enumerate(("glioma", "pituitary")):
+            fx.nifti(root / name / f"c{i}.nii.gz", fx.brain_volume(rng))
+        volume = fx.brain_volume(rng)
+        volume[20, 20, 10] = np.inf
+        fx.nifti(root / "glioma" / "inf.nii.gz", volume)
+        bad, reason = "glioma/inf.nii.gz", "volume has infinite voxels"
+    assert dict(load_dataset(data_config(root)).skipped) == {bad: reason}
+
+
+def test_an_image_declaring_too_many_pixels_is_skipped_before_decoding(tmp_path):
+    root = two_class_images(tmp_path / "d")
+    Image.new("1", (13000, 13000)).save(root / "glioma" / "bomb.png")  # 20 KB on disk, 169 megapixels
+    result = fedmed_process(*check_command(root, tmp_path))
+    assert result.returncode == 0, result.stderr
+    reason = "image declares 13000x13000 pixels (169,000,000), over data.max_pixels = 25,000,000"
+    assert f"skipped: {reason}: 1" in " ".join(result.stdout.split())
+
+
+def test_pillows_bomb_guard_does_not_override_data_max_pixels(tmp_path, data_config, monkeypatch):
+    from PIL import Image as pil
+
+    monkeypatch.setattr(pil, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses from twice this
+    ds = load_dataset(data_config(two_class_images(tmp_path / "d")))  # 40-90 pixels square
+    assert len(ds) == 8 and not ds.skipped
+    assert pil.MAX_IMAGE_PIXELS == 1000
+
+
+@pytest.mark.parametrize("source", ["dicom", "nifti"])
+def test_volumes_over_max_pixels_are_skipped_from_their_headers(tmp_path, data_config, source):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "d"
+    if source == "dicom":
+        fx.dicom_series(root / "glioma" / "s1", fx.dicom_volume(rng, slices=3), seed=1)
+        expected = {"DICOM file declares 32x32 pixels (1,024), over data.max_pixels = 1,000": 3}
+    else:
+        fx.nifti(root / "glioma" / "c1.nii.gz", fx.brain_volume(rng, shape=(10, 10, 11)))
+        expected = {"NIfTI volume declares 10x10x11 voxels (1,100), over data.max_pixels = 1,000": 1}
+    ds = load_dataset(data_config(root, "data.max_pixels=1000"))
+    assert ds.skip_counts() == expected and len(ds) == 0
+
+
+def test_an_npz_declaring_oversize_images_is_refused_from_its_headers(tmp_path):
+    archive = fx.npz_headers_only(tmp_path / "big.npz", train_images=(1, 20000, 20000), train_labels=(1,))
+    result = fedmed_process(*check_command(archive, tmp_path))
+    assert_clean_failure(
+        result,
+        "each image of train_images declares 20000x20000 pixels (400,000,000), over data.max_pixels = 25,000,000: "
+        "resize them in the .npz, or raise data.max_pixels",
+    )
+
+
+def labelled_by_csv(root: Path) -> Path:
+    """Images in one folder, labelled by a CSV that also lists a file that is not there."""
+    fx.image_folder(root, {"scans": 8})
+    rows = [f"scans/img_{i:03d}.png,{CLASSES[3 * (i % 2)]}" for i in range(8)] + ["scans/patient_4711.png,glioma"]
+    (root / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def test_a_labels_csv_row_for_a_missing_file_is_reported_on_the_hospitals_machine_only(tmp_path):
+    result = fedmed_process(*check_command(labelled_by_csv(tmp_path / "d"), tmp_path, "data.labels_csv=labels.csv"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped: listed in data.labels_csv but not found under data.path: 1" in " ".join(result.stdout.split())
+    assert result.stdout.count("patient_4711") == 1  # in the skipped files' table only, not in the warning a run would print
+
+
+def test_a_labels_csv_row_for_a_missing_file_fails_under_strict(tmp_path):
+    result = fedmed_process(*check_command(labelled_by_csv(tmp_path / "d"), tmp_path, "data.labels_csv=labels.csv"), "--strict")
+    assert_clean_failure(result, "1 files could not be used (listed in data.labels_csv but not found under data.path: 1)")
+    assert "patient_4711" not in result.stderr
+
+
+def test_max_pixels_must_be_positive(tmp_path, data_config):
+    with pytest.raises(FedmedError, match="max_pixels"):
+        data_config(tmp_path, "data.max_pixels=0")

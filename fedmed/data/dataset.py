@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from fedmed.config import DataConfig
-from fedmed.data.decode import Decoded, Skip, VolumeSettings, decode_dicom_series, decode_image, decode_nifti, image_hash, to_square
+from fedmed.data.decode import Decoded, DecodeSettings, Skip, decode_dicom_series, decode_image, decode_nifti, image_hash, oversize, to_square
 from fedmed.data.demo import cache_root
 from fedmed.data.layout import SPLITS, SYSTEM_REASON, Unit, detect_format, list_files, scan
 from fedmed.errors import FedmedError
 
-DECODER_VERSION = 2  # bump when decoding changes what a cached dataset holds
+DECODER_VERSION = 3  # bump when decoding changes what a cached dataset holds
 CACHE_FILES = ("images.npy", "index.npz", "manifest.json")
 
 
@@ -82,6 +83,7 @@ def _decode_settings(data: DataConfig) -> dict[str, Any]:
         "min_foreground": data.min_foreground,
         "normalise": data.normalise,
         "modality": data.modality,
+        "max_pixels": data.max_pixels,
         "decoders": _decoders(),
     }
 
@@ -144,11 +146,11 @@ def load_dataset(data: DataConfig, announce: Callable[[str], None] | None = None
 # ---- building the cache -------------------------------------------------------
 
 
-def _decode_unit(task: tuple[str, Unit, str, int, VolumeSettings]) -> Decoded | str:
+def _decode_unit(task: tuple[str, Unit, str, int, DecodeSettings]) -> Decoded | str:
     root, unit, fmt, size, settings = task
     try:
         if fmt == "imagefolder":
-            return decode_image(Path(root) / unit.files[0], size)
+            return decode_image(Path(root) / unit.files[0], size, settings.max_pixels)
         if fmt == "nifti":
             return decode_nifti(Path(root) / unit.files[0], size, settings)
         return decode_dicom_series(Path(root), unit.files, size, settings)
@@ -159,7 +161,7 @@ def _decode_unit(task: tuple[str, Unit, str, int, VolumeSettings]) -> Decoded | 
 def _decode_all(root: Path, units: list[Unit], fmt: str, data: DataConfig) -> list[Decoded | str]:
     from rich.progress import Progress
 
-    settings = VolumeSettings(data.slab, data.min_foreground, data.normalise)
+    settings = DecodeSettings(data.slab, data.min_foreground, data.normalise, data.max_pixels)
     tasks = [(str(root), u, fmt, data.image_size, settings) for u in units]
     workers = min(data.workers or os.cpu_count() or 1, max(1, len(tasks) // 32))
     with Progress(transient=True) as progress:
@@ -300,26 +302,72 @@ def _describe_sources(sizes: list[tuple[int, int]], modes: Counter, lows: list[f
     }
 
 
+NPZ_SPLITS = {"train": "training", "val": "validation", "test": "test"}  # array prefix -> the split, as messages say it
+
+
+def _npy_shape(archive: NpzFile, key: str) -> tuple[int, ...]:
+    """An array's shape, read from its .npy header inside the zip: the array itself is
+    not read. Member names as NumPy's NpzFile maps them."""
+    member = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
+    with archive.zip.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        # Version 3.0 differs from 2.0 only in allowing UTF-8 field names: numeric arrays are ASCII.
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(handle)
+    return shape
+
+
+def _refuse_oversize(key: str, shape: tuple[int, ...], max_pixels: int) -> None:
+    """Before the array is read: a small compressed archive can declare gigabytes."""
+    if len(shape) < 3:
+        return  # not (N, H, W[, C]): the shape check names it
+    reason = oversize(f"each image of {key}", (shape[2], shape[1]), max_pixels)
+    if reason:
+        raise FedmedError(f"{reason}: resize them in the .npz, or raise data.max_pixels")
+
+
+def _refuse_unusable_images(name: str, images: np.ndarray) -> None:
+    """An archive cannot skip part of an array as a folder skips a file, and one NaN would
+    set the whole array's intensity scale: non-finite or blank images refuse the archive."""
+    flat = images.reshape(len(images), -1)
+    what = f"of {len(images)} {NPZ_SPLITS[name]} images ({name}_images) are"
+    if np.issubdtype(images.dtype, np.inexact):
+        bad = int((~np.isfinite(flat)).any(axis=1).sum())
+        if bad:
+            raise FedmedError(f"{bad} {what} not finite (NaN or infinite): repair or remove them, with their labels, in the .npz")
+    blank = int((flat.min(axis=1) == flat.max(axis=1)).sum())
+    if blank:
+        raise FedmedError(f"{blank} {what} blank (one constant value): remove them, with their labels, from the .npz")
+
+
 def _from_npz(path: Path, data: DataConfig) -> tuple[dict, dict]:
-    """MedMNIST style: `{train,val,test}_images` with `{train,val,test}_labels` ((N,) or (N, 1))."""
+    """MedMNIST style: `{train,val,test}_images` with `{train,val,test}_labels` ((N,) or (N, 1)).
+    Image sizes are checked against data.max_pixels from the arrays' headers, before any is read."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            present = {k: archive[k] for k in archive.files}
+            names = [name for name in NPZ_SPLITS if f"{name}_images" in archive.files]
+            for name in names:
+                _refuse_oversize(f"{name}_images", _npy_shape(archive, f"{name}_images"), data.max_pixels)
+            wanted = [f"{name}_{part}" for name in names for part in ("images", "labels")]
+            present = {key: archive[key] for key in wanted if key in archive.files}
+    except FedmedError:
+        raise
     except Exception as exc:  # noqa: BLE001 - truncated zip, CRC error, an .npy under an .npz name, object arrays...
         raise FedmedError(f"cannot read the .npz archive ({type(exc).__name__}): is it a complete NumPy .npz file?") from None
     n_classes = data.num_classes
     parts, sizes, modes, lows, highs = [], [], Counter(), [], []
-    for name in ("train", "val", "test"):
-        if f"{name}_images" not in present:
-            continue
+    for name in names:
         images, labels = present[f"{name}_images"], present.get(f"{name}_labels")
         if images.ndim < 3 or not np.issubdtype(images.dtype, np.number) or labels is None or labels.ndim < 1 or len(labels) != len(images):
             raise FedmedError(f"the .npz needs {name}_images (N, H, W[, C]) and {name}_labels of the same length N")
+        if not len(images):
+            fix = "remove val_images and val_labels, or fill them" if name == "val" else f"put the {NPZ_SPLITS[name]} images in {name}_images and {name}_labels"
+            raise FedmedError(f"the .npz's {NPZ_SPLITS[name]} split is empty ({name}_images holds no image): {fix}")
         labels = np.asarray(labels).reshape(len(labels), -1)
         if labels.shape[1] != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise FedmedError(f"{name}_labels must be one integer class per image (multi-label arrays are not supported)")
         labels = labels[:, 0].astype(np.int64)
-        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        if labels.min() < 0 or labels.max() >= n_classes:
             raise FedmedError(
                 f"{name}_labels run {labels.min()}..{labels.max()} but data.classes names {n_classes} classes: "
                 "list one name per label in data.classes"
@@ -330,13 +378,14 @@ def _from_npz(path: Path, data: DataConfig) -> tuple[dict, dict]:
             gray = images
         if gray.ndim != 3:
             raise FedmedError(f"{name}_images must be (N, H, W) or (N, H, W, C) (got shape {images.shape})")
-        low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+        _refuse_unusable_images(name, images)
+        low, high = float(images.min()), float(images.max())
         if images.dtype == np.uint8:
             gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
         else:  # other types: stretch the archive's own range to 0-255
             scale = 255.0 / (high - low) if high > low else 0.0
             gray = ((gray.astype(np.float32) - low) * scale + 0.5).astype(np.uint8)
-        resized = np.stack([to_square(img, data.image_size) for img in gray]) if len(gray) else np.zeros((0, data.image_size, data.image_size), np.uint8)
+        resized = np.stack([to_square(img, data.image_size) for img in gray])
         parts.append((resized, labels, SPLITS[name]))
         sizes.append(tuple(images.shape[2:0:-1]))
         modes["npz"] += len(images)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +26,11 @@ class Skip(Exception):
 
 
 @dataclass(frozen=True)
-class VolumeSettings:
+class DecodeSettings:
     slab: float
     min_foreground: float
     normalise: str
+    max_pixels: int  # data.max_pixels: the most pixels (voxels) one file may declare
 
 
 @dataclass
@@ -59,6 +62,15 @@ def image_hash(image: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=8).digest(), "little", signed=True)
 
 
+def oversize(noun: str, shape: tuple[int, ...], max_pixels: int, unit: str = "pixels") -> str | None:
+    """The skip reason for a file whose header declares more than data.max_pixels, or None."""
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if count <= max_pixels:
+        return None
+    dims = "x".join(str(int(n)) for n in shape)
+    return f"{noun} declares {dims} {unit} ({count:,}), over data.max_pixels = {max_pixels:,}"
+
+
 def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
@@ -68,10 +80,27 @@ def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
 # ---- image files ----------------------------------------------------------------
 
 
-def decode_image(path: Path, size: int) -> Decoded:
+@contextmanager
+def _header_bound_only() -> Iterator[None]:
+    """Pillow's own decompression-bomb guard off, so data.max_pixels is the one bound:
+    Pillow would warn above its default 89 megapixels and refuse above twice that,
+    whatever data.max_pixels says. decode_image checks the declared size itself, right
+    after Image.open has read the header."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as img:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def decode_image(path: Path, size: int, max_pixels: int) -> Decoded:
+    try:
+        with _header_bound_only(), Image.open(path) as img:  # reads the header only
             width, height, mode = img.width, img.height, img.mode
+            too_large = oversize("image", (width, height), max_pixels)
+            if too_large:
+                raise Skip(too_large)
             if min(width, height) < 8 or max(width, height) > 16 * min(width, height):
                 raise Skip(f"image is {width}x{height} pixels: not a slice")
             if img.format == "JPEG":
@@ -79,6 +108,8 @@ def decode_image(path: Path, size: int) -> Decoded:
             img.load()
             if img.mode in _WIDE_MODES:
                 values = np.asarray(img, dtype=np.float32)
+                if not np.isfinite(values).all():
+                    raise Skip("image is not finite (NaN or infinite pixels)")
                 low, high = float(values.min()), float(values.max())
                 gray = _rescale(values, low, high)
             else:
@@ -86,12 +117,14 @@ def decode_image(path: Path, size: int) -> Decoded:
                     img = img.convert("RGBA").convert("RGB")
                 gray = np.asarray(img.convert("L"), dtype=np.uint8)
                 low, high = float(gray.min()), float(gray.max())
+        if high <= low:
+            raise Skip("blank image (constant intensity)")
         square = to_square(gray, size)
     except FileNotFoundError:
         raise Skip("unreadable file (missing or a broken link)") from None
     except PermissionError:
         raise Skip("unreadable file (permission denied)") from None
-    except (Image.DecompressionBombError, MemoryError):
+    except MemoryError:
         raise Skip("image too large to decode safely") from None
     except (OSError, SyntaxError, ValueError) as exc:
         text = str(exc)
@@ -106,9 +139,15 @@ def decode_image(path: Path, size: int) -> Decoded:
 # ---- volumes (NIfTI, DICOM series) ------------------------------------------------
 
 
-def volume_slices(volume: np.ndarray, size: int, settings: VolumeSettings) -> np.ndarray:
-    """(Z, H, W) intensities -> the slab's non-empty slices, normalised per volume, (k, S, S) uint8."""
-    volume = np.nan_to_num(volume.astype(np.float32, copy=False))
+def volume_slices(volume: np.ndarray, size: int, settings: DecodeSettings) -> np.ndarray:
+    """(Z, H, W) intensities -> the slab's non-empty slices, normalised per volume, (k, S, S) uint8.
+
+    NaN voxels are background (SPM and FSL write NaN outside the brain mask); an infinite
+    voxel would stretch the intensity scale until every other voxel is 0."""
+    volume = volume.astype(np.float32, copy=False)
+    if np.isinf(volume).any():
+        raise Skip("volume has infinite voxels")
+    volume = np.nan_to_num(volume)
     lo, hi = float(volume.min()), float(volume.max())
     if hi <= lo:
         raise Skip("volume is blank (constant intensity)")
@@ -139,26 +178,33 @@ def volume_slices(volume: np.ndarray, size: int, settings: VolumeSettings) -> np
     return np.stack([to_square(scaled[z], size) for z in keep])
 
 
-def decode_nifti(path: Path, size: int, settings: VolumeSettings) -> Decoded:
+def decode_nifti(path: Path, size: int, settings: DecodeSettings) -> Decoded:
     import nibabel as nib
 
     try:
-        image = nib.as_closest_canonical(nib.load(str(path)))  # RAS: axial slices along the last axis
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        image = nib.load(str(path))  # the header; the voxels are read below
+        shape = tuple(image.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != 3:
+            raise Skip(f"NIfTI volume is {len(shape)}-D, expected 3-D")
+        too_large = oversize("NIfTI volume", shape, settings.max_pixels, unit="voxels")
+        if too_large:
+            raise Skip(too_large)
+        image = nib.as_closest_canonical(image)  # RAS: axial slices along the last axis
+        data = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])
+    except Skip:
+        raise
     except FileNotFoundError:
         raise Skip("unreadable file (missing or a broken link)") from None
     except PermissionError:
         raise Skip("unreadable file (permission denied)") from None
     except Exception:  # noqa: BLE001 - nibabel raises many types for a damaged file (EOFError, zlib, ImageFileError)
         raise Skip("corrupt or truncated NIfTI volume") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise Skip(f"NIfTI volume is {data.ndim}-D, expected 3-D")
     # (x, y, z) -> (z, rows, cols) with anterior at the top, as a viewer shows axial slices.
     stack = np.rot90(data, k=1, axes=(0, 1)).transpose(2, 0, 1)
     out = Decoded(volume_slices(stack, size, settings), data.shape[0], data.shape[1], "nifti")
-    out.low, out.high = float(data.min()), float(data.max())
+    out.low, out.high = float(np.nanmin(data)), float(np.nanmax(data))  # NaN: background
     return out
 
 
@@ -248,7 +294,7 @@ def read_dicom_series(root: Path, files: tuple[str, ...]) -> tuple[np.ndarray, l
     return np.stack([s for _, _, s in slices]), skipped
 
 
-def decode_dicom_series(root: Path, files: tuple[str, ...], size: int, settings: VolumeSettings) -> Decoded:
+def decode_dicom_series(root: Path, files: tuple[str, ...], size: int, settings: DecodeSettings) -> Decoded:
     volume, skipped = read_dicom_series(root, files)
     out = Decoded(volume_slices(volume, size, settings), volume.shape[2], volume.shape[1], "dicom", skipped=skipped)
     out.low, out.high = float(volume.min()), float(volume.max())

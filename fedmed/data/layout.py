@@ -25,6 +25,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
 SYSTEM_FOLDERS = {"__macosx", "$recycle.bin", "system volume information"}
 SYSTEM_REASON = "system or hidden file"
+# A labels-CSV row naming a file that is not there. Like every skip reason it names no
+# file: the name goes with it into the skipped list, which only `fedmed data check` shows.
+MISSING_REASON = "listed in data.labels_csv but not found under data.path"
 # BraTS and similar name each modality of a case `<case>_<modality>.nii.gz`.
 MODALITY_SUFFIX = re.compile(r"_(t1|t1ce|t1c|t1n|t1gd|t1w|t2|t2w|t2f|flair|pd|dwi|adc|seg|mask|label)$", re.IGNORECASE)
 MASK_SUFFIX = re.compile(r"_(seg|mask|label)$", re.IGNORECASE)
@@ -196,6 +199,14 @@ def _labels_from_csv(root: Path, data: DataConfig, classes: ClassMap) -> dict[st
     return labels
 
 
+def _unmatched_rows(csv_labels: dict[str, int], files: list[str]) -> list[str]:
+    """The labels CSV's names that no file under the root answers to, by path or by file
+    name (as `scan` looks them up). A file that exists but is not wanted (another
+    modality, a mask) is not missing: it has its own reason, or none."""
+    present = set(files) | {Path(rel).name for rel in files}
+    return sorted(name for name in csv_labels if name not in present)
+
+
 def _has_site_level(dirs: list[tuple[str, ...]], classes: ClassMap) -> bool:
     """The top folders are hospitals when none of them is a split or a class, and
     the folders below them are."""
@@ -278,6 +289,8 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig, passed: list[
         else:
             patient = _volume_patient(rel) if fmt == "nifti" else rel
         placed.append((rel, label, split, site, patient, folder))
+    if csv_labels is not None:
+        layout.skipped.extend((name, MISSING_REASON) for name in _unmatched_rows(csv_labels, files))
     if unknown:
         names = ", ".join(f"'{n}'" for n in sorted(unknown)[:6])
         raise FedmedError(
@@ -285,7 +298,7 @@ def scan(root: Path, files: list[str], fmt: str, data: DataConfig, passed: list[
             f"map a folder with data.class_map = \"folder:class\" or list the classes in data.classes"
         )
     if fmt == "dicom":
-        layout.units = _dicom_series(root, placed, layout.skipped)
+        layout.units = _dicom_series(root, placed, layout.skipped, data.max_pixels)
     else:
         layout.units = [Unit((rel,), label, split, site, patient, folder) for rel, label, split, site, patient, folder in placed]
     layout.sites = sorted({u.site for u in layout.units if u.site})
@@ -308,10 +321,20 @@ def _class_dirs(root: Path, sited: bool, classes: ClassMap) -> list[str]:
     return found
 
 
-def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> list[Unit]:
+def _dicom_shape(ds) -> tuple[int, ...]:
+    """(columns, rows[, frames]) as the header declares them; () when it does not say."""
+    try:
+        columns, rows, frames = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return ()  # malformed: decoding reports it
+    return (columns, rows) + ((frames,) if frames > 1 else ())
+
+
+def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]], max_pixels: int) -> list[Unit]:
     """Group DICOM files by SeriesInstanceUID; the patient is the PatientID (hashed here,
-    never stored), or the series when there is none."""
-    from fedmed.data.decode import read_dicom
+    never stored), or the series when there is none. A file whose header declares more
+    than `max_pixels` is skipped here, before its pixels are ever read."""
+    from fedmed.data.decode import oversize, read_dicom
 
     series: dict[str, list] = {}
     for rel, label, split, site, patient, folder in placed:
@@ -319,8 +342,12 @@ def _dicom_series(root: Path, placed: list, skipped: list[tuple[str, str]]) -> l
             ds = read_dicom(root / rel, header_only=True)
             uid = str(ds.get("SeriesInstanceUID", "") or "")
             who = str(ds.get("PatientID", "") or "")
+            too_large = oversize("DICOM file", _dicom_shape(ds), max_pixels)
         except Exception:  # noqa: BLE001 - a damaged file raises almost anything (struct.error, NotImplementedError, ...)
             skipped.append((rel, "corrupt or truncated DICOM file"))
+            continue
+        if too_large:
+            skipped.append((rel, too_large))
             continue
         if not uid:
             skipped.append((rel, "DICOM file has no SeriesInstanceUID"))
