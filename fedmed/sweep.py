@@ -11,22 +11,32 @@ table:
     "federation.strategy" = ["fedavg", "fedprox"]
 
 Each cell runs as its own `fedmed simulate` process (so Ray starts clean) into
-OUT/cells/<cell>/; a cell whose directory holds a summary is skipped on a re-run.
+OUT/cells/<cell>/; a cell whose process ended cleanly with a summary is skipped on a
+re-run. Ctrl-C or SIGTERM stops the running cell and the sweep (exit 130 or 143); running
+the same command again continues.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
+import time
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 import tomli_w
@@ -83,7 +93,8 @@ class Cell:
 
 
 def load_study(path: Path) -> tuple[dict[str, Any], SweepSpec]:
-    """(flat base settings, sweep spec); every cell's config is validated up front."""
+    """(flat base settings, sweep spec); every cell's config is validated up front, so a
+    study that cannot finish says so before its first cell runs."""
     if not path.is_file():
         raise FedmedError(f"study file not found: {path}")
     try:
@@ -100,7 +111,12 @@ def load_study(path: Path) -> tuple[dict[str, Any], SweepSpec]:
     # each), unless the study file asks for them.
     base = {"output.save_updates": False, **config_mod.flatten(tree)}
     for cell in cells(spec):
-        config_mod.from_flat({**base, **cell.settings, "seed": cell.seed})
+        cfg = config_mod.from_flat({**base, **cell.settings, "seed": cell.seed})
+        if spec.metric == "hospital_test_accuracy" and cfg.federation.mode == "federated" and cfg.federation.fraction_evaluate == 0:
+            raise FedmedError(
+                f'study error: sweep.metric = "hospital_test_accuracy" needs the hospitals to evaluate, but cell {cell.label} '
+                'has federation.fraction_evaluate = 0: raise it, or set sweep.metric = "accuracy" (the global test set)'
+            )
     return base, spec
 
 
@@ -117,52 +133,184 @@ def cells(spec: SweepSpec) -> list[Cell]:
     return out
 
 
+def _unfinished_mark(cell: Cell, out: Path) -> Path:
+    """Present from a cell's start until its `fedmed simulate` exits 0: a cell interrupted
+    or failed after writing its summary is not taken for finished."""
+    return out / "cells" / f".{cell.name}.unfinished"
+
+
 def finished(base: dict[str, Any], cell: Cell, out: Path) -> bool:
     """Done, with the settings the study now asks for (a cell run before the study file
     changed is run again)."""
     run = RunDirectory(out / "cells" / cell.name)
-    if not (run / RunDirectory.SUMMARY).is_file():
+    if not (run / RunDirectory.SUMMARY).is_file() or _unfinished_mark(cell, out).exists():
         return False
     expected = config_mod.from_flat({**base, **cell.settings, "seed": cell.seed}).digest()
     return run.summary().get("config_sha256") == expected
 
 
-def run_cell(base: dict[str, Any], cell: Cell, out: Path) -> dict[str, Any]:
-    """One `fedmed simulate` process; returns the cell's summary."""
+# A signal the sweep stops on -> the one its running cell is sent. Ctrl-C reaches the whole
+# foreground process group in a terminal; a cell runs in a group of its own (so it gets each
+# signal once, from the sweep), and SIGINT is passed to that group as a terminal would.
+# A hang-up is passed on as SIGTERM, since the cell no longer hears the terminal's.
+FORWARD = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+CELL_STOP_S = 10.0  # how long a signalled cell may take to stop before it is killed
+
+
+@dataclass
+class _Stop:
+    """The signals received while the sweep runs. The handler only records them: the sweep
+    acts on them between its own steps, never in the middle of a write."""
+
+    signals: list[int] = field(default_factory=list)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signals)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signals[0]
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_Stop]:
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():  # only it may take signals over
+        yield stop
+        return
+    # A signal the sweep was started ignoring (`nohup`, `&` in a script) stays ignored.
+    previous = {signum: signal.signal(signum, stop._record) for signum in FORWARD if signal.getsignal(signum) != signal.SIG_IGN}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _wait(process: subprocess.Popen, stop: _Stop) -> int:
+    """The cell's exit code. Once the sweep is asked to stop, the cell gets the signal,
+    CELL_STOP_S to end, then SIGKILL (at once on a second signal), and whatever it left in
+    its process group is killed."""
+    deadline: float | None = None
+    killed = False
+    while True:
+        try:
+            code = process.wait(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if stop.requested and deadline is None:
+            signum = FORWARD[signal.Signals(stop.signals[0])]
+            if signum == signal.SIGINT:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
+            deadline = time.monotonic() + CELL_STOP_S
+        if deadline is not None and not killed and (time.monotonic() > deadline or len(stop.signals) > 1):
+            os.killpg(process.pid, signal.SIGKILL)
+            killed = True
+    if stop.requested:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is empty: nothing was left behind
+    return code
+
+
+def run_cell(base: dict[str, Any], cell: Cell, out: Path, stop: _Stop | None = None) -> bool:
+    """One `fedmed simulate` process; True when it finished, False when the sweep was
+    asked to stop while it ran (it was stopped, and is run again next time)."""
+    stop = stop or _Stop()
     folder = out / "cells"
     flat = {**base, **cell.settings, "seed": cell.seed, "output.dir": str(folder), "output.name": cell.name}
     cfg_path = folder / f".{cell.name}.toml"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(cfg_path, tomli_w.dumps(config_mod.unflatten(flat)), private=False)
+    mark = _unfinished_mark(cell, out)
+    mark.touch()
     run_dir = RunDirectory(folder / cell.name)
     if run_dir.path.exists():  # interrupted, or run with other settings: start it again
         shutil.rmtree(run_dir.path)
     log = folder / f".{cell.name}.log"
     with log.open("w", encoding="utf-8") as handle:
-        result = subprocess.run([sys.executable, "-m", "fedmed.cli", "simulate", str(cfg_path)], stdout=handle, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        last = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()][-1:] or ["no output"]
-        raise FedmedError(f"cell {cell.label} seed {cell.seed} failed: {last[0]} (log: {log})")
-    return run_dir.summary()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedmed.cli", "simulate", str(cfg_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+        code = _wait(process, stop)
+    if code == 0:
+        mark.unlink()
+        return True
+    if stop.requested:
+        return False
+    last = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
+    raise FedmedError(f"cell {cell.label} seed {cell.seed} failed: {last[0].strip().removeprefix('error: ')[:300]} (log: {log})")
 
 
 def run_sweep(study: Path, out: Path) -> Path:
+    """Run the study's unfinished cells, then write its results. Bad input, a failed cell or
+    a file-system error is a FedmedError (one line); a signal stops the sweep with one line
+    on stderr and exit code 128 + the signal's number."""
+    with _stop_on_signals() as stop:
+        try:
+            return _sweep(study, out, stop)
+        except OSError as exc:
+            raise FedmedError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+
+
+def _sweep(study: Path, out: Path, stop: _Stop) -> Path:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     base, spec = load_study(study)
+    if out.exists() and not out.is_dir():
+        raise FedmedError(f"--out {out} is a file: give a folder for the study's cells and results")
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedmedError(f"cannot create the --out folder {out}: {exc.strerror or exc}: {exc.filename}") from None
     todo = cells(spec)
     done = {c.name for c in todo if finished(base, c, out)}
+    stopped_in: str | None = None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task(f"{study.stem}: {len(todo)} cells ({len(done)} done before)", total=len(todo), completed=len(done))
         for cell in todo:
             if cell.name in done:
                 continue
+            if stop.requested:
+                stopped_in = f"before cell {cell.label}, seed {cell.seed}"
+                break
             progress.console.print(f"cell {cell.label}, seed {cell.seed}")
-            run_cell(base, cell, out)
+            if not run_cell(base, cell, out, stop):
+                stopped_in = f"in cell {cell.label}, seed {cell.seed}, which will start over (log: {out / 'cells' / f'.{cell.name}.log'})"
+                break
+            done.add(cell.name)
             progress.advance(bar)
-    write_results(out, spec, todo)
+    if stopped_in is None and stop.requested:
+        stopped_in = "with every cell finished, before writing the results"
+    if stopped_in is None:
+        write_results(out, spec, todo)  # a signal meanwhile lets it finish: the files stay whole
+        if stop.requested:
+            stopped_in = "while writing the results, every cell finished"
+    if stop.requested:
+        _say(f"interrupted {stopped_in}; {len(done)} of {len(todo)} cells finished, kept: run `fedmed sweep {study} --out {out}` again to continue")
+        raise SystemExit(stop.exit_code)
     return out
+
+
+def _say(line: str) -> None:
+    """One line on stderr; after a hang-up there may be no terminal left to write to."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 # ---- results ------------------------------------------------------------------------
@@ -204,13 +352,17 @@ def _mean_std(values: list[float]) -> str:
 
 
 def write_results(out: Path, spec: SweepSpec, todo: list[Cell]) -> None:
+    """results.csv, results.md and the plots, each replaced whole (a full disk or a signal
+    leaves the previous file, never half of one). Runs without a value for sweep.metric are
+    left out of final_accuracy.png and named in one line: a FedmedError when none has one."""
     rows = [_row(c, out) for c in todo]
     keys = sorted({k for c in todo for k in c.settings})
-    with (out / "results.csv").open("w", newline="", encoding="utf-8") as handle:
-        fields = ["cell", "seed", *keys, "accuracy", "macro_f1", "auroc", "hospital_test_accuracy", "heterogeneity", "wall_s"]
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    fields = ["cell", "seed", *keys, "accuracy", "macro_f1", "auroc", "hospital_test_accuracy", "heterogeneity", "wall_s"]
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "results.csv", table.getvalue(), private=False)
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["cell"], []).append(row)
@@ -221,8 +373,26 @@ def write_results(out: Path, spec: SweepSpec, todo: list[Cell]) -> None:
     for label, group in groups.items():
         cols = [_mean_std([r[m] for r in group]) for m in ("accuracy", "macro_f1", "auroc", "hospital_test_accuracy", "heterogeneity")]
         lines.append(f"| {label} | {len(group)} | " + " | ".join(cols) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write(out / "results.md", "\n".join(lines) + "\n", private=False)
     _plots(out, spec, todo, rows)
+    missing = [f"{r['cell']} seed {r['seed']}" for r in rows if r[spec.metric] is None]
+    if len(missing) == len(rows):
+        raise FedmedError(
+            f"no run has a value for sweep.metric = {spec.metric}, so final_accuracy.png is not drawn "
+            f"(results.csv, results.md and accuracy_per_round.png are written)"
+        )
+    if missing:
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        _say(f"warning: {len(missing)} of {len(rows)} runs have no {spec.metric} ({named}): final_accuracy.png leaves them out")
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, image.getvalue(), private=False)
 
 
 def _plots(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> None:
@@ -230,7 +400,9 @@ def _plots(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
 
     matplotlib.use("Agg")
 
-    if not spec.grid:  # variants only: one bar per cell
+    if all(row[spec.metric] is None for row in rows):
+        (out / "final_accuracy.png").unlink(missing_ok=True)  # an earlier run's would pass for this one's
+    elif not spec.grid:  # variants only: one bar per cell
         _bars(out, spec, rows)
     else:
         _lines(out, spec, todo, rows)
@@ -246,7 +418,8 @@ def _bars(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
 
     groups: dict[str, list[float]] = {}
     for row in rows:
-        groups.setdefault(row["cell"], []).append(row[spec.metric])
+        if row[spec.metric] is not None:
+            groups.setdefault(row["cell"], []).append(row[spec.metric])
     fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(groups), 4))
     means = [statistics.mean(v) for v in groups.values()]
     errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in groups.values()]
@@ -256,8 +429,7 @@ def _bars(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
     ax.set_title(f"{out.name}: mean ± std over {len(spec.seeds)} seeds")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out / "final_accuracy.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "final_accuracy.png")
 
 
 def _lines(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> None:
@@ -266,6 +438,8 @@ def _lines(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
     series_key = spec.series or next(iter(spec.grid))
     by_series: dict[str, dict[str, list[float]]] = {}
     for cell, row in zip(todo, rows, strict=True):
+        if row[spec.metric] is None:
+            continue
         series = str(cell.settings.get(series_key, "all"))
         x = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.settings.items() if k != series_key) or "base"
         by_series.setdefault(series, {}).setdefault(x, []).append(row[spec.metric])
@@ -281,8 +455,7 @@ def _lines(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> No
     ax.legend(title=series_key.split(".")[-1])
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "final_accuracy.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "final_accuracy.png")
 
 
 def _curves(out: Path, rows: list[dict]) -> None:
@@ -301,5 +474,4 @@ def _curves(out: Path, rows: list[dict]) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_per_round.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "accuracy_per_round.png")

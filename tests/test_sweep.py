@@ -4,12 +4,23 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from fedmed import sweep
 from fedmed.run.directory import RunDirectory
 
-from .conftest import fedmed
+from .conftest import assert_clean_failure, fedmed
 
 STUDY = """
 seed = 0
@@ -52,6 +63,43 @@ def test_a_study_writes_a_results_table_and_plots(study):
     assert "± " in (out / "results.md").read_text()
     assert (out / "final_accuracy.png").exists() and (out / "accuracy_per_round.png").exists()
     assert "0 done before" in first.stdout
+
+
+def with_metric(text: str, metric: str) -> str:
+    return text.replace("[sweep]\n", f'[sweep]\nmetric = "{metric}"\n')
+
+
+def drop_hospital_evals(run: Path) -> None:
+    """As if the hospitals had not evaluated in the last round."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    for hospital in last["hospitals"].values():
+        hospital.pop("eval", None)
+    (run / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+
+
+def test_runs_without_the_plotted_metric_are_named_in_one_line(study, tmp_path):
+    path, out, _ = study
+    copy, edited = tmp_path / "out", tmp_path / "study.toml"
+    shutil.copytree(out, copy)
+    edited.write_text(with_metric(path.read_text(), "hospital_test_accuracy"))
+    first, second = sorted((copy / "cells").glob("*/metrics.jsonl"))
+    drop_hospital_evals(first.parent)
+    some = fedmed("sweep", edited, "--out", copy)
+    assert some.returncode == 0 and "Traceback" not in some.stderr
+    assert some.stderr.strip().splitlines() == [
+        f"warning: 1 of 2 runs have no hospital_test_accuracy (lr={cell_lr(first.parent)} seed 0): final_accuracy.png leaves them out"
+    ]
+    assert (copy / "final_accuracy.png").exists()
+    drop_hospital_evals(second.parent)
+    none = fedmed("sweep", edited, "--out", copy)
+    assert_clean_failure(none, "no run has a value for sweep.metric = hospital_test_accuracy")
+    assert (copy / "results.csv").exists() and not (copy / "final_accuracy.png").exists()
+
+
+def cell_lr(run: Path) -> object:
+    """The learning rate a cell ran with, from the config the sweep wrote for it."""
+    return tomllib.loads((run.parent / f".{run.name}.toml").read_text())["train"]["lr"]
 
 
 def test_a_resumed_sweep_skips_finished_cells(study):
@@ -104,3 +152,123 @@ def test_a_setting_in_both_a_variant_and_the_grid_is_refused(tmp_path):
     path.write_text('[sweep]\nvariants = [{"train.lr" = 0.1}]\n[sweep.grid]\n"train.lr" = [0.01]\n')
     result = fedmed("sweep", path)
     assert result.returncode == 2 and "set by a variant and by the grid" in result.stderr
+
+
+def test_a_cell_that_did_not_end_cleanly_is_not_finished(study):
+    """Its summary may be on disk (a cell stopped while writing its last files): only a
+    `fedmed simulate` that exited 0 counts."""
+    path, out, _ = study
+    base, spec = sweep.load_study(path)
+    cell = next(c for c in sweep.cells(spec) if sweep.finished(base, c, out))
+    mark = out / "cells" / f".{cell.name}.unfinished"
+    mark.touch()
+    try:
+        assert not sweep.finished(base, cell, out)
+    finally:
+        mark.unlink()
+    assert sweep.finished(base, cell, out)
+
+
+def test_a_failed_cell_is_one_line_naming_it_and_its_log(study):
+    path, out, _ = study
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
+    failing = path.with_name("failing.toml")
+    missing = path.parent / "no-such-data.npz"
+    failing.write_text(path.read_text().replace("[sweep]\n", f'[sweep]\nvariants = [{{}}, {{"data.source" = "disk", "data.path" = "{missing}"}}]\n'))
+    result = fedmed("sweep", failing, "--out", out)
+    assert_clean_failure(result, "cell source=disk", "failed: data.path does not exist", "(log: ")
+    log = Path(result.stderr.strip().rsplit("(log: ", 1)[1].removesuffix(")"))
+    assert log.is_file() and "data.path does not exist" in log.read_text()
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")} == before
+    base, spec = sweep.load_study(path)
+    assert all(sweep.finished(base, cell, out) for cell in sweep.cells(spec))
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path):
+    path, out = tmp_path / "study.toml", tmp_path / "notes.txt"
+    path.write_text('[sweep]\n[sweep.grid]\n"train.lr" = [0.01]\n')
+    out.write_text("kept")
+    assert_clean_failure(fedmed("sweep", path, "--out", out), f"--out {out} is a file")
+    assert out.read_text() == "kept"
+
+
+def test_a_metric_the_hospitals_never_measure_is_refused_before_any_cell_runs(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text('[federation]\nfraction_evaluate = 0\n[sweep]\nmetric = "hospital_test_accuracy"\n')
+    result = fedmed("sweep", path, "--out", tmp_path / "out")
+    assert_clean_failure(result, 'sweep.metric = "hospital_test_accuracy" needs the hospitals to evaluate', "federation.fraction_evaluate = 0")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- interrupts ---------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, pgrp, session, ...),
+    None for a process that is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields
+
+
+def _processes() -> dict[int, list[str]]:
+    pids = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+    return {pid: fields for pid in pids if (fields := _stat(pid)) is not None}
+
+
+def _soon_none(find: Callable[[], list[int]], within: float = 5) -> list[int]:
+    """What `find` still finds after `within` seconds (a SIGKILLed process is gone a moment
+    after the signal, not at once)."""
+    deadline = time.monotonic() + within
+    while (found := find()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group", "code"),
+    [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)],
+    ids=["kill", "ctrl-c"],
+)
+def test_a_signal_stops_the_sweep_and_its_cell_in_one_line(tmp_path, signum, to_group, code):
+    """`kill` reaches the sweep alone, Ctrl-C the terminal's whole process group: either
+    way the running cell is stopped, nothing is left running, and the cell is not taken
+    for finished."""
+    path, out = tmp_path / "study.toml", tmp_path / "out"
+    path.write_text(STUDY.format(cache=tmp_path / "cache"))
+    fedmed_bin = Path(sys.executable).parent / "fedmed"
+    process = subprocess.Popen([fedmed_bin, "sweep", path, "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not [pid for pid, fields in _processes().items() if int(fields[1]) == process.pid]:  # the first cell's process
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.02)
+        started = time.monotonic()
+        (os.killpg if to_group else os.kill)(process.pid, signum)
+        _, stderr = process.communicate(timeout=sweep.CELL_STOP_S + 20)
+        took = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == code, stderr
+    assert took < sweep.CELL_STOP_S + 5
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("interrupted in cell lr=0.001, seed 0") and f"fedmed sweep {path} --out {out}` again to continue" in stderr
+    assert not _soon_none(lambda: [pid for pid, fields in _processes().items() if int(fields[3]) == process.pid])  # the sweep's session
+    base, spec = sweep.load_study(path)
+    assert not any(sweep.finished(base, cell, out) for cell in sweep.cells(spec))
+
+
+def test_a_cell_that_does_not_stop_is_killed_with_what_it_started(monkeypatch):
+    """The sweep waits CELL_STOP_S for a signalled cell, then kills its process group."""
+    monkeypatch.setattr(sweep, "CELL_STOP_S", 0.5)
+    stubborn = "import signal, subprocess, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(subprocess.Popen(['sleep', '60']).pid, flush=True); signal.pause()"
+    cell = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True, process_group=0)
+    grandchild = int(cell.stdout.readline())
+    started = time.monotonic()
+    code = sweep._wait(cell, sweep._Stop([signal.SIGTERM]))
+    assert code == -signal.SIGKILL and time.monotonic() - started < 5
+    assert not _soon_none(lambda: [grandchild] if _stat(grandchild) else [])
