@@ -17,7 +17,7 @@ import torch
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, Split, describe, ensure_data, global_test, site_data
 from fedmed.models import build_model
-from fedmed.run import heterogeneity
+from fedmed.run import heterogeneity, interrupt
 from fedmed.run.directory import RunDirectory, resolve_run_name
 from fedmed.run.progress import RoundReporter
 from fedmed.run.record import round_record, summary
@@ -111,13 +111,23 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     resolve_device(cfg.train.device)
     ensure_data(cfg, announce=print)
     out = RunDirectory.create(cfg)
+    rounds = cfg.federation.rounds
+    out.write_status("running", 0, rounds)
     sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
     counts = {s.name: np.bincount(s.train.y[s.train.y >= 0].numpy(), minlength=cfg.data.num_classes).tolist() for s in sites}
     rep = heterogeneity.report(counts, cfg.data.classes)
     heterogeneity.write(out, rep)
     test = global_test(cfg)
     runner = run_pooled if cfg.federation.mode == "pooled" else run_local
-    result = runner(cfg, out, sites, test)
+    try:  # until a signal stops it (`fedmed simulate` takes SIGINT and SIGTERM over)
+        result = runner(cfg, out, sites, test)
+    except interrupt.Stop as stop:
+        done, name = len(out.rounds()), interrupt.signal_name(stop.signum)
+        out.write_status("interrupted", done, rounds, name)
+        raise interrupt.Interrupted(
+            f"interrupted ({name}) after round {done} of {rounds}: a {cfg.federation.mode} baseline keeps no checkpoint; run it again ({out.path})", stop.signum
+        ) from None
     out.write_summary(summary(cfg, describe(cfg), result["test"], result["per_hospital"], time.time() - started))
+    out.write_status("finished", rounds, rounds)
     print(f"run directory: {out.path}")
     return out

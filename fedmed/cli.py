@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, os_error_line
+from fedmed.run import interrupt
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -48,7 +49,7 @@ def _one_line(run: Callable[..., int], *args: Any) -> int:
     try:
         return run(*args)
     except OSError as exc:
-        raise FedmedError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+        raise FedmedError(os_error_line(exc)) from None
 
 
 def _fail(message: str) -> None:
@@ -63,16 +64,52 @@ def simulate(
     out: Annotated[Path | None, typer.Option("--out", help="Parent folder for the run directory (output.dir).")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Attach to a running Ray cluster HOST:PORT.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's own logs.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue an interrupted simulated run (its directory) after its last finished round.")
+    ] = None,
 ) -> None:
-    """Train across simulated hospitals (or a baseline: federation.mode = pooled | local)."""
-    from fedmed import config as config_mod
-
+    """Train across simulated hospitals (or a baseline: federation.mode = pooled | local).
+    Ctrl-C or SIGTERM stops the run, marked interrupted; --resume RUN continues it."""
     values: dict[str, str] = {}
     if out is not None:
         values["output.dir"] = str(out)
     if ray_address is not None:
         values["simulation.ray_address"] = ray_address
-    cfg = config_mod.load(config, list(set_), values)
+    if resume is not None and (config is not None or out is not None):
+        _fail("--resume continues RUN with the settings and directory it started with: pass no config file and no --out")
+    stopped: interrupt.Interrupted | None = None
+    with interrupt.stop_on_signals(on_stop=_quiet_flower):
+        try:
+            _simulate(config, list(set_), values, resume, verbose)
+        except interrupt.Stop as stop:  # before the run began
+            stopped = interrupt.Interrupted(f"interrupted ({interrupt.signal_name(stop.signum)}) before the run started", stop.signum)
+        except interrupt.Interrupted as exc:
+            stopped = exc
+    if stopped is not None:  # one line saying where the run stopped; exit 128 + the signal's number
+        typer.echo(str(stopped), err=True)
+        _exit_now(stopped.code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once, skipping the interpreter's teardown: a stopped run has written all it
+    writes (atomically, fsynced), and the teardown (joining threads Flower left waiting on
+    stopped Ray actors, modules' exit handlers) took over 10 s on a loaded machine."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _simulate(config: Path | None, overrides: list[str], values: dict[str, str], resume: Path | None, verbose: bool) -> None:
+    from fedmed import config as config_mod
+
+    if resume is not None:
+        from fedmed.federation.simulation import resume_config, run_simulation
+        from fedmed.run.directory import run_path
+
+        cfg = resume_config(resume, overrides, values)
+        run_simulation(cfg, verbose=verbose, resume=run_path(cfg))
+        return
+    cfg = config_mod.load(config, overrides, values)
     if cfg.federation.mode == "federated":
         from fedmed.federation.simulation import run_simulation
 
@@ -81,6 +118,13 @@ def simulate(
         from fedmed.baselines import run_baseline
 
         run_baseline(cfg)
+
+
+def _quiet_flower() -> None:
+    """Once a run is stopped, Flower's logs about the Ray actors stopped under it are noise."""
+    import logging
+
+    logging.getLogger("flwr").disabled = True
 
 
 @app.command()
@@ -108,13 +152,19 @@ def audit(
     data: Annotated[
         Path | None, typer.Option("--data", help="With --data-secret: the hospital's site config (or the simulation's config; default: the run's).")
     ] = None,
+    keys: Annotated[
+        list[Path],
+        typer.Option("--keys", help="Public keys to trust, from outside the run: its trust file (`fedmed simulate` prints it) or a PARTY.pub (repeatable)."),
+    ] = [],  # noqa: B006
 ) -> None:
     """Verify a training's ledgers: chains and signatures, cross-recorded checkpoints, model
-    digests, privacy claims (recomputed with dp-accounting) and leakage of patient data.
-    Exit 0 when everything holds, 1 when problems were found, 2 when the input is unusable."""
+    digests, the figures the run reports, privacy claims (recomputed with dp-accounting) and
+    leakage of patient data, against public keys from outside the run. Exit 0 when
+    everything holds, 1 when problems were found or the keys came only from the run
+    directory (not verified), 2 when the input is unusable."""
     from fedmed.audit.report import audit as run_audit
 
-    raise typer.Exit(code=run_audit(paths, empirical=empirical, out_dir=out, data_secret=data_secret, data=data))
+    raise typer.Exit(code=run_audit(paths, empirical=empirical, out_dir=out, data_secret=data_secret, data=data, keys=list(keys)))
 
 
 @certs_app.command("init")
@@ -252,6 +302,9 @@ def main() -> None:
         app()
     except FedmedError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # a full disk, a folder that cannot be written: the user's to fix
+        typer.echo(f"error: {os_error_line(exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

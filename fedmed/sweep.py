@@ -43,7 +43,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmed import config as config_mod
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, os_error_line
 from fedmed.run.directory import RunDirectory, atomic_write
 
 Scalar = bool | int | float | str
@@ -250,8 +250,19 @@ def run_cell(base: dict[str, Any], cell: Cell, out: Path, stop: _Stop | None = N
         return True
     if stop.requested:
         return False
-    last = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
+    last = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()][-1:] or [_no_output(folder)]
     raise FedmedError(f"cell {cell.label} seed {cell.seed} failed: {last[0].strip().removeprefix('error: ')[:300]} (log: {log})")
+
+
+def _no_output(folder: Path) -> str:
+    """Why a failed cell's log may be empty: its error could not be written either."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "no output"
+    if free < 1 << 20:
+        return f"no output, and the disk holding {folder} is full ({free // 1024} KiB free): free space and run again"
+    return "no output"
 
 
 def run_sweep(study: Path, out: Path) -> Path:
@@ -262,7 +273,7 @@ def run_sweep(study: Path, out: Path) -> Path:
         try:
             return _sweep(study, out, stop)
         except OSError as exc:
-            raise FedmedError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+            raise FedmedError(os_error_line(exc)) from None
 
 
 def _sweep(study: Path, out: Path, stop: _Stop) -> Path:

@@ -3,6 +3,7 @@ one Ray head for the session; the command line run in this process."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -20,8 +21,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Simulations sign with keys in the user's key store: the tests' own, never the user's.
+os.environ["FEDMED_KEY_STORE"] = tempfile.mkdtemp(prefix="fedmed-test-keys-")
 
 from fedmed import config as config_mod
+
+atexit.register(shutil.rmtree, os.environ["FEDMED_KEY_STORE"], True)
 
 TINY = [
     "data.image_size=32",
@@ -41,6 +46,7 @@ WORKER_GROUPS = {
     "test_simulation.py": "ray",
     "test_privacy_simulation.py": "ray",
     "test_audit.py": "ray",
+    "test_interrupt.py": "ray",  # its resumed runs attach to the session's Ray head
     "test_sweep.py": "sweep",  # one study, read and changed by its tests in turn
 }
 
@@ -173,6 +179,13 @@ def fedmed(*args: object, cwd: Path | None = None) -> Result:
 def fedmed_process(*args: object, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`fedmed ARGS` as its own process, as a user types it."""
     return subprocess.run([str(Path(sys.executable).parent / "fedmed"), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def from_a_terminal() -> None:
+    """A `preexec_fn` for a command the test will Ctrl-C: SIGINT as a terminal leaves it.
+    A suite started in the background (`make test &`, some CI runners) inherits SIGINT
+    ignored, and a command keeps a signal it was started ignoring ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_clean_failure(result: Result | subprocess.CompletedProcess, *needles: str) -> None:

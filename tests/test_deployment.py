@@ -267,7 +267,8 @@ def test_the_audit_passes_for_the_honest_hospitals_and_names_the_refused_node(ru
     server = next(fed.run_dir().glob("ledgers/*/server.jsonl"))
     ledgers = fed.root / fed.ledgers
     hospitals = [p for name in ("hospital-01", "hospital-03") for p in (next(ledgers.glob(f"*/{name}.jsonl")), ledgers / "keys" / f"{name}.pub")]
-    audit = fedmed_process("audit", server, fed.run_dir() / "ledgers/keys/server.pub", *hospitals, "--out", tmp_path)
+    server_key = fed.root / fed.state / "keys" / "server.pub"  # the server's own, not the run's copy
+    audit = fedmed_process("audit", server, server_key, *hospitals, "--out", tmp_path)
     assert audit.returncode == 0, audit.stdout[-3000:]
     assert "refused hospital-02's node in round(s) 1, 2" in audit.stdout
 

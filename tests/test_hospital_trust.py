@@ -22,7 +22,7 @@ from fedmed.federation import client_app as fedmed_client
 from fedmed.federation.wire import LEDGER_DIR, NAME_MISMATCH, SITE_CONFIG
 from fedmed.ledger.budget import LifetimeBudget, Spend
 from fedmed.ledger.chain import LedgerFile
-from fedmed.ledger.keys import Signer
+from fedmed.ledger.keys import Signer, default_key_store
 from fedmed.run.directory import RunDirectory
 
 from .conftest import TINY, fedmed
@@ -139,7 +139,7 @@ def test_the_audit_confirms_a_data_commitment_with_the_revealed_secret_and_nothi
     run = run_in_process(cfg)
     settings = tmp_path / "simulation.toml"
     settings.write_text(tomli_w.dumps(unflatten(cfg.flat())))
-    keys = run / RunDirectory.LEDGERS / "keys"
+    keys = default_key_store()  # a simulated hospital's secret: in the user's key store, not the run
     audit = fedmed("audit", run, "--data-secret", keys / "hospital-02.data-secret", "--data", settings, "--out", tmp_path / "a")
     assert audit.returncode == 0, audit.stdout
     assert any("hospital-02's data commitment matches its data" in note for note in json.loads((tmp_path / "a" / "audit.json").read_text())["notes"])

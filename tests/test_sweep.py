@@ -20,7 +20,7 @@ import pytest
 from fedmed import sweep
 from fedmed.run.directory import RunDirectory
 
-from .conftest import assert_clean_failure, fedmed
+from .conftest import assert_clean_failure, fedmed, from_a_terminal
 
 STUDY = """
 seed = 0
@@ -237,9 +237,9 @@ def test_a_signal_stops_the_sweep_and_its_cell_in_one_line(tmp_path, signum, to_
     way the running cell is stopped, nothing is left running, and the cell is not taken
     for finished."""
     path, out = tmp_path / "study.toml", tmp_path / "out"
-    path.write_text(STUDY.format(cache=tmp_path / "cache"))
+    path.write_text(STUDY.format(cache=tmp_path / "cache").replace("rounds = 1\n", "rounds = 100000\n"))  # its cells run until stopped
     fedmed_bin = Path(sys.executable).parent / "fedmed"
-    process = subprocess.Popen([fedmed_bin, "sweep", path, "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen([fedmed_bin, "sweep", path, "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=from_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while not [pid for pid, fields in _processes().items() if int(fields[1]) == process.pid]:  # the first cell's process

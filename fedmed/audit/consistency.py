@@ -99,12 +99,17 @@ def _hospital_side(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
         for e in r["payload"].get("participants", [])
     }
     failures = {int(r["round"]): r["payload"].get("failures", 0) for _, r in evidence.server.events("train-round")}
+    cut = {int(r["payload"].get("after_round", -1)) + 1 for _, r in evidence.server.events("interrupted")}  # rounds a signal cut short
     for name, hospital in evidence.hospitals.items():
         for index, record in hospital.events("train"):
             rnd, mode = int(record["round"]), record["payload"].get("privacy", {}).get("mode")
             if mode != start.get("privacy_mode"):
                 out.append(Finding("consistency", hospital.where(index), f"trained with privacy mode {mode!r}; the run's is {start.get('privacy_mode')!r}"))
-            if (rnd, name) not in listed and not failures.get(rnd):
+            if (rnd, name) in listed or failures.get(rnd):
+                continue
+            if rnd in cut:
+                evidence.notes.append(f"{hospital.where(index)}: trained in round {rnd}, which an interruption of the run cut short: its update was never aggregated")
+            else:
                 out.append(Finding("consistency", hospital.where(index), "sent an update the server's ledger neither aggregated nor counted as failed: it was dropped unrecorded"))
     return out
 

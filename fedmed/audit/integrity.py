@@ -1,5 +1,6 @@
-"""Integrity: each ledger's hash chain and signatures, and the checkpoints each party
-recorded of the other's ledger (no truncation, no fork, no reordering)."""
+"""Integrity: each ledger's hash chain and signatures, the run's status file against the
+server's ledger, and the checkpoints each party recorded of the other's ledger (no
+truncation, no fork, no reordering)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from fedmed.audit.evidence import Evidence, Finding, PartyLedger
 from fedmed.ledger.chain import checkpoint_body, record_problems, signature_ok
+from fedmed.run.directory import RunDirectory
 
 
 def chain(party: PartyLedger) -> list[Finding]:
@@ -35,6 +37,9 @@ def checkpoints(evidence: Evidence) -> list[Finding]:
     out: list[Finding] = []
     server = evidence.server
     run = _run_id(server)
+    interrupted = evidence.interrupted_after
+    if interrupted is not None:
+        evidence.notes.append(f"the run was interrupted after round {interrupted}: it did not finish (`fedmed simulate --resume` continues a simulated run)")
     covered: dict[str, int] = {}  # hospital -> highest record the server holds a checkpoint for
     for index, record in enumerate(server.file.records):
         if record is None or record.get("event") not in ("train-round", "evaluate-round"):
@@ -61,10 +66,12 @@ def checkpoints(evidence: Evidence) -> list[Finding]:
             finding = Finding("checkpoints", hospital.where(last), f"records {covered[name] + 1}-{last} are covered by no checkpoint in the server's ledger: the server ledger was cut, or the hospital wrote after its last reply")
             if _failures_after(server, hospital, covered[name]):  # its last reply may never have reached the server
                 evidence.notes.append(f"{finding.where}: {finding.message} (the server recorded failed replies in that round: possibly this hospital's)")
+            elif interrupted is not None:  # the round in flight when the run was stopped
+                evidence.notes.append(f"{finding.where}: {finding.message} (the run was interrupted after round {interrupted}: the round it cut short)")
             else:
                 out.append(finding)
     ends = server.events("run-end")
-    if not ends or ends[-1][0] != len(server.file.lines) - 1:
+    if interrupted is None and (not ends or ends[-1][0] != len(server.file.lines) - 1):
         last = len(server.file.lines) - 1
         out.append(Finding("checkpoints", server.where(last), "the server ledger does not end with run-end: it was cut, or the run did not finish"))
     return out
@@ -100,8 +107,28 @@ def _match(where: str, checkpoint: dict[str, Any], other: PartyLedger, run: str 
     return []
 
 
+def status(evidence: Evidence) -> list[Finding]:
+    """The run's status.json agrees with the end of the server's ledger: a run that says it
+    was interrupted (or is running) ends with a signed `interrupted` record, at the same
+    round; one that says it finished does not."""
+    state = evidence.run_dir.status() if evidence.run_dir is not None else None
+    if state is None:  # no status file (runs from before it, ledgers given one by one)
+        return []
+    where, said, interrupted = RunDirectory.STATUS, state.get("state"), evidence.interrupted_after
+    if said in ("interrupted", "running") and interrupted is None:
+        if said == "running" and evidence.server.events("run-end"):  # it stopped before marking itself finished
+            evidence.notes.append(f"{where} says the run is running, but the server ledger records its end")
+            return []
+        return [Finding("integrity", where, f"says {said} but the server ledger has no signed interrupted record at its end")]
+    if said == "interrupted" and state.get("after_round") != interrupted:
+        return [Finding("integrity", where, f"says interrupted after round {state.get('after_round')}, but the server ledger's signed record says after round {interrupted}")]
+    if said not in ("interrupted", "running") and interrupted is not None:
+        return [Finding("integrity", where, f"says {said}, but the server ledger ends with a signed interrupted record (after round {interrupted})")]
+    return []
+
+
 def integrity(evidence: Evidence) -> list[Finding]:
     out = [f for party in evidence.parties.values() for f in chain(party)]
-    return out + checkpoints(evidence)
+    return out + status(evidence) + checkpoints(evidence)
 
 

@@ -19,16 +19,19 @@ from fedmed.audit.data import commitment
 from fedmed.audit.empirical import empirical as empirical_check
 from fedmed.audit.evidence import AuditInputError, Evidence, Finding, load
 from fedmed.audit.identity import identity
-from fedmed.audit.integrity import chain, checkpoints
+from fedmed.audit.integrity import chain, checkpoints, status
 from fedmed.audit.leakage import leakage
+from fedmed.audit.reported import reported
 from fedmed.errors import FedmedError
 from fedmed.run.directory import RunDirectory
 
 CHECKS = {
+    "keys": "each party's public key comes from outside the run (--keys, the command line, or the key store of the machine that ran it) and matches the run's copy",
     "integrity": "every record's hash chain and Ed25519 signature",
     "checkpoints": "each ledger matches the signed checkpoints the other parties recorded (no truncation, fork or reordering)",
     "identity": "every reply recorded under a hospital's name carries that hospital's own signed checkpoint; refused nodes are named",
     "consistency": "models sent = models received, updates recorded = updates sent, aggregates follow from the updates",
+    "reported": "metrics.jsonl's round records, summary.json, heterogeneity.json and model.pt are the ones the server signed",
     "privacy": "epsilon recomputed with dp-accounting from the logged parameters; budgets; reported figures",
     "leakage": "no paths, file names, patient, national or accession IDs, DICOM tags or names, birth dates, e-mails, image-sized arrays or over-long lines in ledgers, metrics or logs",
     "data": "the hospital's data commitment matches its data, under the secret it revealed",
@@ -48,18 +51,21 @@ def _guarded(check: str, run: Callable[[], list[Finding]]) -> list[Finding]:
 
 def audit(
     paths: list[Path], empirical: bool = False, out_dir: Path | None = None, console: Console | None = None,
-    data_secret: Path | None = None, data: Path | None = None,
+    data_secret: Path | None = None, data: Path | None = None, keys: list[Path] | None = None,
 ) -> int:
     console = console or Console()
     if data is not None and data_secret is None:
         raise AuditInputError("--data goes with --data-secret: the hospital's secret, to check its data commitment")
     started = time.perf_counter()
-    evidence = load(paths)
+    evidence = load(paths, keys)
     findings: dict[str, list[Finding]] = {
-        "integrity": [f for party in evidence.parties.values() for f in _guarded("integrity", lambda p=party: chain(p))],
+        "keys": evidence.key_findings,
+        "integrity": [f for party in evidence.parties.values() for f in _guarded("integrity", lambda p=party: chain(p))]
+        + _guarded("integrity", lambda: status(evidence)),
         "checkpoints": _guarded("checkpoints", lambda: checkpoints(evidence)),
         "identity": _guarded("identity", lambda: identity(evidence)),
         "consistency": _guarded("consistency", lambda: consistency(evidence)),
+        "reported": _guarded("reported", lambda: reported(evidence)),
     }
     spent: list[Spent] = []
 
@@ -81,6 +87,10 @@ def audit(
 
         findings["empirical"] = _guarded("empirical", run_empirical)
     report = _report(evidence, findings, spent, canaries, time.perf_counter() - started)
+    report["interrupted_after_round"] = evidence.interrupted_after
+    if evidence.interrupted_after is not None and report["verdict"] == "PASSED":  # the checks hold, for a run that did not finish
+        report["verdict"] = f"INTERRUPTED after round {evidence.interrupted_after}"
+    report["passed"] = report["verdict"] == "PASSED"
     target = out_dir or (evidence.run_dir.path if evidence.run_dir else Path.cwd())
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -89,13 +99,15 @@ def audit(
     RunDirectory(target).write_audit(json.dumps(report, indent=2, sort_keys=True) + "\n", markdown(report))
     show(console, report)
     console.print(f"report: {target / RunDirectory.AUDIT_REPORT}, {target / RunDirectory.AUDIT}")
-    return 0 if report["passed"] else 1
+    return 0 if report["verdict"] == "PASSED" else 1
 
 
 def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[Spent], canaries: dict, seconds: float) -> dict[str, Any]:
     parties = {name: {"records": len(p.file.lines), "ledger": p.file.path.name} for name, p in evidence.parties.items()}
     return {
         "passed": not any(findings.values()),
+        "verdict": _verdict(findings),
+        "keys": {party: {"key_id": k.key_id, "trusted_from": k.trusted_from} for party, k in sorted(evidence.keys.items())},
         "fedmed_version": __version__,
         "audited_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 2),
@@ -108,6 +120,20 @@ def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[
         "empirical": canaries or None,
         "notes": evidence.notes,
     }
+
+
+def _verdict(findings: dict[str, list[Finding]]) -> str:
+    """PASSED; NOT VERIFIED when every check holds but only against the run's own keys; FAILED."""
+    if not any(findings.values()):
+        return "PASSED"
+    untrusted = all("comes only from the run directory" in f.message for f in findings["keys"])
+    if findings["keys"] and untrusted and not any(found for name, found in findings.items() if name != "keys"):
+        return "NOT VERIFIED"
+    return "FAILED"
+
+
+def _key_lines(report: dict[str, Any]) -> list[str]:
+    return [f"{party}: key {k['key_id']}, trusted from {k['trusted_from'] or 'nowhere (only the run directory copy)'}" for party, k in report["keys"].items()]
 
 
 def show(console: Console, report: dict[str, Any]) -> None:
@@ -126,12 +152,20 @@ def show(console: Console, report: dict[str, Any]) -> None:
             console.print(f"  ... and {len(check['findings']) - 25} more {name} findings in audit.json")
     for note in report["notes"]:
         console.print(f"note: {note}", markup=False, highlight=False)
+    for line in _key_lines(report):
+        console.print(f"keys: {line}", markup=False, highlight=False)
     if report["privacy"]:
         console.print(_privacy_table(report["privacy"]))
     if report["empirical"]:
         e = report["empirical"]
         console.print(f"empirical: {e['correct']}/{e['guesses']} canary guesses right -> epsilon >= {e['epsilon_lower_bound']:.2f} (95 %), claimed {_eps(e['claimed_epsilon'])}")
-    console.print("[bold green]PASSED[/]: every check holds" if report["passed"] else "[bold red]FAILED[/]: see the findings above")
+    console.print({
+        "PASSED": "[bold green]PASSED[/]: every check holds, against keys from outside the run",
+        "NOT VERIFIED": "[bold yellow]NOT VERIFIED[/]: the checks hold, but only against the run directory's own keys (pass --keys)",
+        f"INTERRUPTED after round {report.get('interrupted_after_round')}": (
+            f"[bold yellow]INTERRUPTED after round {report.get('interrupted_after_round')}[/]: every check holds for the rounds it ran, but the run did not finish"
+        ),
+    }.get(report["verdict"], "[bold red]FAILED[/]: see the findings above"))
 
 
 def _privacy_table(rows: dict[str, dict[str, Any]]) -> Table:
@@ -149,7 +183,7 @@ def _eps(value: float | None) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"# fedmed audit: {'PASSED' if report['passed'] else 'FAILED'}",
+        f"# fedmed audit: {report['verdict']}",
         "",
         f"Run: {report['run_directory'] or 'ledgers given one by one'}; audited {report['audited_at']} with fedmed {report['fedmed_version']} in {report['seconds']} s.",
         "",
@@ -167,6 +201,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Findings", "", *[f"- **{name}**, {f['where']}: {f['message']}" for name, f in problems], ""]
     if report["notes"]:
         lines += ["## Notes (not failures)", "", *[f"- {note}" for note in report["notes"]], ""]
+    lines += ["## Keys", "", *[f"- {line}" for line in _key_lines(report)], ""]
     if report["privacy"]:
         lines += [
             "## Privacy spent", "",

@@ -29,7 +29,7 @@ from fedmed.config import DataConfig
 from fedmed.data.decode import Decoded, DecodeSettings, Skip, decode_dicom_series, decode_image, decode_nifti, image_hash, oversize, to_square
 from fedmed.data.demo import cache_root
 from fedmed.data.layout import SPLITS, SYSTEM_REASON, Unit, detect_format, list_files, scan
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, os_error_line
 
 DECODER_VERSION = 3  # bump when decoding changes what a cached dataset holds
 CACHE_FILES = ("images.npy", "index.npz", "manifest.json")
@@ -217,7 +217,7 @@ def _build(cache: Path, root: Path, files: list[str], passed: list[tuple[str, st
             except OSError:  # another process built it first
                 pass
     except OSError as exc:
-        raise FedmedError(f"cannot write the dataset cache in {cache.parent} ({exc.strerror}): free space or set data.cache_dir") from None
+        raise FedmedError(f"cannot write the dataset cache in {cache.parent} ({os_error_line(exc)}): free space or set data.cache_dir") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -24,7 +24,7 @@ from fedmed.config import DataConfig, SkewConfig
 from fedmed.data.phantom import CLASSES, render
 from fedmed.data.scanners import ScannerProfile, hospital_profiles
 from fedmed.data.template import axial_stack
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, os_error_line
 
 GENERATOR_VERSION = 2
 SPLITS = ("train", "test", "global_test")
@@ -215,7 +215,7 @@ def ensure_cached(spec: DemoSpec, cache_dir: str = "", announce: Callable[[str],
         os.replace(tmp, target)  # atomic; another process may have won the race
     except OSError as exc:
         if not (target / "meta.json").is_file():
-            raise FedmedError(f"cannot write the data cache in {target.parent}: {exc.strerror}") from None
+            raise FedmedError(f"cannot write the data cache in {target.parent}: {os_error_line(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image, ImageDraw
 from fedmed.config import FedmedConfig
 from fedmed.data import demo
 from fedmed.data.phantom import CLASSES
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, os_error_line
 
 KAGGLE_SPLITS = {"train": "Training", "test": "Testing"}
 
@@ -22,6 +23,7 @@ def export_demo(cfg: FedmedConfig, out_dir: Path) -> Path:
         raise FedmedError(f"{out_dir} exists and is not an empty folder: choose a new folder so nothing there is overwritten")
     spec = demo.DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew)
     data = demo.load(spec, cfg.data.cache_dir)
+    existed = out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for h in range(spec.hospitals):
@@ -34,9 +36,21 @@ def export_demo(cfg: FedmedConfig, out_dir: Path) -> Path:
                         Image.fromarray(img).save(target / f"{name}_{i:04d}.png")
         sheet = out_dir / "contact_sheet.png"
         contact_sheet(data, spec).save(sheet)
-    except OSError as exc:
-        raise FedmedError(f"cannot write the demo images to {out_dir}: {exc.strerror}") from None
+    except OSError as exc:  # a full disk: no half export is kept (its last image would be cut short)
+        _remove_written(out_dir, existed)
+        raise FedmedError(f"cannot write the demo images to {out_dir} (nothing was kept): {os_error_line(exc)}") from None
     return sheet
+
+
+def _remove_written(out_dir: Path, existed: bool) -> None:
+    """What a failed export wrote: the folder it made, or what it put in the empty folder it was given."""
+    if not out_dir.is_dir():
+        return
+    for path in list(out_dir.iterdir()) if existed else [out_dir]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def contact_sheet(data: demo.DemoData, spec: demo.DemoSpec, per_cell: int = 3) -> Image.Image:

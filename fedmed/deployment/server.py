@@ -18,6 +18,7 @@ from fedmed.config import FedmedConfig, from_flat
 from fedmed.deployment import checks
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint
+from fedmed.ledger.keys import KeyStore
 from fedmed.run.deployed import RUN_FILE, DeployedRun
 from fedmed.run.directory import RunDirectory, atomic_write, resolve_run_name, run_path
 
@@ -38,6 +39,7 @@ class State:
         self.home, self.app = root / "flwr", root / "app"
         self.current, self.nodes = root / "current.json", root / "nodes.json"
         self.run_file = root / "serverapp.json"  # the ServerApp's settings (`DeployedRun`): never sent to a node
+        self.keys = root / "keys"  # the server's ledger signing key and its runs' trust files (`KeyStore`)
 
     def read(self, path: Path) -> dict[str, Any]:
         try:
@@ -91,7 +93,7 @@ def _write_app(state: State, flat: dict[str, Any], resume_from: str, nodes: dict
     this machine (`DeployedRun`), and to each node, in each request, only what it needs."""
     import tomli_w
 
-    DeployedRun(flat, resume_from, {int(node): name for name, node in nodes.items()}).save(state.run_file)
+    DeployedRun(flat, resume_from, {int(node): name for name, node in nodes.items()}, str(state.keys)).save(state.run_file)
     state.app.mkdir(parents=True, exist_ok=True)
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -246,6 +248,9 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
         completed = _watch(state, proc, run_id, run_dir, done, console)
         if completed:
             console.print(f"run finished: {run_dir}")
+            for ledgers in RunDirectory(run_dir).ledger_runs():  # one: the run's
+                trust = KeyStore(state.keys).trust_file(ledgers.name)
+                console.print(f"ledger keys: {trust}; give it to auditors apart from the run (`fedmed audit ... --keys {trust}`)")
         return 0 if completed else 1
     except KeyboardInterrupt:
         console.print(f"stopped; `fedmed server start --config ... --resume` continues after the last finished round ({run_dir})")

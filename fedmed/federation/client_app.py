@@ -7,8 +7,11 @@ about individual images (names, paths, pixels, per-image losses) leaves.
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +22,7 @@ from torch import nn
 
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, site_data
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, os_error_line
 from fedmed.federation import policy, wire
 from fedmed.ledger.budget import BudgetLedgerError, LifetimeBudget, Spend
 from fedmed.ledger.digests import architecture_digest, arrays_digest
@@ -35,6 +38,23 @@ if TYPE_CHECKING:
     from fedmed.privacy.hospital import HospitalPrivacy
 
 app = ClientApp()
+
+
+def _file_errors_stay_here(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A file-system error at the hospital (its disk full while writing its ledger) reaches
+    the server as one line without this machine's paths; the whole of it stays in the
+    hospital's own log."""
+
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except OSError as exc:
+            print(f"fedmed: {os_error_line(exc)}", file=sys.stderr)
+            reason = "its disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"a file-system error ({exc.strerror or type(exc).__name__})"
+            raise FedmedError(f"this hospital cannot write its files: {reason} (the details are in the hospital's own log)") from None
+
+    return handle
 
 
 @dataclass(frozen=True)
@@ -93,11 +113,13 @@ def _ledger(context: Context, config: ConfigRecord, site: str) -> HospitalLedger
     server names (a simulation's run directory: simulated hospitals share the researcher's disk)."""
     if wire.LEDGER_RUN not in config:
         raise FedmedError("the server sent no ledger run id: it runs an older fedmed; upgrade the server")
-    root = context.node_config.get(wire.LEDGER_DIR) or config.get(wire.LEDGER_ROOT)
+    own = context.node_config.get(wire.LEDGER_DIR)
+    root = own or config.get(wire.LEDGER_ROOT)
     if not root:
         raise FedmedError(f"this node has no `{wire.LEDGER_DIR}` in its node config: set one for its training ledgers")
+    keys = None if own or wire.LEDGER_KEYS not in config else Path(str(config[wire.LEDGER_KEYS]))  # a real node's keys are its own
     try:
-        return HospitalLedger.open(Path(str(root)).expanduser(), str(config[wire.LEDGER_RUN]), site)
+        return HospitalLedger.open(Path(str(root)).expanduser(), str(config[wire.LEDGER_RUN]), site, keys)
     except FedmedError as exc:  # it may name this machine's files: the server learns only that it failed
         print(f"fedmed: this hospital's ledger cannot be used: {exc}", file=sys.stderr)
         raise FedmedError("this hospital's ledger, its key or its data secret cannot be used (the reason is in the hospital's own log)") from None
@@ -194,6 +216,7 @@ def _evaluation(r: Request, received: str, model_round: int) -> dict[str, Any]:
 
 
 @app.train()
+@_file_errors_stay_here
 def train(msg: Message, context: Context) -> Message:
     r = _receive(msg, context)
     cfg, site = r.cfg, r.site
@@ -249,6 +272,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_file_errors_stay_here
 def evaluate(msg: Message, context: Context) -> Message:
     r = _receive(msg, context)
     metrics = _evaluation(r, arrays_digest(msg.content[wire.ARRAYS]), r.server_round)

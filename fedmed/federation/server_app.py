@@ -15,15 +15,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import FedmedConfig, from_flat
+from fedmed.data.demo import hospital_name
 from fedmed.data.sites import describe, global_test
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint, wire
 from fedmed.federation.strategy import Recording, build_strategy
+from fedmed.ledger.keys import KeyStore, default_key_store
 from fedmed.ledger.server import ServerLedger
 from fedmed.models import build_model, norm_keys
 from fedmed.privacy import report as privacy_report
 from fedmed.privacy.client_level import ClientLevelDP
-from fedmed.run import heterogeneity
+from fedmed.run import heterogeneity, interrupt
 from fedmed.run.deployed import RUN_FILE, DeployedRun
 from fedmed.run.directory import RunDirectory
 from fedmed.run.progress import RoundReporter
@@ -33,6 +35,7 @@ from fedmed.training.metrics import from_confusion
 
 app = ServerApp()
 REPLY_POLL_S = 0.2
+RESUME_RUN = "FEDMED_RESUME_RUN"  # a simulation resumed (`fedmed simulate --resume`): the run directory it continues
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
@@ -40,15 +43,20 @@ STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"
 def main(grid: Grid, context: Context) -> None:
     deployed = os.environ.get(RUN_FILE)
     if not deployed:  # a simulation: the run config is the whole config
-        run(grid, from_flat(dict(context.run_config)))
+        resume = os.environ.get(RESUME_RUN)
+        run(grid, from_flat(dict(context.run_config)), Path(resume) if resume else None)
         return
     job = DeployedRun.load(Path(deployed))
-    run(grid, from_flat(job.config), Path(job.resume_from) if job.resume_from else None, job.nodes)
+    run(grid, from_flat(job.config), Path(job.resume_from) if job.resume_from else None, job.nodes, KeyStore(Path(job.key_store)))
 
 
-def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[int, str] | None = None) -> None:
+def run(
+    grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[int, str] | None = None, keys: KeyStore | None = None
+) -> None:
     """The whole run; with `resume` (a run directory), from the round after its last
-    checkpoint. `nodes`: hospital names by node id, where the operator knows them."""
+    checkpoint. `nodes`: hospital names by node id, where the operator knows them.
+    `keys`: where the server's signing key lives (a deployed server's state folder);
+    a simulation's parties all sign with keys from the user's key store."""
     started = time.time()
     client_dp = ClientLevelDP(cfg) if cfg.privacy.mode == "client" else None  # checks delta before anything is written
     previous = checkpoint.load(RunDirectory(resume)) if resume else None
@@ -64,7 +72,8 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     aggregation = "DP-FedAvg" if client_dp else STRATEGY_NAMES[cfg.federation.strategy]
     title = f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {n} hospitals, {rounds} rounds -> {out.path}"
     reporter = RoundReporter(rounds, title + (f" (resumed after round {previous.round})" if previous else ""))
-    ledger = ServerLedger(out, cfg.output.save_updates, previous.ledger_run if previous else "")
+    simulated = () if nodes else tuple(hospital_name(i) for i in range(n))
+    ledger = ServerLedger(out, cfg.output.save_updates, keys or KeyStore(default_key_store()), previous.ledger_run if previous else "", simulated)
     strategy = _strategy(cfg, norm_keys(model), client_dp, ledger)
 
     config = wire.config_record(cfg, deployed=bool(nodes))
@@ -91,6 +100,8 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     # record is written once its model's evaluations are in (`pending` until then).
     merged = strategy.evaluate_with_training = f.fraction_train == 1.0 and f.fraction_evaluate == 1.0
     pending: Pending | None = Pending(**waiting) if waiting else None
+    completed = previous.round if previous else 0  # the last round checkpointed
+    out.write_status("running", completed, rounds)
 
     def send(messages: Iterable[Message]) -> list[Message]:
         return exchange(grid, messages, f.round_timeout)
@@ -100,51 +111,60 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
         nonlocal pending
         strategy.aggregate_evaluate(model_round, replies)
         if pending is not None and pending.round == model_round:
-            out.append_round(pending.record(cfg, strategy.log.round(model_round)))
+            record = pending.record(cfg, strategy.log.round(model_round))
+            ledger.round_record(record)  # signed first: the audit holds metrics.jsonl to it
+            out.append_round(record)
             pending = None
 
-    for server_round in range(previous.round + 1 if previous else 1, rounds + 1):
-        train = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
-        if merged and server_round > 1:
-            replies = send([*train, *strategy.evaluate_only(server_round - 1, ConfigRecord(dict(config)), grid)])
-            evaluated(server_round - 1, replies)  # before this round's training is recorded: the ledger keeps their order
-            training = {m.metadata.message_id for m in strategy.asked}
-            replies = [m for m in replies if m.metadata.reply_to_message_id in training]
-        else:
-            replies = send(train)
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
-        arrays = aggregated if aggregated is not None else arrays
+    try:  # until a signal stops the run (`fedmed simulate` takes SIGINT and SIGTERM over)
+        for server_round in range(previous.round + 1 if previous else 1, rounds + 1):
+            interrupt.check()
+            train = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+            if merged and server_round > 1:
+                replies = send([*train, *strategy.evaluate_only(server_round - 1, ConfigRecord(dict(config)), grid)])
+                evaluated(server_round - 1, replies)  # before this round's training is recorded: the ledger keeps their order
+                training = {m.metadata.message_id for m in strategy.asked}
+                replies = [m for m in replies if m.metadata.reply_to_message_id in training]
+            else:
+                replies = send(train)
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            arrays = aggregated if aggregated is not None else arrays
 
-        outcome = strategy.log.round(server_round)
-        for site, decline in sorted(outcome.declined.items()):
-            reporter.console.print(f"round {server_round}: {site} declined to train: {decline.reason}")
-        for site in outcome.dropped:
-            reporter.console.print(f"round {server_round}: {site} dropped out (no update); the round goes on without it")
-        if _model_moved(strategy, outcome, reporter):
-            new = {site: u.metrics[wire.LABEL_COUNTS] for site, u in outcome.trained.items() if site not in label_counts}
-            if new:  # hospitals reporting for the first time: (re)write the heterogeneity report
-                label_counts.update(new)
-                rep = heterogeneity.report(label_counts, cfg.data.classes)
-                heterogeneity.write(out, rep)
-                if server_round == 1:
-                    heterogeneity.print_table(reporter.console, rep)
-            model.load_state_dict(arrays.to_torch_state_dict())
-            last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
-            took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(outcome.trained) + len(outcome.declined)}/{n}")
-            pending = Pending(server_round, took, elapsed, last_test, client_dp.metrics() if client_dp else None)
-        if not merged:
-            evaluated(server_round, send(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)))
-        checkpoint.save(out, checkpoint.Checkpoint(
-            round=server_round,
-            config_sha256=cfg.digest(),
-            arrays={k: v.numpy() for k, v in arrays.items()},
-            strategy=strategy.state(),
-            ledger_run=ledger.run_id,
-            client_dp=client_dp.state() if client_dp else None,
-            server={"last_test": last_test, "label_counts": label_counts, "pending": asdict(pending) if pending else None},
-        ))
-    if merged:  # the last round's model
-        evaluated(rounds, send(strategy.configure_evaluate(rounds, arrays, ConfigRecord(dict(config)), grid)))
+            outcome = strategy.log.round(server_round)
+            for site, decline in sorted(outcome.declined.items()):
+                reporter.console.print(f"round {server_round}: {site} declined to train: {decline.reason}")
+            for site in outcome.dropped:
+                reporter.console.print(f"round {server_round}: {site} dropped out (no update); the round goes on without it")
+            if _model_moved(strategy, outcome, reporter):
+                new = {site: u.metrics[wire.LABEL_COUNTS] for site, u in outcome.trained.items() if site not in label_counts}
+                if new:  # hospitals reporting for the first time: (re)write the heterogeneity report
+                    label_counts.update(new)
+                    rep = heterogeneity.report(label_counts, cfg.data.classes)
+                    heterogeneity.write(out, rep)
+                    if server_round == 1:
+                        heterogeneity.print_table(reporter.console, rep)
+                model.load_state_dict(arrays.to_torch_state_dict())
+                last_test = evaluate(model, test_set.x, test_set.y, cfg.train.device)
+                took, elapsed = reporter.round_done(server_round, last_test, f"  hospitals {len(outcome.trained) + len(outcome.declined)}/{n}")
+                pending = Pending(server_round, took, elapsed, last_test, client_dp.metrics() if client_dp else None)
+            if not merged:
+                evaluated(server_round, send(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)))
+            checkpoint.save(out, checkpoint.Checkpoint(
+                round=server_round,
+                config_sha256=cfg.digest(),
+                arrays={k: v.numpy() for k, v in arrays.items()},
+                strategy=strategy.state(),
+                ledger_run=ledger.run_id,
+                client_dp=client_dp.state() if client_dp else None,
+                server={"last_test": last_test, "label_counts": label_counts, "pending": asdict(pending) if pending else None},
+            ))
+            completed = server_round
+        if merged:  # the last round's model
+            evaluated(rounds, send(strategy.configure_evaluate(rounds, arrays, ConfigRecord(dict(config)), grid)))
+    except interrupt.Stop as stop:  # where it stopped, signed; resumable from the last checkpoint
+        ledger.interrupted(completed, interrupt.signal_name(stop.signum))
+        out.write_status("interrupted", completed, rounds, interrupt.signal_name(stop.signum))
+        return
 
     final = strategy.log.round(rounds).evaluated
     per_hospital = {
@@ -152,12 +172,15 @@ def run(grid: Grid, cfg: FedmedConfig, resume: Path | None = None, nodes: dict[i
     }
     if cfg.output.save_model:
         out.save_model(arrays.to_torch_state_dict())
-    ledger.end(arrays, rounds, last_test.get("accuracy"))
     spent = privacy_report.table(cfg, strategy.log, client_dp.metrics() if client_dp else None)
     privacy_report.print_table(reporter.console, spent)
     extra = {"privacy": spent} if spent else {}
     out.write_summary(summary(cfg, describe(cfg), last_test, per_hospital, time.time() - started, **extra))
+    ledger.end(arrays, rounds, last_test.get("accuracy"))  # binds the files written above
     reporter.console.print(f"run directory: {out.path}")
+    key = ledger.server_key
+    reporter.console.print(f"ledger keys: {ledger.trust_file} (server key {key.key_id}); audit with `fedmed audit {out.path} --keys {ledger.trust_file}`")
+    out.write_status("finished", rounds, rounds)
 
 
 @dataclass(frozen=True)
@@ -183,17 +206,20 @@ class Pending:
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Send the round's requests and collect the replies until all are in or `timeout`
     seconds pass. Flower's `send_and_receive` looks for replies every 3 s over a real
-    SuperLink, a delay added to every request; this looks every REPLY_POLL_S."""
+    SuperLink, a delay added to every request; this looks every REPLY_POLL_S, and stops
+    (interrupt.Stop) as soon as a signal asks the run to stop."""
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
+        interrupt.check()  # a signal stops the run: its replies are not waited for
         pulled = list(grid.pull_messages(waiting))
         replies += pulled
         waiting -= {m.metadata.reply_to_message_id for m in pulled}
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(REPLY_POLL_S)
+    interrupt.check()  # replies in as the run was stopped may be failures of the Ray actors stopped under them
     return replies
 
 

@@ -140,12 +140,13 @@ class Recording:
     def _with_ledger(self, config: ConfigRecord) -> ConfigRecord:
         """Every request carries the ledger run id and the server ledger's latest signed
         checkpoint; a simulated hospital's, where to keep its ledger (the run directory's:
-        a real node keeps its own, and is sent no path)."""
+        and key store's: a real node keeps its own, and is sent no path)."""
         if self.ledger is None:
             return config
         entries = {wire.LEDGER_RUN: self.ledger.run_id, wire.LEDGER_CHECKPOINT: json.dumps(self.ledger.checkpoint(), sort_keys=True)}
         if not self.enrolled:
             entries[wire.LEDGER_ROOT] = str(self.ledger.root)
+            entries[wire.LEDGER_KEYS] = str(self.ledger.keys.root)
         return ConfigRecord({**dict(config), **entries})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

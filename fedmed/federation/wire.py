@@ -8,7 +8,8 @@ A training or evaluation request (a Message's RecordDict):
                             hospitals (`FedmedConfig.for_hospitals`), only those that change
                             what it computes for a real node (`FedmedConfig.for_nodes`); plus
                             SERVER_ROUND, FedProx's PROXIMAL_MU, the ledger entries
-                            LEDGER_RUN, LEDGER_CHECKPOINT (and, simulated, LEDGER_ROOT), and
+                            LEDGER_RUN, LEDGER_CHECKPOINT (and, simulated, LEDGER_ROOT and
+                            LEDGER_KEYS), and
                             for a real node ENROLLED_AS and its BUDGET; a training request
                             may ask for EVALUATE_FIRST
 A reply:
@@ -45,6 +46,7 @@ EVALUATION = "evaluation"
 SERVER_ROUND = "server-round"  # Flower's own
 PROXIMAL_MU = "proximal-mu"  # added by Flower's FedProx
 LEDGER_ROOT = "ledger-root"  # where simulated hospitals keep their ledgers (the run directory's)
+LEDGER_KEYS = "ledger-keys"  # where simulated hospitals keep their keys (the user's key store, outside the run)
 LEDGER_RUN = "ledger-run"  # the ledger run id
 LEDGER_CHECKPOINT = "ledger-checkpoint"  # the server's signed ledger checkpoint, JSON
 ENROLLED_AS = "enrolled-as"  # a real node: the name the server enrolled its key under

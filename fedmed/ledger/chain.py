@@ -13,7 +13,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedmed.errors import FedmedError
 from fedmed.ledger.keys import Signer, key_id, valid
-from fedmed.run.directory import json_safe
+from fedmed.run.directory import append_bytes, json_safe
 
 GENESIS = "0" * 64
 SIGNED = ("seq", "time", "party", "event", "round", "payload", "prev", "key_id")
@@ -144,10 +143,7 @@ class LedgerWriter:
         }
         record["sig"] = base64.b64encode(self.signer.sign(signed_part(record))).decode()
         line = canonical(record)
-        with self.path.open("ab") as handle:
-            handle.write(line + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_bytes(self.path, line + b"\n", sync=True)  # a full disk leaves no torn line
         self.seq, self.head = self.seq + 1, line_hash(line)
         return record
 

@@ -30,14 +30,17 @@ class HospitalLedger:
         self.commitment = ""  # to this hospital's data, once `begin` has seen it
 
     @classmethod
-    def open(cls, root: Path, run_id: str, site: str) -> HospitalLedger:
-        """`root/<run id>/<site>.jsonl`, signed with `root/keys/<site>.key`; its data
-        committed to with `root/keys/<site>.data-secret` (both created on first use)."""
+    def open(cls, root: Path, run_id: str, site: str, keys: Path | None = None) -> HospitalLedger:
+        """`root/<run id>/<site>.jsonl`, signed with `KEYS/<site>.key`; its data committed
+        to with `KEYS/<site>.data-secret` (both created on first use). KEYS: a real node's
+        own `root/keys`; a simulated hospital's, the user's key store (never the run
+        directory, where `root` is)."""
         if not RUN_ID.fullmatch(run_id):
             raise FedmedError("the server sent a malformed ledger run id: refusing to write this hospital's ledger")
+        keys = keys or root / "keys"
         try:
-            signer = Signer.load_or_create(root / "keys", site)
-            return cls(root, LedgerWriter(root / run_id / f"{site}.jsonl", signer, run_id), data_secret(root / "keys", site))
+            signer = Signer.load_or_create(keys, site)
+            return cls(root, LedgerWriter(root / run_id / f"{site}.jsonl", signer, run_id), data_secret(keys, site))
         except OSError as exc:
             raise FedmedError(f"cannot write this hospital's ledger under {root}: {exc.strerror}") from None
 

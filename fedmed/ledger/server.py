@@ -5,8 +5,11 @@ the strategy typed it (`fedmed.run.record.RoundOutcome`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
@@ -16,21 +19,48 @@ from fedmed import __version__
 from fedmed.config import FedmedConfig
 from fedmed.ledger.chain import LedgerWriter
 from fedmed.ledger.digests import architecture_digest, arrays_digest
-from fedmed.ledger.keys import Signer
-from fedmed.run.directory import RunDirectory
+from fedmed.ledger.keys import KeyStore, public_pem
+from fedmed.run.directory import RunDirectory, atomic_write, json_safe
 from fedmed.run.record import RoundOutcome
 
 SERVER = "server"  # the server's party name: ledgers/<run id>/server.jsonl, ledgers/keys/server.pub
+# The files the server signs at the end of a run (`ServerLedger.end`), by a label (a file
+# name in a ledger would read as one from a hospital's data); the JSON ones' figures too.
+REPORTED_FILES = {"summary": RunDirectory.SUMMARY, "heterogeneity": RunDirectory.HETEROGENEITY, "model": RunDirectory.MODEL, "heatmap": RunDirectory.HEATMAP}
+REPORTED_JSON = ("summary", "heterogeneity")
+
+
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of a file's bytes, None if there is no such file."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ServerLedger:
-    def __init__(self, out: RunDirectory, save_updates: bool, run_id: str = "") -> None:
-        """`run_id`: a resumed run's, to continue its ledger (and the hospitals' theirs)."""
+    def __init__(self, out: RunDirectory, save_updates: bool, keys: KeyStore, run_id: str = "", hospitals: tuple[str, ...] = ()) -> None:
+        """The server signs with `keys` (a simulation's: the user's key store; a deployed
+        server's: its state folder's), never with a key in the run directory. `hospitals`:
+        a simulation's, who sign with keys from the same store; their public keys, with the
+        server's, go into the store's trust file for this run and, as convenience copies
+        an auditor must not rely on, into the run's `ledgers/keys/`. `run_id`: a resumed
+        run's, to continue its ledger (and the hospitals' theirs)."""
         self.out = out
         self.root = (out / RunDirectory.LEDGERS).resolve()
         self.run_id = run_id or uuid.uuid4().hex[:16]
-        signer = Signer.load_or_create(self.root / "keys", SERVER)
-        self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", signer, self.run_id)
+        self.keys = keys
+        signers = [keys.signer(party) for party in (SERVER, *hospitals)]
+        self.trust_file = keys.trust(self.run_id, signers)
+        copies = self.root / "keys"
+        copies.mkdir(parents=True, exist_ok=True)
+        for signer in signers:
+            atomic_write(copies / f"{signer.party}.pub", public_pem(signer.public), private=False)
+        self.server_key = signers[0]
+        self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", signers[0], self.run_id)
         self.save_updates = save_updates
         self.aggregation = ""
 
@@ -98,5 +128,28 @@ class ServerLedger:
             "failures": outcome.evaluation_failures,
         })
 
+    def round_record(self, record: dict[str, Any]) -> None:
+        """A round's record as `metrics.jsonl` gets it, signed before it is written there."""
+        self.writer.append("round-record", int(record["round"]), {"record": json_safe(record)})
+
     def end(self, final: ArrayRecord, rounds: int, test_accuracy: float | None) -> None:
+        """The files the run reports (written before this), bound by their digests and,
+        for the JSON ones, their figures; then the run's end."""
+        self._reported(rounds)
         self.writer.append("run-end", rounds, {"final_model_sha256": arrays_digest(final), "test_accuracy": test_accuracy})
+
+    def _reported(self, rounds: int) -> None:
+        files = {label: file_sha256(self.out / name) for label, name in REPORTED_FILES.items()}
+        figures = {label: self._json(REPORTED_FILES[label]) for label in REPORTED_JSON}
+        self.writer.append("reported", rounds, {"files": files, "figures": figures})
+
+    def _json(self, name: str) -> Any:
+        path = self.out / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def interrupted(self, after_round: int, signal: str) -> None:
+        """The run stopped by `signal` (SIGINT, SIGTERM) after its checkpoint of
+        `after_round`: the files it reports so far (the heterogeneity report), then where it
+        stopped. A resumed run continues this ledger with a resume record."""
+        self._reported(after_round)
+        self.writer.append("interrupted", after_round, {"run": self.run_id, "after_round": after_round, "signal": signal})

@@ -21,12 +21,15 @@ class DeployedRun:
     config: dict[str, Any]  # the whole config, flat
     resume_from: str  # the run directory to resume; "" for a new run
     nodes: dict[int, str]  # the enrolled hospitals' names by node id
+    key_store: str  # the server's signing key's folder, in its state folder (never a run directory)
 
     def save(self, path: Path) -> None:
         nodes = {str(node): name for node, name in self.nodes.items()}
-        atomic_write(path, json.dumps({"config": self.config, "resume_from": self.resume_from, "nodes": nodes}, indent=2, sort_keys=True))
+        saved = {"config": self.config, "resume_from": self.resume_from, "nodes": nodes, "key_store": self.key_store}
+        atomic_write(path, json.dumps(saved, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: Path) -> DeployedRun:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        return cls(saved["config"], saved["resume_from"], {int(node): name for node, name in saved["nodes"].items()})
+        nodes = {int(node): name for node, name in saved["nodes"].items()}
+        return cls(saved["config"], saved["resume_from"], nodes, saved.get("key_store") or str(path.parent / "keys"))

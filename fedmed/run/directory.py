@@ -7,6 +7,7 @@ from a hospital's data, or pixels.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 import tomli_w
 
 from fedmed.config import FedmedConfig, unflatten
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, os_error_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,8 +46,12 @@ def atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None], pr
     """Write `data` (bytes, text, or a function that writes to a binary handle) to a
     temporary file beside `path`, put it on disk, then rename it over `path`: a reader or
     a crash sees the old file or the new one, never half of one. The file is its owner's
-    alone (mode 0600) unless not `private` (then as the umask allows, as `open` would)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    alone (mode 0600) unless not `private` (then as the umask allows, as `open` would).
+    An OSError (a full disk) leaves no temporary file and names `path`."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         if not private:
             os.fchmod(fd, 0o666 & ~_UMASK)
@@ -58,19 +63,59 @@ def atomic_write(path: Path, data: bytes | str | Callable[[IO[bytes]], None], pr
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            raise _naming(exc, path) from None  # closing the temporary file failed too: one error
         raise
+
+
+def append_bytes(path: Path, data: bytes, sync: bool = False) -> None:
+    """Append `data` (whole lines) to `path`, created if missing. When it cannot all be
+    written (a full disk), the file is cut back to what it held, so no torn line is left,
+    and the OSError names `path`."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise _naming(exc, path) from None
+    finally:
+        os.close(fd)
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc`, naming `path` (errors from writing through a handle name no file)."""
+    exc.filename = str(path)
+    return exc
 
 
 def write_new(path: Path, data: bytes, mode: int) -> None:
     """A file that did not exist (FileExistsError if it did), created with `mode` and on
     disk before returning: for keys, which are never overwritten."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException as exc:  # a full disk: no half-written key is left to be refused as existing
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
+        raise
 
 
 def dumps(value: Any) -> str:
@@ -115,6 +160,7 @@ class RunDirectory:
     UPDATES = "updates"  # updates/round-NNN.npz: each round's model sent and updates received
     AUDIT = "audit.json"  # written by `fedmed audit`, with AUDIT_REPORT
     AUDIT_REPORT = "audit.md"
+    STATUS = "status.json"  # {"state": running | finished | interrupted, "after_round", "rounds", "signal"}
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -133,7 +179,7 @@ class RunDirectory:
             atomic_write(out / cls.CONFIG, tomli_w.dumps(unflatten(cfg.shareable())))
             (out / cls.METRICS).touch()
         except OSError as exc:
-            raise FedmedError(f"cannot create run directory {out.path}: {exc.strerror}") from None
+            raise FedmedError(f"cannot create run directory {out.path}: {os_error_line(exc)}") from None
         return out
 
     @classmethod
@@ -143,15 +189,14 @@ class RunDirectory:
         out = cls(path)
         if not (out / cls.CONFIG).is_file():
             raise FedmedError(f"{path} is not a run directory (no {cls.CONFIG}): nothing to resume")
-        kept = [r for r in out.rounds() if int(r.get("round", 0)) <= after_round]
+        kept = [r for r in out.checked_rounds() if int(r["round"]) <= after_round]
         atomic_write(out / cls.METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), private=False)
         return out
 
     def append_round(self, record: dict[str, Any]) -> None:
-        """One line per round, appended: a reader ignores a last line not yet complete."""
-        with (self / self.METRICS).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
-            handle.flush()
+        """One line per round, appended: a reader ignores a last line not yet complete, and a
+        full disk leaves none."""
+        append_bytes(self / self.METRICS, (json.dumps(json_safe(record), sort_keys=True) + "\n").encode("utf-8"))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self / self.SUMMARY, dumps(summary))
@@ -163,7 +208,9 @@ class RunDirectory:
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         import torch  # seconds to import: not for the commands that only read run directories
 
-        atomic_write(self / self.MODEL, lambda handle: torch.save(state_dict, handle), private=False)
+        buffer = io.BytesIO()  # torch.save into a file turns a full disk's OSError into a RuntimeError
+        torch.save(state_dict, buffer)
+        atomic_write(self / self.MODEL, buffer.getvalue(), private=False)
 
     def save_updates(self, server_round: int, arrays: dict[str, np.ndarray]) -> None:
         """The round's model sent and each hospital's update: as sensitive as the
@@ -173,9 +220,20 @@ class RunDirectory:
         (self / self.UPDATES).mkdir(exist_ok=True)
         atomic_write(self.updates_of(server_round), lambda handle: np.savez(handle, **arrays))
 
+    def write_status(self, state: str, after_round: int, rounds: int, signal: str | None = None) -> None:
+        """Where the run stands: running, finished, or interrupted (by `signal`) after
+        `after_round` of its `rounds` rounds."""
+        atomic_write(self / self.STATUS, dumps({"state": state, "after_round": after_round, "rounds": rounds, "signal": signal}), private=False)
+
     def write_audit(self, report_json: str, report_md: str) -> None:
+        """Both reports, or (a full disk) neither: never one that disagrees with the other."""
         atomic_write(self / self.AUDIT, report_json)
-        atomic_write(self / self.AUDIT_REPORT, report_md)
+        try:
+            atomic_write(self / self.AUDIT_REPORT, report_md)
+        except OSError:
+            (self / self.AUDIT).unlink(missing_ok=True)
+            (self / self.AUDIT_REPORT).unlink(missing_ok=True)  # an earlier audit's
+            raise
 
     # ---- reading -----------------------------------------------------------------
 
@@ -189,6 +247,25 @@ class RunDirectory:
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+    def checked_rounds(self) -> list[dict[str, Any]]:
+        """rounds(), each a JSON object with a round number, or one line (FedmedError)
+        saying the file was edited: what a resumed run continues."""
+        try:
+            records = self.rounds()
+            if all(isinstance(r, dict) and isinstance(r.get("round"), int) for r in records):
+                return records
+        except ValueError:
+            pass
+        raise FedmedError(f"{self / self.METRICS} is not one JSON round record per line (it was edited): restore it to resume")
+
+    def status(self) -> dict[str, Any] | None:
+        """status.json, None if the run wrote none (or it is not a JSON object)."""
+        try:
+            status = json.loads((self / self.STATUS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return status if isinstance(status, dict) else None
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self / self.SUMMARY).read_text(encoding="utf-8"))
