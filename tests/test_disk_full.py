@@ -28,6 +28,7 @@ from fedmed.run.directory import RunDirectory
 
 from .conftest import TINY, assert_clean_failure
 from .inprocess import run_in_process
+from .test_sweep import STUDY
 
 REPO = Path(__file__).resolve().parents[1]
 FEDMED = str(Path(sys.executable).parent / "fedmed")
@@ -205,21 +206,6 @@ def test_the_data_cache_on_a_full_disk_is_one_line(tmp_path):
 
 def test_a_sweep_on_a_full_disk_is_one_line(cache_dir, tmp_path):
     study = tmp_path / "study.toml"
-    study.write_text(textwrap.dedent(f"""
-        [data]
-        image_size = 32
-        hospitals = 2
-        train_per_hospital = 8
-        test_per_hospital = 4
-        global_test_size = 8
-        cache_dir = "{cache_dir}"
-        [federation]
-        mode = "local"
-        rounds = 1
-        [sweep]
-        seeds = [0]
-        [sweep.grid]
-        "train.lr" = [0.001]
-    """))
+    study.write_text(STUDY.format(cache=cache_dir))  # the sweep tests' two-cell study
     outcome = on_full_disk(tmp_path, FEDMED, "sweep", study, "--out", "$DISK/out", size="64k")
     assert_clean_failure(outcome, FULL, "free space and run again")
