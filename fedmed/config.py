@@ -313,7 +313,7 @@ class ServerConfig(_Section):
     address: str = Field("0.0.0.0:9093", description="HOST:PORT the SuperLink listens on for hospitals (one HTTPS port).")
     certs: str = Field("server/certs", description="Folder with `ca.crt`, `server.crt` and `server.key` (`fedmed certs init`).")
     enrolled: str = Field("server/enrolled", description="Folder of enrolled hospitals' node keys, `NAME.pub` each (`fedmed certs site NAME`).")
-    state: str = Field("server/state", description="The SuperLink's database, logs and the current run's pointer (for `status` and `--resume`).")
+    state: str = Field("server/state", description="The SuperLink's database, logs, the current run's pointer (for `status` and `--resume`) and `keys/`: the server's ledger signing key and its runs' trust files.")
 
 
 class SiteConfig(_Section):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,9 @@ import numpy as np
 import pytest
 
 from fedmed import config as config_mod
+from fedmed.federation import checkpoint
 from fedmed.ledger.chain import LedgerFile
+from fedmed.ledger.keys import KeyStore, default_key_store
 from fedmed.run.directory import RunDirectory
 
 from .conftest import TINY, assert_clean_failure
@@ -144,7 +145,7 @@ def test_a_run_that_fills_the_disk_stops_in_one_line_and_what_it_wrote_stays_who
     assert sorted(p.name for p in (run / RunDirectory.UPDATES).iterdir()) == ["round-001.npz"]
     with np.load(run.updates_of(1)) as updates:
         assert len(updates.files) > 1
-    assert pickle.loads((run / RunDirectory.CHECKPOINT).read_bytes()).round == 1
+    assert checkpoint.load(run, KeyStore(default_key_store())).round == 1
     ledgers = [p for folder in run.ledger_runs() for p in folder.glob("*.jsonl")]
     assert len(ledgers) == 4  # the server's and three hospitals'
     for path in ledgers:

@@ -442,10 +442,10 @@ def test_a_server_that_crashes_after_writing_a_rounds_record_but_before_its_chec
     cfg = simulation.prepare(tiny_config("federation.rounds=3"))
     save = checkpoint.save
 
-    def crash_before_round_2s(out, state):
+    def crash_before_round_2s(out, state, signer):
         if state.round == 2:  # round 1's record is written (round 2's requests brought its evaluations)
             raise Crash
-        save(out, state)
+        save(out, state, signer)
 
     monkeypatch.setattr(checkpoint, "save", crash_before_round_2s)
     with pytest.raises(Crash):

@@ -19,6 +19,7 @@ import pytest
 
 from fedmed import config as config_mod
 from fedmed.federation import checkpoint
+from fedmed.ledger.keys import KeyStore, Signer, default_key_store
 from fedmed.run.directory import RunDirectory
 
 from .auditing import audit_of
@@ -121,7 +122,7 @@ def test_a_signalled_simulation_stops_at_once_and_resumes_to_a_verified_run(cach
     assert took < STOP_S, took
     assert 1 <= first < rounds - 2
     assert _one_line(stderr) == f"interrupted (SIGINT) after round {first} of {rounds}: run `fedmed simulate --resume {run}` to continue"
-    assert checkpoint.load(RunDirectory(run)).round == first
+    assert checkpoint.load(RunDirectory(run), KeyStore(default_key_store())).round == first
 
     shown = fedmed("audit", run)
     code, report = audit_of(run)
@@ -181,12 +182,12 @@ def stopped(tiny_config, tmp_path) -> Callable[..., Path]:
     """A run directory as a federated run leaves it after round 1 (`federation.rounds=2`),
     without training: its config, and a checkpoint unless `saved` is false."""
 
-    def make(*extra: str, saved: bool = True, digest: str | None = None) -> Path:
+    def make(*extra: str, saved: bool = True, digest: str | None = None, signer: Signer | None = None) -> Path:
         cfg = tiny_config("output.name=stopped", *extra)
         out = RunDirectory.create(cfg)
         out.write_status("interrupted", 1, 2, "SIGINT")
         if saved:
-            checkpoint.save(out, checkpoint.Checkpoint(1, digest or cfg.digest(), {}, {}, "0" * 16))
+            checkpoint.save(out, checkpoint.Checkpoint(1, digest or cfg.digest(), {}, {}, "0" * 16), signer or KeyStore(default_key_store()).signer("server"))
         return out.path
 
     return make
@@ -226,12 +227,11 @@ def test_resume_asks_again_for_a_data_path_it_did_not_record(stopped, tmp_path):
     assert_clean_failure(fedmed("simulate", "--resume", run), "does not record data.path", "--set data.path=PATH")
 
 
-def test_resume_refuses_a_key_store_that_did_not_sign_the_run(stopped):
-    run = stopped()
-    ledger = run / "ledgers" / ("0" * 16) / "server.jsonl"
-    ledger.parent.mkdir(parents=True)
-    ledger.write_text(json.dumps({"event": "run-start", "key_id": "f" * 16}) + "\n")
-    assert_clean_failure(fedmed("simulate", "--resume", run), f"was signed with server key {'f' * 16}, which the key store", "FEDMED_KEY_STORE")
+def test_resume_refuses_a_checkpoint_the_key_store_did_not_sign(stopped, tmp_path):
+    """Changed by whoever holds the run directory, or made with another key store: it is
+    never unpickled (pickle runs code), and the run's figures are not signed from it."""
+    run = stopped(signer=KeyStore(tmp_path / "other-store").signer("server"))
+    assert_clean_failure(fedmed("simulate", "--resume", run), "checkpoint.pkl is not signed by the server key in", "FEDMED_KEY_STORE")
 
 
 def test_resume_refuses_an_edited_metrics_file(stopped):

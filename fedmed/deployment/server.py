@@ -216,7 +216,7 @@ def _run_config(cfg: FedmedConfig, state: State, enrolled: int, resume: bool) ->
     run_dir = RunDirectory(Path(current["run_dir"]))
     if (run_dir / RunDirectory.SUMMARY).is_file():
         raise FedmedError(f"the run in {run_dir.path} has finished: nothing to resume")
-    checkpoint.load(run_dir)  # one clear line if no round finished
+    checkpoint.load(run_dir, KeyStore(state.keys))  # one clear line if no round finished, or signed by another key
     return current["config"], str(run_dir.path)
 
 
@@ -242,7 +242,7 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
         _write_app(state, flat, resume_from, nodes)
         run_id = str(flwr(state, "run", str(state.app), CONNECTION)["run-id"])
         atomic_write(state.current, json.dumps({"run_id": run_id, "run_dir": str(run_dir), "config": flat}, indent=2, sort_keys=True) + "\n")
-        done = checkpoint.load(RunDirectory(run_dir)).round if resume_from else 0
+        done = checkpoint.load(RunDirectory(run_dir), KeyStore(state.keys)).round if resume_from else 0
         action = f"resuming {run_dir} after round {done}" if resume_from else f"run {run_id} -> {run_dir}"
         console.print(f"{action}: {flat['federation.rounds']} rounds, at least {flat['federation.min_hospitals'] or len(enrolled)} of {len(enrolled)} hospitals; waiting for them")
         completed = _watch(state, proc, run_id, run_dir, done, console)

@@ -59,7 +59,8 @@ def run(
     a simulation's parties all sign with keys from the user's key store."""
     started = time.time()
     client_dp = ClientLevelDP(cfg) if cfg.privacy.mode == "client" else None  # checks delta before anything is written
-    previous = checkpoint.load(RunDirectory(resume)) if resume else None
+    store = keys or KeyStore(default_key_store())
+    previous = checkpoint.load(RunDirectory(resume), store) if resume else None
     if previous is not None and previous.config_sha256 != cfg.digest():
         raise FedmedError(f"the settings differ from those {resume} started with: resume with the same config, or start a new run")
     # A checkpoint's round may still await its evaluations (its record unwritten): records
@@ -73,7 +74,7 @@ def run(
     title = f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {n} hospitals, {rounds} rounds -> {out.path}"
     reporter = RoundReporter(rounds, title + (f" (resumed after round {previous.round})" if previous else ""))
     simulated = () if nodes else tuple(hospital_name(i) for i in range(n))
-    ledger = ServerLedger(out, cfg.output.save_updates, keys or KeyStore(default_key_store()), previous.ledger_run if previous else "", simulated)
+    ledger = ServerLedger(out, cfg.output.save_updates, store, previous.ledger_run if previous else "", simulated)
     strategy = _strategy(cfg, norm_keys(model), client_dp, ledger)
 
     config = wire.config_record(cfg, deployed=bool(nodes))
@@ -157,7 +158,7 @@ def run(
                 ledger_run=ledger.run_id,
                 client_dp=client_dp.state() if client_dp else None,
                 server={"last_test": last_test, "label_counts": label_counts, "pending": asdict(pending) if pending else None},
-            ))
+            ), ledger.server_key)
             completed = server_round
         if merged:  # the last round's model
             evaluated(rounds, send(strategy.configure_evaluate(rounds, arrays, ConfigRecord(dict(config)), grid)))

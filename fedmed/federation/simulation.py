@@ -8,7 +8,6 @@ the run config is passed straight to the ServerApp.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -26,8 +25,7 @@ from fedmed.data.demo import cache_root
 from fedmed.data.sites import ensure_data, site_data
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint
-from fedmed.ledger.keys import KEY_STORE_ENV, KeyStore, default_key_store, key_id, load_public
-from fedmed.ledger.server import SERVER
+from fedmed.ledger.keys import KeyStore, default_key_store
 from fedmed.privacy.accounting import check_delta
 from fedmed.run import interrupt
 from fedmed.run.directory import RunDirectory, resolve_run_name, run_path
@@ -109,28 +107,11 @@ def resume_config(run: Path, overrides: list[str] | None = None, values: dict[st
         else:
             raise FedmedError(f"{run} does not record {key} (a path on the machine it ran on): give it again with --set {key}=PATH")
     cfg = config_mod.from_flat(flat)
-    previous = checkpoint.load(out)  # one line if no round finished
+    previous = checkpoint.load(out, KeyStore(default_key_store()))  # one line if no round finished, or signed by another key
     if previous.config_sha256 != cfg.digest():
         raise FedmedError(f"the settings differ from those {run} started with: resume it with its own (only paths, data.workers and simulation settings may change)")
     out.checked_rounds()
-    _same_signer(run, out / RunDirectory.LEDGERS / previous.ledger_run / f"{SERVER}.jsonl")
     return cfg
-
-
-def _same_signer(run: Path, ledger: Path) -> None:
-    """A resumed run's parties must sign with the keys that signed it so far: those of the
-    key store it ran with (a new key would fail the whole run's audit)."""
-    try:
-        signed_with = json.loads(ledger.read_bytes().splitlines()[-1])["key_id"]
-    except (OSError, IndexError, ValueError, KeyError, TypeError):
-        raise FedmedError(f"{run} has no readable server ledger ({ledger.name}): it cannot be resumed") from None
-    store = KeyStore(default_key_store())
-    held = store.root / f"{SERVER}.pub"
-    if not held.is_file() or key_id(load_public(held)) != signed_with:
-        raise FedmedError(
-            f"{run} was signed with server key {signed_with}, which the key store {store.root} does not hold: "
-            f"resume it with the key store it ran with ({KEY_STORE_ENV}=...)"
-        )
 
 
 def run_simulation(cfg: FedmedConfig, verbose: bool = False, client_app: ClientApp | None = None, resume: Path | None = None) -> Path:
@@ -237,7 +218,7 @@ def _interrupted(cfg: FedmedConfig, signum: int) -> interrupt.Interrupted | None
     after = status.get("after_round")
     if status.get("state") != "interrupted" or not isinstance(after, int):
         try:
-            after = checkpoint.load(out).round
+            after = checkpoint.load(out, KeyStore(default_key_store())).round
         except FedmedError:
             after = 0
     how, rounds = f"interrupted ({interrupt.signal_name(signum)})", cfg.federation.rounds

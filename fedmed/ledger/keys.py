@@ -157,6 +157,11 @@ class KeyStore:
     def data_secret(self, party: str) -> bytes:
         return data_secret(self._folder(), party)
 
+    def public(self, party: str) -> Ed25519PublicKey | None:
+        """The party's public key, None if the store holds none."""
+        path = self.root / f"{party}.pub"
+        return load_public(path) if path.is_file() else None
+
     def trust_file(self, run_id: str) -> Path:
         return self.root / "runs" / f"{run_id}.toml"
 
