@@ -78,16 +78,19 @@ def simulate(
     if resume is not None and (config is not None or out is not None):
         _fail("--resume continues RUN with the settings and directory it started with: pass no config file and no --out")
     stopped: interrupt.Interrupted | None = None
+    finished = False
     with interrupt.stop_on_signals(on_stop=_quiet_flower):
         try:
             _simulate(config, list(set_), values, resume, verbose)
-        except interrupt.Stop as stop:  # before the run began
-            stopped = interrupt.Interrupted(f"interrupted ({interrupt.signal_name(stop.signum)}) before the run started", stop.signum)
+            finished = True
+        except interrupt.Stop as stop:  # outside the run's rounds
+            when = "after the run finished" if finished else "before the run started"
+            stopped = interrupt.Interrupted(f"interrupted ({interrupt.signal_name(stop.signum)}) {when}", stop.signum)
         except interrupt.Interrupted as exc:
             stopped = exc
-    if stopped is not None:  # one line saying where the run stopped; exit 128 + the signal's number
-        typer.echo(str(stopped), err=True)
-        _exit_now(stopped.code)
+        if stopped is not None:  # one line saying where the run stopped (a second signal is only recorded); exit 128 + the signal's number
+            interrupt.say(str(stopped))
+            _exit_now(stopped.code)
 
 
 def _exit_now(code: int) -> None:

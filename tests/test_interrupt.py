@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from fedmed import config as config_mod
-from fedmed.federation import checkpoint
+from fedmed.federation import checkpoint, simulation
 from fedmed.ledger.keys import KeyStore, Signer, default_key_store
 from fedmed.run.directory import RunDirectory
 
 from .auditing import audit_of
 from .conftest import assert_clean_failure, fedmed, from_a_terminal
+from .inprocess import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -107,10 +108,10 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_a_signalled_simulation_stops_at_once_and_resumes_to_a_verified_run(cache_dir, ray_head, tmp_path):
+def test_a_signalled_simulation_stops_at_once_and_resumes_to_a_verified_run(cache_dir, ray_head, tmp_path, monkeypatch):
     """Ctrl-C (twice) while the run starts its own Ray: 130, all of Ray gone, marked and
     audited as interrupted; resumed on a Ray cluster, `kill` after a round: 143; resumed
-    again to the end: its audit passes."""
+    again to the end (in this process): its audit passes."""
     rounds, run = 8, tmp_path / "runs" / "interrupted"
     sets = [f"--set={s}" for s in [*SMALL, f"federation.rounds={rounds}", f"data.cache_dir='{cache_dir}'"]]
     code, stderr, took = _signalled(
@@ -141,7 +142,10 @@ def test_a_signalled_simulation_stops_at_once_and_resumes_to_a_verified_run(cach
     assert _one_line(stderr) == f"interrupted (SIGTERM) after round {second} of {rounds}: run `fedmed simulate --resume {run}` to continue"
     assert ray_head.process.poll() is None, "an interrupted run must not stop a Ray cluster it did not start"
 
-    finished = subprocess.run([FEDMED, "simulate", "--resume", run, *on_cluster], capture_output=True, text=True, timeout=120)
+    # The rest of the run through the command's own entry point, its federation in this
+    # process (tests/inprocess.py: the same apps, without Ray's start-up on a loaded machine).
+    monkeypatch.setattr(simulation, "run_simulation", lambda cfg, resume=None, **_: run_in_process(simulation.prepare(cfg, resume=True), resume=resume))
+    finished = fedmed("simulate", "--resume", run, "--set", f"data.cache_dir='{cache_dir}'")
     assert finished.returncode == 0, finished.stderr
     assert f"resumed after round {second}" in finished.stdout
     assert RunDirectory(run).status() == {"state": "finished", "after_round": rounds, "rounds": rounds, "signal": None}

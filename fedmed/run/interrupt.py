@@ -6,9 +6,10 @@ Simulation Engine stops its Ray backend on the way out; a baseline stops trainin
 code in other threads (the ServerApp's) calls `check()` where it waits, and records
 where the run stopped. Later signals are only recorded: the shutdown under way is not
 interrupted again, and what the shutdown prints on stderr (Ray's workers saying they
-were stopped, Flower's errors about them) is dropped: once the context exits, the
-command prints its one line (`Interrupted`) and exits at once with 128 + the first signal's
-number: 130 for SIGINT, 143 for SIGTERM.
+were stopped, Flower's errors about them) is dropped. What the command started and
+left running is killed (`end_started`); still within the context, so that a second
+signal is only recorded, the command prints its one line (`say`) and exits at once
+with 128 + the first signal's number: 130 for SIGINT, 143 for SIGTERM.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class _Watch:
 
 
 _watch: _Watch | None = None
+
+
+def say(line: str) -> None:
+    """Print `line` on the command's own stderr (muted for everything else once stopping)."""
+    stream = _watch.stderr if _watch is not None else sys.stderr
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def end_started(grace: float) -> None:
