@@ -8,7 +8,8 @@ hand, and the audit then says so (a "keys" finding: not verified)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedmed.errors import FedmedError
 from fedmed.ledger.chain import LedgerFile, line_hash, record_problems
-from fedmed.ledger.keys import KeyStore, TrustedKey, default_key_store, fingerprint, key_id, load_public, read_trusted
+from fedmed.ledger.keys import KeyStore, TrustedKey, default_key_store, key_id, load_public, read_trusted
 from fedmed.ledger.server import SERVER
 from fedmed.run.directory import RunDirectory
 
@@ -82,6 +83,12 @@ class Evidence:
         return {k: v for k, v in sorted(self.parties.items()) if k != SERVER}
 
     @property
+    def run_id(self) -> str | None:
+        """The ledger run id the server's `run-start` record names."""
+        starts = self.server.events("run-start")
+        return starts[0][1].get("payload", {}).get("run") if starts else None
+
+    @cached_property
     def interrupted_after(self) -> int | None:
         """The round after which a signal stopped the run, if the server's ledger ends with a
         valid `interrupted` record (a resumed run's is followed by its `resume` record)."""
@@ -122,8 +129,7 @@ def load(paths: list[Path], trusted_files: list[Path] | None = None) -> Evidence
     copies = {p.stem: p for p in keys if run_copy(p)}
     evidence = Evidence({})
     evidence.parties = _parties(ledgers, {**named, **trusted}, copies, evidence)
-    starts = evidence.server.events("run-start")
-    _same_run(evidence, trusted, str(starts[0][1].get("payload", {}).get("run", "")) if starts else "")
+    _same_run(evidence, trusted)
     return evidence
 
 
@@ -131,15 +137,10 @@ def _trusted(files: list[Path]) -> dict[str, TrustedKey]:
     out: dict[str, TrustedKey] = {}
     for path in files:
         for key in read_trusted(path):
-            if key.party in out and not _same(out[key.party], key):
+            if key.party in out and out[key.party].digest != key.digest:  # the same key from two files is one
                 raise AuditInputError(f"--keys gives two keys for {key.party} ({out[key.party].source}, {key.source}): give one")
             out[key.party] = key
     return out
-
-
-def _same(a: TrustedKey, b: TrustedKey) -> bool:
-    """The same key, wherever each came from (a key, or the fingerprint of one)."""
-    return (fingerprint(a.public) if a.public else a.fingerprint) == (fingerprint(b.public) if b.public else b.fingerprint)
 
 
 def run_copy(path: Path) -> bool:
@@ -160,17 +161,18 @@ def _from_run_dir(path: Path, trusted: dict[str, TrustedKey]) -> Evidence:
     if not trusted:  # the run was made on this machine: its process left its keys in the key store
         own = KeyStore(default_key_store()).trust_file(runs[0].name)
         if own.is_file():
-            trusted = {k.party: TrustedKey(k.party, f"this machine's key store ({own})", k.public, k.fingerprint) for k in read_trusted(own)}
+            trusted = {k.party: replace(k, source=f"this machine's key store ({own})") for k in read_trusted(own)}
     copies = {p.stem: p for p in sorted((folder / "keys").glob("*.pub"))}
     evidence = Evidence({}, run_dir=run_dir)
     evidence.parties = _parties(sorted(runs[0].glob("*.jsonl")), trusted, copies, evidence)
-    _same_run(evidence, trusted, runs[0].name)
+    _same_run(evidence, trusted)
     return evidence
 
 
-def _same_run(evidence: Evidence, trusted: dict[str, TrustedKey], run_id: str) -> None:
+def _same_run(evidence: Evidence, trusted: dict[str, TrustedKey]) -> None:
     """A trust file vouches for one run: a party's keys sign all its runs, so another
     genuine run put in this one's place would pass against them."""
+    run_id = evidence.run_id
     for source, run in sorted({(k.source, k.run) for k in trusted.values() if k.run and run_id and k.run != run_id}):
         evidence.key_findings.append(Finding("keys", source, f"is the trust file of run {run}, but these ledgers are run {run_id}: another run was put in its place, or the wrong trust file was given"))
 

@@ -36,7 +36,7 @@ def checkpoints(evidence: Evidence) -> list[Finding]:
     """Every checkpoint recorded in one ledger must match the other ledger at that point."""
     out: list[Finding] = []
     server = evidence.server
-    run = _run_id(server)
+    run = evidence.run_id
     interrupted = evidence.interrupted_after
     if interrupted is not None:
         evidence.notes.append(f"the run was interrupted after round {interrupted}: it did not finish (`fedmed simulate --resume` continues a simulated run)")
@@ -81,11 +81,6 @@ def _failures_after(server: PartyLedger, hospital: PartyLedger, covered: int) ->
     """Whether the server recorded failed replies in a round the hospital wrote about after `covered`."""
     rounds = {r.get("round") for r in hospital.file.records[covered + 1 :] if r is not None}
     return any(r["payload"].get("failures") for _, r in [*server.events("train-round"), *server.events("evaluate-round")] if r.get("round") in rounds)
-
-
-def _run_id(server: PartyLedger) -> str | None:
-    starts = server.events("run-start")
-    return starts[0][1].get("payload", {}).get("run") if starts else None
 
 
 def _match(where: str, checkpoint: dict[str, Any], other: PartyLedger, run: str | None) -> list[Finding]:

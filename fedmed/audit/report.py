@@ -87,10 +87,6 @@ def audit(
 
         findings["empirical"] = _guarded("empirical", run_empirical)
     report = _report(evidence, findings, spent, canaries, time.perf_counter() - started)
-    report["interrupted_after_round"] = evidence.interrupted_after
-    if evidence.interrupted_after is not None and report["verdict"] == "PASSED":  # the checks hold, for a run that did not finish
-        report["verdict"] = f"INTERRUPTED after round {evidence.interrupted_after}"
-    report["passed"] = report["verdict"] == "PASSED"
     target = out_dir or (evidence.run_dir.path if evidence.run_dir else Path.cwd())
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -104,9 +100,11 @@ def audit(
 
 def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[Spent], canaries: dict, seconds: float) -> dict[str, Any]:
     parties = {name: {"records": len(p.file.lines), "ledger": p.file.path.name} for name, p in evidence.parties.items()}
+    verdict = _verdict(evidence, findings)
     return {
-        "passed": not any(findings.values()),
-        "verdict": _verdict(findings),
+        "passed": verdict == "PASSED",
+        "verdict": verdict,
+        "interrupted_after_round": evidence.interrupted_after,
         "keys": {party: {"key_id": k.key_id, "trusted_from": k.trusted_from} for party, k in sorted(evidence.keys.items())},
         "fedmed_version": __version__,
         "audited_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -122,12 +120,14 @@ def _report(evidence: Evidence, findings: dict[str, list[Finding]], spent: list[
     }
 
 
-def _verdict(findings: dict[str, list[Finding]]) -> str:
-    """PASSED; NOT VERIFIED when every check holds but only against the run's own keys; FAILED."""
+def _verdict(evidence: Evidence, findings: dict[str, list[Finding]]) -> str:
+    """PASSED; INTERRUPTED after round k when every check holds for a run a signal
+    stopped; NOT VERIFIED when every check holds but only against the run's own keys (one
+    "keys" finding for each party whose key came from nowhere else); FAILED."""
     if not any(findings.values()):
-        return "PASSED"
-    untrusted = all("comes only from the run directory" in f.message for f in findings["keys"])
-    if findings["keys"] and untrusted and not any(found for name, found in findings.items() if name != "keys"):
+        return "PASSED" if evidence.interrupted_after is None else f"INTERRUPTED after round {evidence.interrupted_after}"
+    untrusted = [party for party, use in evidence.keys.items() if use.trusted_from is None]
+    if untrusted and len(findings["keys"]) == len(untrusted) and not any(found for name, found in findings.items() if name != "keys"):
         return "NOT VERIFIED"
     return "FAILED"
 

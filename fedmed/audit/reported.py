@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from fedmed.audit.evidence import Evidence, Finding
-from fedmed.ledger.server import REPORTED_FILES, file_sha256
+from fedmed.ledger.digests import file_sha256
+from fedmed.ledger.server import REPORTED_FILES
 from fedmed.run.directory import RunDirectory, json_safe
 
 SHOWN = 3  # differing fields named per record; the rest counted

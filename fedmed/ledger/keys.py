@@ -190,8 +190,13 @@ class TrustedKey:
     fingerprint: str = ""
     run: str = ""  # the ledger run id its trust file names, if any
 
+    @property
+    def digest(self) -> str:
+        """The fingerprint of the key, given or computed."""
+        return fingerprint(self.public) if self.public else self.fingerprint
+
     def matches(self, public: Ed25519PublicKey) -> bool:
-        return fingerprint(public) == (fingerprint(self.public) if self.public else self.fingerprint)
+        return fingerprint(public) == self.digest
 
 
 def read_trusted(path: Path) -> list[TrustedKey]:

@@ -5,11 +5,9 @@ the strategy typed it (`fedmed.run.record.RoundOutcome`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
@@ -18,7 +16,7 @@ from torch import nn
 from fedmed import __version__
 from fedmed.config import FedmedConfig
 from fedmed.ledger.chain import LedgerWriter
-from fedmed.ledger.digests import architecture_digest, arrays_digest
+from fedmed.ledger.digests import architecture_digest, arrays_digest, file_sha256
 from fedmed.ledger.keys import KeyStore, public_pem
 from fedmed.run.directory import RunDirectory, atomic_write, json_safe
 from fedmed.run.record import RoundOutcome
@@ -28,17 +26,6 @@ SERVER = "server"  # the server's party name: ledgers/<run id>/server.jsonl, led
 # name in a ledger would read as one from a hospital's data); the JSON ones' figures too.
 REPORTED_FILES = {"summary": RunDirectory.SUMMARY, "heterogeneity": RunDirectory.HETEROGENEITY, "model": RunDirectory.MODEL, "heatmap": RunDirectory.HEATMAP}
 REPORTED_JSON = ("summary", "heterogeneity")
-
-
-def file_sha256(path: Path) -> str | None:
-    """The SHA-256 of a file's bytes, None if there is no such file."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ServerLedger:
