@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 FEDMED = Path(sys.executable).parent / "fedmed"
 STOP_S = 10  # a signalled run must be gone within this
-SMALL = ["data.image_size=32", "data.hospitals=2", "data.train_per_hospital=24", "data.test_per_hospital=12",
+SMALL = ["data.image_size=32", "data.hospitals=1", "data.train_per_hospital=24", "data.test_per_hospital=12",
          "data.global_test_size=24", "train.batch_size=8"]
 
 
