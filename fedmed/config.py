@@ -29,6 +29,7 @@ class _Section(BaseModel):
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a hospital's name: it names files
 DEFAULT_CLASSES = ("glioma", "meningioma", "no_tumour", "pituitary")
+MAX_HOSPITALS = 10_000  # a simulated hospital's data is made when it is first asked: many never cost anything
 TUMOUR_FREE = "no_tumour"  # the class coarse labels know apart from the tumours
 
 
@@ -123,7 +124,7 @@ class DataConfig(_Section):
         description="Most pixels one file may declare (an image's width x height, a DICOM file's rows x columns x frames, a NIfTI volume's voxels, each image of an `.npz`), read from its header before decoding: a larger file is skipped with the reason, a larger `.npz` refused. 25 million (5000 x 5000) is far above brain MRI (slices of 256-1024 pixels square, volumes rarely over 21 million voxels) and keeps a decoded array to about 100 MB (float32), where a 20 KB file declaring 13,000 x 13,000 pixels would take over a gigabyte.",
     )
     image_size: int = Field(64, ge=32, le=256, description="Side of the square images in pixels (32-256).")
-    hospitals: int = Field(8, ge=1, le=128, description="Number of simulated hospitals.")
+    hospitals: int = Field(8, ge=1, le=MAX_HOSPITALS, description="Number of simulated hospitals.")
     train_per_hospital: int = Field(600, ge=4, description="Training images per hospital (demo only).")
     test_per_hospital: int = Field(50, ge=4, description="Test images per hospital (demo only).")
     global_test_size: int = Field(800, ge=4, description="Images in the held-out global test set (demo only).")
@@ -236,7 +237,7 @@ class FederationConfig(_Section):
     min_hospitals: int = Field(
         0,
         ge=0,
-        le=128,
+        le=MAX_HOSPITALS,
         description="Hospitals that must be connected for a round to start; a round goes on without those that drop out or time out. 0: all `data.hospitals`.",
     )
 
@@ -292,6 +293,11 @@ class SimulationConfig(_Section):
     cpus_per_hospital: float = Field(1.0, gt=0, description="CPU cores reserved per simulated hospital (sets how many train at once).")
     gpus_per_hospital: float = Field(0.0, ge=0, description="Fraction of a GPU per simulated hospital.")
     ray_address: str = Field("", description="Attach to this Ray cluster (`HOST:PORT`) instead of starting one.")
+    node_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds the ServerApp waits for the simulation to have a SuperNode per hospital (`data.hospitals`) before it fails (a `flwr run` federation with too few SuperNodes).",
+    )
 
 
 class OutputConfig(_Section):

@@ -37,13 +37,25 @@ def test_images_are_not_blank_and_differ():
     assert len({img.tobytes() for img in data.images}) == len(data.images)
 
 
-def test_cache_is_written_once_and_reused(tmp_path):
+def test_the_cache_holds_the_global_test_set_written_once(tmp_path):
     path = demo.ensure_cached(SPEC, str(tmp_path))
-    stamp = (path / "images.npy").stat().st_mtime_ns
+    stamp = (path / demo.GLOBAL_TEST).stat().st_mtime_ns
     assert demo.ensure_cached(SPEC, str(tmp_path)) == path
-    assert (path / "images.npy").stat().st_mtime_ns == stamp
-    loaded = demo.load(SPEC, str(tmp_path))
-    assert np.array_equal(np.asarray(loaded.images), demo.generate(SPEC, workers=1).images)
+    assert (path / demo.GLOBAL_TEST).stat().st_mtime_ns == stamp
+    whole = demo.generate(SPEC, workers=1)
+    assert np.array_equal(demo.global_test(SPEC, str(tmp_path)).images, whole.select("global_test").images)
+    assert not (path / "hospitals").exists()  # no hospital made before it is asked
+
+
+def test_a_hospital_is_made_when_first_asked_and_then_read_from_the_cache(tmp_path):
+    whole = demo.generate(SPEC, workers=1)
+    train, test = demo.hospital(SPEC, str(tmp_path), 1)
+    assert np.array_equal(train.images, whole.select("train", 1).images) and np.array_equal(test.labels, whole.select("test", 1).labels)
+    cached = demo.cache_path(SPEC, str(tmp_path)) / "hospitals"
+    assert [p.name for p in cached.iterdir()] == ["00001.npz"]  # hospital 0 never asked: never made
+    stamp = (cached / "00001.npz").stat().st_mtime_ns
+    again, _ = demo.hospital(SPEC, str(tmp_path), 1)
+    assert np.array_equal(again.images, train.images) and (cached / "00001.npz").stat().st_mtime_ns == stamp
 
 
 def test_make_demo_writes_the_kaggle_layout_and_a_contact_sheet(tiny_config, tmp_path):

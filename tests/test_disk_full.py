@@ -199,10 +199,11 @@ def test_make_demo_on_a_full_disk_keeps_nothing_half_written(cache_dir, tmp_path
 
 
 def test_the_data_cache_on_a_full_disk_is_one_line(tmp_path):
-    outcome = on_full_disk(tmp_path, FEDMED, "data", "make-demo", tmp_path / "demo", "--set=data.cache_dir=$DISK/cache", *(f"--set={s}" for s in TINY), size="64k")
+    settings = [f"--set={s}" for s in (*TINY, "data.cache_dir=$DISK/cache", f"output.dir={tmp_path / 'runs'}")]
+    outcome = on_full_disk(tmp_path, FEDMED, "simulate", *settings, size="64k")
     assert_clean_failure(outcome, "cannot write the data cache", "free space and run again")
     assert outcome.dot_files() == []
-    assert not (tmp_path / "demo").exists()
+    assert not (tmp_path / "runs").exists()  # stopped before the run started
 
 
 def test_a_sweep_on_a_full_disk_is_one_line(cache_dir, tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from fedmed import config as config_mod
 from fedmed.federation.simulation import run_simulation
+from fedmed.ledger.chain import LedgerFile
 from fedmed.run.directory import RunDirectory
 from fedmed.run.record import TIMING_FIELDS
 
@@ -63,3 +64,16 @@ def test_ray_and_the_in_process_federation_give_the_same_results(ray_run, settin
 def test_a_simulation_leaves_the_ray_cluster_it_attached_to_running(ray_run, ray_head):
     assert RunDirectory(ray_run).rounds()  # it ran there
     assert ray_head.process.poll() is None, "fedmed must not stop a Ray cluster it did not start"
+
+
+def test_a_seeded_run_asking_a_share_of_the_hospitals_repeats_exactly(settings, ray_head):
+    """Who trains and who evaluates is drawn from the seed and the round over the hospitals'
+    names, not Flower's node ids (new, random ones each run): the same records twice."""
+    share = ("data.hospitals=20", "data.train_per_hospital=8", "data.test_per_hospital=4", "federation.fraction_train=0.3",
+             "federation.fraction_evaluate=0.3", f"simulation.ray_address='{ray_head.address}'")
+    first, second = (RunDirectory(run_simulation(settings(name, *share))) for name in ("share-a", "share-b"))
+    assert _without_timing(first.rounds()) == _without_timing(second.rounds())
+    trained = [sorted(site for site, phases in r["hospitals"].items() if "train" in phases) for r in first.rounds()]
+    assert [len(sites) for sites in trained] == [6, 6] and trained[0] != trained[1]
+    server = LedgerFile.read(next((first.path / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
+    assert [r["payload"]["asked"] for r in server if r["event"] == "train-round"] == trained  # the ledger says who was asked

@@ -13,7 +13,15 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
 
 
+def _strategy(names: list[str]) -> RecordingFedAvg:
+    """FedAvg whose roster has node i+1 as hospital `names[i]`."""
+    strategy = RecordingFedAvg()
+    strategy.roster = {int(name.split("-")[1]) + 1: name for name in names}
+    return strategy
+
+
 def _reply(name: str, weights: dict[str, np.ndarray], n: int, acc: float) -> Message:
+    """A reply from the node that is hospital `name` (node number + 1)."""
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
@@ -21,14 +29,16 @@ def _reply(name: str, weights: dict[str, np.ndarray], n: int, acc: float) -> Mes
             "site": ConfigRecord({"name": name}),
         }
     )
-    return Message(content=content, dst_node_id=1, message_type="train")
+    message = Message(content=content, dst_node_id=0, message_type="train")
+    message.metadata.__dict__["_src_node_id"] = int(name.split("-")[1]) + 1
+    return message
 
 
 def test_fedavg_is_the_sample_weighted_mean():
     rng = np.random.default_rng(0)
     sites = [(f"hospital-0{i}", {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=2).astype(np.float32)}, n, a)
              for i, n, a in ((1, 10, 0.5), (2, 30, 0.7), (3, 60, 0.9))]
-    strategy = RecordingFedAvg()
+    strategy = _strategy([name for name, *_ in sites])
     arrays, metrics = strategy.aggregate_train(1, [_reply(*s) for s in sites])
     total = sum(n for _, _, n, _ in sites)
     for key in ("w", "b"):
@@ -42,6 +52,7 @@ def test_fedavg_is_the_sample_weighted_mean():
 def test_aggregation_does_not_depend_on_reply_order():
     rng = np.random.default_rng(1)
     sites = [(f"hospital-{i:02d}", {"w": rng.normal(size=1000).astype(np.float32)}, int(n), 0.5) for i, n in enumerate(rng.integers(1, 100, 8))]
-    a, _ = RecordingFedAvg().aggregate_train(1, [_reply(*s) for s in sites])
-    b, _ = RecordingFedAvg().aggregate_train(1, [_reply(*s) for s in reversed(sites)])
+    names = [name for name, *_ in sites]
+    a, _ = _strategy(names).aggregate_train(1, [_reply(*s) for s in sites])
+    b, _ = _strategy(names).aggregate_train(1, [_reply(*s) for s in reversed(sites)])
     assert np.array_equal(a["w"].numpy(), b["w"].numpy())

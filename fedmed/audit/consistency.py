@@ -137,6 +137,15 @@ def _same_run(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
     return out
 
 
+def _not_asked(where: str, rnd: Any, payload: dict[str, Any]) -> list[Finding]:
+    """A hospital recorded in a round it was not asked to (the ledger's `asked`, where it has one)."""
+    if not isinstance(payload.get("asked"), list):
+        return []
+    named = {e.get("hospital") for key in ("participants", "declined") for e in payload.get(key, []) if isinstance(e, dict)}
+    extra = sorted(str(site) for site in named - set(payload["asked"]))
+    return [Finding("consistency", where, f"records {extra[0]} in round {rnd}, but not among the hospitals it asked")] if extra else []
+
+
 def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
     out: list[Finding] = []
     server = evidence.server
@@ -155,6 +164,8 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
             continue
         if event in ("train-round", "evaluate-round") and payload.get("sent_sha256") != current:
             out.append(Finding("consistency", where, f"sent model {str(payload.get('sent_sha256'))[:12]}... is not the current global model {str(current)[:12]}..."))
+        if event in ("train-round", "evaluate-round"):
+            out += _not_asked(where, rnd, payload)
         if event == "train-round":
             for entry in payload.get("participants", []):
                 out += _train_entry(evidence, hospital_train, where, rnd, payload, entry)

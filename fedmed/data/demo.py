@@ -10,13 +10,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,25 +128,30 @@ def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(labels)
 
 
+def _hospital_plan(spec: DemoSpec, h: int) -> list[tuple[int, int, int, int]]:
+    """(hospital, split, index, label) for hospital `h`'s training and test images."""
+    plan = []
+    for split, n, skewed in ((0, spec.train_per_hospital, spec.train_counts), (1, spec.test_per_hospital, spec.test_counts)):
+        rng = np.random.default_rng([spec.seed, h, split])
+        labels = _balanced_labels(n, rng) if skewed is None else rng.permutation(np.repeat(np.arange(len(CLASSES)), skewed[h]))
+        plan += [(h, split, i, int(y)) for i, y in enumerate(labels)]
+    return plan
+
+
+def _global_test_plan(spec: DemoSpec) -> list[tuple[int, int, int, int]]:
+    """The global test set's images, each acquired with one hospital's scanner in turn."""
+    labels = _balanced_labels(spec.global_test_size, np.random.default_rng([spec.seed, 2]))
+    return [(i % spec.hospitals, 2, i, int(y)) for i, y in enumerate(labels)]
+
+
 def _plan(spec: DemoSpec) -> list[tuple[int, int, int, int]]:
     """(hospital, split, index, label) for every image, in storage order."""
-    plan = []
-    for h in range(spec.hospitals):
-        for split, n, skewed in ((0, spec.train_per_hospital, spec.train_counts), (1, spec.test_per_hospital, spec.test_counts)):
-            rng = np.random.default_rng([spec.seed, h, split])
-            if skewed is None:
-                labels = _balanced_labels(n, rng)
-            else:
-                labels = rng.permutation(np.repeat(np.arange(len(CLASSES)), skewed[h]))
-            plan += [(h, split, i, int(y)) for i, y in enumerate(labels)]
-    labels = _balanced_labels(spec.global_test_size, np.random.default_rng([spec.seed, 2]))
-    plan += [(i % spec.hospitals, 2, i, int(y)) for i, y in enumerate(labels)]
-    return plan
+    return [entry for h in range(spec.hospitals) for entry in _hospital_plan(spec, h)] + _global_test_plan(spec)
 
 
 def _render_chunk(spec: DemoSpec, chunk: list[tuple[int, int, int, int]]) -> np.ndarray:
     stack = axial_stack(min(2 * spec.image_size, 256))
-    profiles = spec.profiles()
+    profiles = _profiles(spec)
     out = np.empty((len(chunk), spec.image_size, spec.image_size), dtype=np.uint8)
     for k, (h, split, i, label) in enumerate(chunk):
         rng = np.random.default_rng([spec.seed, h, split, i, 1])
@@ -154,10 +159,28 @@ def _render_chunk(spec: DemoSpec, chunk: list[tuple[int, int, int, int]]) -> np.
     return out
 
 
+@lru_cache(maxsize=4)
+def _profiles(spec: DemoSpec) -> list[ScannerProfile]:
+    return spec.profiles()
+
+
 def generate(spec: DemoSpec, workers: int | None = None) -> DemoData:
     """Render every image of the spec (no cache); `workers` processes (default: the
-    machine's cores, or 1 for small sets, where starting processes costs more)."""
+    machine's cores, or 1 for small sets, where starting processes costs more). Runs
+    load each hospital's images when it is first asked instead (`hospital`)."""
     plan = _plan(spec)
+    images = _render(spec, plan, workers)
+    table = np.array([(h, s, y) for h, s, _, y in plan], dtype=np.int64).reshape(-1, 3)
+    return DemoData(
+        images=images,
+        labels=table[:, 2],
+        hospital=table[:, 0],
+        split=table[:, 1],
+        profiles=tuple(spec.profiles()),
+    )
+
+
+def _render(spec: DemoSpec, plan: list[tuple[int, int, int, int]], workers: int | None = None) -> np.ndarray:
     if workers is None:
         workers = min(os.cpu_count() or 1, 4) if len(plan) > 200 else 1
     chunks = [plan[i::workers] for i in range(workers)]
@@ -169,67 +192,83 @@ def generate(spec: DemoSpec, workers: int | None = None) -> DemoData:
     images = np.empty((len(plan), spec.image_size, spec.image_size), dtype=np.uint8)
     for w, part in enumerate(rendered):
         images[w :: len(rendered)] = part
-    table = np.array([(h, s, y) for h, s, _, y in plan], dtype=np.int64).reshape(-1, 3)
-    return DemoData(
-        images=images,
-        labels=table[:, 2],
-        hospital=table[:, 0],
-        split=table[:, 1],
-        profiles=tuple(spec.profiles()),
-    )
-
-
-def _save(data: DemoData, spec: DemoSpec, folder: Path) -> None:
-    for name in ("images", "labels", "hospital", "split"):
-        np.save(folder / f"{name}.npy", getattr(data, name))
-    meta = {
-        "generator_version": GENERATOR_VERSION,
-        "spec": spec.__dict__,
-        "classes": list(CLASSES),
-        "profiles": [p.as_dict() for p in data.profiles],
-    }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    return images
 
 
 def cache_path(spec: DemoSpec, cache_dir: str = "") -> Path:
     return cache_root(cache_dir) / f"demo-{spec.digest()}"
 
 
+GLOBAL_TEST = "global_test.npz"
+
+
 def ensure_cached(spec: DemoSpec, cache_dir: str = "", announce: Callable[[str], None] | None = None) -> Path:
-    """Generate the dataset into the cache unless it is already there."""
+    """The global test set in the cache (generated unless it is there already); each
+    hospital's images are made when it is first asked (`hospital`)."""
     target = cache_path(spec, cache_dir)
-    if (target / "meta.json").is_file():
+    if (target / GLOBAL_TEST).is_file():
         return target
     if announce:
-        announce(f"generating the demo data once: {len(_plan(spec))} images of {spec.image_size}x{spec.image_size} -> {target}")
+        announce(f"generating the demo's global test set once: {spec.global_test_size} images of {spec.image_size}x{spec.image_size} -> {target}")
+    plan = _global_test_plan(spec)
+    images = _render(spec, plan)
+    meta = {"generator_version": GENERATOR_VERSION, "spec": spec.__dict__, "classes": list(CLASSES)}
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        target.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        _save_set(target / GLOBAL_TEST, ImageSet(images, np.array([y for *_, y in plan], dtype=np.int64)))
     except OSError as exc:
-        raise FedmedError(
-            f"cannot write the data cache in {target.parent} ({exc.strerror}): "
-            "set data.cache_dir or $FEDMED_CACHE to a writable folder"
-        ) from None
-    try:
-        _save(generate(spec), spec, tmp)
-        os.replace(tmp, target)  # atomic; another process may have won the race
-    except OSError as exc:
-        if not (target / "meta.json").is_file():
+        if not (target / GLOBAL_TEST).is_file():
             raise FedmedError(f"cannot write the data cache in {target.parent}: {os_error_line(exc)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-@lru_cache(maxsize=4)
-def load(spec: DemoSpec, cache_dir: str = "") -> DemoData:
-    """The dataset, from the cache (generated on first use). Cached per process."""
-    folder = ensure_cached(spec, cache_dir)
-    arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("images", "labels", "hospital", "split")}
-    return DemoData(
-        images=arrays["images"],
-        labels=np.asarray(arrays["labels"]),
-        hospital=np.asarray(arrays["hospital"]),
-        split=np.asarray(arrays["split"]),
-        profiles=tuple(spec.profiles()),
-    )
+def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write `path` whole or not at all (another process may be writing the same file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_set(path: Path, images: ImageSet) -> None:
+    _write_atomic(path, lambda f: np.savez(f, images=images.images, labels=images.labels))
+
+
+def _load_set(path: Path) -> ImageSet:
+    with np.load(path) as saved:
+        return ImageSet(saved["images"], saved["labels"])
+
+
+def global_test(spec: DemoSpec, cache_dir: str = "") -> ImageSet:
+    """The global test set, from the cache (generated on first use)."""
+    return _load_set(ensure_cached(spec, cache_dir) / GLOBAL_TEST)
+
+
+def hospital(spec: DemoSpec, cache_dir: str, h: int) -> tuple[ImageSet, ImageSet]:
+    """Hospital `h`'s training and test images: from the cache, or made now and cached
+    (a cache that cannot be written is only a cache: the images are the same)."""
+    path = cache_path(spec, cache_dir) / "hospitals" / f"{h:05d}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as saved:
+                return ImageSet(saved["train_images"], saved["train_labels"]), ImageSet(saved["test_images"], saved["test_labels"])
+        except (OSError, ValueError, KeyError, EOFError):  # damaged: made again below
+            pass
+    plan = _hospital_plan(spec, h)
+    images = _render_chunk(spec, plan)
+    labels = np.array([y for *_, y in plan], dtype=np.int64)
+    train = np.array([split == 0 for _, split, _, _ in plan], dtype=bool)
+    sets = ImageSet(images[train], labels[train]), ImageSet(images[~train], labels[~train])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, lambda f: np.savez(
+            f, train_images=sets[0].images, train_labels=sets[0].labels, test_images=sets[1].images, test_labels=sets[1].labels
+        ))
+    except OSError:
+        pass
+    return sets

@@ -22,20 +22,21 @@ def export_demo(cfg: FedmedConfig, out_dir: Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FedmedError(f"{out_dir} exists and is not an empty folder: choose a new folder so nothing there is overwritten")
     spec = demo.DemoSpec.from_config(cfg.data, cfg.seed, cfg.skew)
-    data = demo.load(spec, cfg.data.cache_dir)
     existed = out_dir.exists()
+    trains = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for h in range(spec.hospitals):
-            for split, folder in KAGGLE_SPLITS.items():
-                images = data.select(split, h)
+            sets = demo.hospital(spec, cfg.data.cache_dir, h)
+            trains.append(sets[0])
+            for images, folder in zip(sets, KAGGLE_SPLITS.values(), strict=True):
                 for k, name in enumerate(CLASSES):
                     target = out_dir / demo.hospital_name(h) / folder / name
                     target.mkdir(parents=True, exist_ok=True)
                     for i, img in enumerate(images.images[images.labels == k]):
                         Image.fromarray(img).save(target / f"{name}_{i:04d}.png")
         sheet = out_dir / "contact_sheet.png"
-        contact_sheet(data, spec).save(sheet)
+        contact_sheet(trains, spec).save(sheet)
     except OSError as exc:  # a full disk: no half export is kept (its last image would be cut short)
         _remove_written(out_dir, existed)
         raise FedmedError(f"cannot write the demo images to {out_dir} (nothing was kept): {os_error_line(exc)}") from None
@@ -53,8 +54,9 @@ def _remove_written(out_dir: Path, existed: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def contact_sheet(data: demo.DemoData, spec: demo.DemoSpec, per_cell: int = 3) -> Image.Image:
-    """Rows: hospitals (with their scanner); columns: classes, `per_cell` examples each."""
+def contact_sheet(trains: list[demo.ImageSet], spec: demo.DemoSpec, per_cell: int = 3) -> Image.Image:
+    """Rows: hospitals (with their scanner; `trains`: their training images); columns:
+    classes, `per_cell` examples each."""
     size = spec.image_size
     label_w, header_h = 150, 22
     width = label_w + len(CLASSES) * per_cell * size
@@ -63,9 +65,9 @@ def contact_sheet(data: demo.DemoData, spec: demo.DemoSpec, per_cell: int = 3) -
     draw = ImageDraw.Draw(sheet)
     for k, name in enumerate(CLASSES):
         draw.text((label_w + k * per_cell * size + 4, 4), name, fill=255)
-    for h in range(spec.hospitals):
-        train = data.select("train", h)
-        profile = data.profiles[h]
+    profiles = spec.profiles()
+    for h, train in enumerate(trains):
+        profile = profiles[h]
         y0 = header_h + h * size
         draw.text((4, y0 + 4), demo.hospital_name(h), fill=255)
         draw.text((4, y0 + 18), f"{profile.field_strength} noise {profile.noise:.2f}", fill=200)

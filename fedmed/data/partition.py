@@ -106,28 +106,60 @@ def assign(ds: Dataset, data: DataConfig, skew: SkewConfig, seed: int) -> Assign
             )
         if len(sites) != data.hospitals:
             raise FedmedError(f"data.path has {len(sites)} hospital folders but data.hospitals = {data.hospitals}: set data.hospitals = {len(sites)}")
-        site = ds.site.copy()
+        result = Assignment(split, ds.site.copy(), duplicates)
     else:
-        supply = np.bincount(ds.labels[split == TRAIN], minlength=data.num_classes)
-        shares = share_matrix(skew, data.hospitals, supply, seed)
-        site = np.full(len(ds), -1, dtype=np.int16)  # -1: a class no hospital holds (still in the global test)
-        for part in (TRAIN, TEST):
-            mask = split == part
-            if mask.any():
-                site[mask] = deal(groups[mask], ds.labels[mask], shares, np.random.default_rng([seed, 12, part]))
-    result = Assignment(split, site, duplicates)
+        result = Assignment(split, _deal(ds, data, skew, seed, split, groups), duplicates)
+    short = _shortfall(result, data.hospitals, skew, data.partition)
+    if short is None:
+        return result
+    advice = "lower data.hospitals"
+    if data.partition == "pool" and (works := _most_hospitals(ds, data, skew, seed, split, groups)):
+        advice += f" to {works} or fewer"
+    if short.startswith("dealt"):
+        advice = f"lower skew.min_size, {advice}, or soften the skew"
+    elif "no test" in short:
+        advice += " or raise data.test_fraction"
+    raise FedmedError(f"{short}: {advice}")
+
+
+def _deal(ds: Dataset, data: DataConfig, skew: SkewConfig, seed: int, split: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each image's hospital, whole patients dealt out of the pool (-1: a class no hospital holds)."""
+    supply = np.bincount(ds.labels[split == TRAIN], minlength=data.num_classes)
+    shares = share_matrix(skew, data.hospitals, supply, seed)
+    site = np.full(len(ds), -1, dtype=np.int16)
+    for part in (TRAIN, TEST):
+        mask = split == part
+        if mask.any():
+            site[mask] = deal(groups[mask], ds.labels[mask], shares, np.random.default_rng([seed, 12, part]))
+    return site
+
+
+def _shortfall(result: Assignment, hospitals: int, skew: SkewConfig, partition: str) -> str | None:
+    """Why the assignment cannot serve every hospital, if it cannot."""
+    counts = {part: np.bincount(result.site[(result.split == part) & (result.site >= 0)], minlength=hospitals) for part in (TRAIN, TEST)}
     skewed = (skew.labels, skew.quantity) != ("iid", "equal")
-    smallest = min(len(result.indices(TRAIN, h)) for h in range(data.hospitals))
-    if skewed and data.partition == "pool" and smallest < skew.min_size:
-        raise FedmedError(
-            f"dealt as whole patients, a hospital gets {smallest} training images, under skew.min_size = {skew.min_size}: "
-            "lower skew.min_size or data.hospitals, or soften the skew"
-        )
-    for h in range(data.hospitals):
-        for part, name, fix in ((TRAIN, "training", ""), (TEST, "test", " or raise data.test_fraction")):
-            if len(result.indices(part, h)) == 0:
-                raise FedmedError(
-                    f"hospital {h + 1} of {data.hospitals} would get no {name} images "
-                    f"({len(result.indices(part))} {name} images, shared out by patient): lower data.hospitals{fix}"
-                )
-    return result
+    if skewed and partition == "pool" and counts[TRAIN].min() < skew.min_size:
+        return f"dealt as whole patients, a hospital gets {counts[TRAIN].min()} training images, under skew.min_size = {skew.min_size}"
+    for part, name in ((TRAIN, "training"), (TEST, "test")):
+        empty = np.flatnonzero(counts[part] == 0)
+        if len(empty):
+            total = int((result.split == part).sum())
+            return f"hospital {empty[0] + 1} of {hospitals} would get no {name} images ({total} {name} images, shared out by patient)"
+    return None
+
+
+def _most_hospitals(ds: Dataset, data: DataConfig, skew: SkewConfig, seed: int, split: np.ndarray, groups: np.ndarray) -> int:
+    """The largest number of hospitals, under `data.hospitals`, that the pool serves (0: none)."""
+
+    def serves(n: int) -> bool:
+        fewer = data.model_copy(update={"hospitals": n})
+        return _shortfall(Assignment(split, _deal(ds, fewer, skew, seed, split, groups), {}), n, skew, "pool") is None
+
+    lo, hi = 0, data.hospitals - 1  # serves(lo) holds (or lo is 0); find the largest n <= hi that serves
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if serves(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

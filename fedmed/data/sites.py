@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -61,13 +61,8 @@ def _demo_spec(data: DataConfig, seed: int, skew: SkewConfig) -> demo.DemoSpec:
 
 
 def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
-    data = demo.load(spec, cache_dir)
-    return SiteData(
-        name=demo.hospital_name(index),
-        index=index,
-        train=_split(data.select("train", index)),
-        test=_split(data.select("test", index)),
-    )
+    train, test = demo.hospital(spec, cache_dir, index)
+    return SiteData(name=demo.hospital_name(index), index=index, train=_split(train), test=_split(test))
 
 
 _DATASETS: dict[DataConfig, Dataset] = {}
@@ -121,7 +116,7 @@ def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> Sit
     return SiteData(name=demo.hospital_name(index), index=index, train=take(TRAIN), test=take(TEST))
 
 
-@cache  # one entry per hospital this process serves: rounds reuse it
+@lru_cache(maxsize=64)  # the hospitals this process serves, reused across rounds; bounded, for federations of thousands
 def site_data(cfg: FedmedConfig, index: int) -> SiteData:
     """Hospital `index` of the configured dataset, with what it knows of its labels."""
     if not 0 <= index < cfg.data.hospitals:
@@ -140,7 +135,7 @@ def site_data(cfg: FedmedConfig, index: int) -> SiteData:
 
 @lru_cache(maxsize=2)
 def _demo_global_test(spec: demo.DemoSpec, cache_dir: str) -> Split:
-    return _split(demo.load(spec, cache_dir).select("global_test"))
+    return _split(demo.global_test(spec, cache_dir))
 
 
 def global_test(cfg: FedmedConfig) -> Split:
@@ -149,6 +144,15 @@ def global_test(cfg: FedmedConfig) -> Split:
     if cfg.data.source == "disk":
         return _disk_global_test(cfg.data, cfg.skew, cfg.seed)
     return _demo_global_test(_spec(cfg), cfg.data.cache_dir)
+
+
+def train_sizes(cfg: FedmedConfig) -> list[int]:
+    """Each hospital's number of training images, without loading (or making) any."""
+    if cfg.data.source == "disk":
+        _, parts, _ = _disk(cfg.data, cfg.skew, cfg.seed)
+        return np.bincount(parts.site[(parts.split == TRAIN) & (parts.site >= 0)], minlength=cfg.data.hospitals).tolist()
+    spec = _spec(cfg)
+    return [sum(row) for row in spec.train_counts] if spec.train_counts else [spec.train_per_hospital] * spec.hospitals
 
 
 def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None) -> None:

@@ -18,7 +18,7 @@ from fedmed.config import FedmedConfig, from_flat
 from fedmed.data.demo import hospital_name
 from fedmed.data.sites import describe, global_test
 from fedmed.errors import FedmedError
-from fedmed.federation import checkpoint, wire
+from fedmed.federation import checkpoint, sampling, wire
 from fedmed.federation.strategy import Recording, build_strategy
 from fedmed.ledger.keys import KeyStore, default_key_store
 from fedmed.ledger.server import ServerLedger
@@ -36,6 +36,8 @@ from fedmed.training.metrics import from_confusion
 app = ServerApp()
 REPLY_POLL_S = 0.2
 RESUME_RUN = "FEDMED_RESUME_RUN"  # a simulation resumed (`fedmed simulate --resume`): the run directory it continues
+# What sizes a simulated federation that Flower starts (`flwr run`); `fedmed simulate` starts one node per hospital itself.
+SIZE_SETTING = '`flwr run . --federation-config "num-supernodes={n}"`'
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
@@ -91,8 +93,10 @@ def run(
         last_test, label_counts = previous.server["last_test"], previous.server["label_counts"]
         arrays = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
     if nodes:  # a deployment: names from the enrolment, each hospital's own budget
-        strategy.enrolled = dict(nodes)
+        strategy.roster, strategy.enrolled = dict(nodes), True
         strategy.budgets = {name: cfg.privacy.budget_for(name) for name in nodes.values()}
+    else:
+        strategy.roster = sampling.simulated_roster(grid, n, cfg.simulation.node_timeout, SIZE_SETTING.format(n=n))
 
     f = cfg.federation
     # Every hospital trains and evaluates each round: round r's training requests also ask
@@ -225,20 +229,18 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
 
 
 def _strategy(cfg: FedmedConfig, norm_layers: set[str], client_dp: ClientLevelDP | None, ledger: ServerLedger) -> Recording:
-    """The configured algorithm, asking the configured share of hospitals each round."""
-    f, n = cfg.federation, cfg.data.hospitals
-    minimum = f.min_hospitals or n
+    """The configured algorithm, asking the configured share of hospitals each round
+    (drawn from the run seed: `sampling`), once `federation.min_hospitals` are connected."""
+    f = cfg.federation
     return build_strategy(
         f,
         norm_layers,
         client_dp,
         fraction_train=f.fraction_train,
         fraction_evaluate=f.fraction_evaluate,
-        min_train_nodes=min(minimum, max(1, round(f.fraction_train * n))),
-        min_evaluate_nodes=min(minimum, max(1, round(f.fraction_evaluate * n))) if f.fraction_evaluate else 0,
-        min_available_nodes=minimum,
+        min_available_nodes=f.min_hospitals or cfg.data.hospitals,
         ledger=ledger,
-        hospitals=n,
+        seed=cfg.seed,
     )
 
 

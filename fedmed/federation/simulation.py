@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fedmed import config as config_mod
 from fedmed.config import PATH_KEYS, REDACTED, FedmedConfig
 from fedmed.data.demo import cache_root
-from fedmed.data.sites import ensure_data, site_data
+from fedmed.data.sites import ensure_data, train_sizes
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint
 from fedmed.ledger.keys import KeyStore, default_key_store
@@ -78,8 +78,7 @@ def prepare(cfg: FedmedConfig, resume: bool = False) -> FedmedConfig:
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=absolute)})
     ensure_data(cfg, announce=print)
     if cfg.privacy.mode == "sample" and cfg.privacy.delta:  # each hospital checks too; fail before starting Ray
-        for index in range(cfg.data.hospitals):
-            check_delta(cfg.privacy.delta, len(site_data(cfg, index).train.y), "training images at a hospital")
+        check_delta(cfg.privacy.delta, max(train_sizes(cfg)), "training images at a hospital")
     return cfg
 
 

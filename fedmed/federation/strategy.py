@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from fedmed.config import FederationConfig
-from fedmed.federation import wire
+from fedmed.federation import sampling, wire
 from fedmed.ledger.digests import arrays_digest
 from fedmed.ledger.server import ServerLedger
 from fedmed.privacy.client_level import ClientLevelDP
@@ -55,49 +55,52 @@ def _order(replies: Iterable[Message]) -> list[Message]:
     return ok + [m for m in replies if m.has_error()]
 
 
-class _Without:
-    """A Grid that does not list some nodes (hospitals that declined to train)."""
+class _Listing:
+    """A Grid that lists only the given nodes (the hospitals a round asks)."""
 
-    def __init__(self, grid: Grid, excluded: set[int]) -> None:
-        self._grid, self._excluded = grid, excluded
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
 
     def get_node_ids(self) -> list[int]:
-        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+        return list(self._nodes)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
 
 class Recording:
-    """Mixed into a Flower strategy: aggregates in hospital order, types every reply into
-    the run's log, (FedBN) leaves the global model's `hospital_layers` as they were
-    (hospitals never send them), and stops asking a hospital to train once it has
-    declined (its privacy budget is spent)."""
+    """Mixed into a Flower strategy: asks the hospitals drawn from the run seed and the
+    round (`sampling`), aggregates in hospital order, types every reply into the run's
+    log, (FedBN) leaves the global model's `hospital_layers` as they were (hospitals never
+    send them), and stops asking a hospital to train once it has declined (its privacy
+    budget is spent)."""
 
     def __init__(
-        self, *, hospital_layers: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, hospitals: int = 0, **kwargs: Any
+        self, *, hospital_layers: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, seed: int = 0, **kwargs: Any
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)  # evaluations are pooled by `aggregate_evaluate`
         super().__init__(weighted_by_key=wire.WEIGHT, **kwargs)
         self.hospital_layers = hospital_layers
         self.ledger = ledger
+        self.seed = seed
         self.log = RunLog()
-        self.enrolled: dict[int, str] = {}  # node id -> hospital, in a deployment: the operator's enrolment, the only names it takes
+        # node id -> hospital: a deployment's enrolment, or a simulation's partitions
+        # (`sampling.simulated_roster`); set by the ServerApp before the first round.
+        self.roster: dict[int, str] = {}
+        self.enrolled = False  # a deployment: the roster is the operator's enrolment, the only names it takes
         self.budgets: dict[str, float] = {}  # in a deployment: the epsilon each enrolled hospital may spend in this run
-        self.names: dict[int, str] = {}  # node id -> hospital, simulated: as the replies say (the partition's); unused when enrolled
-        self.declined_nodes: set[int] = set()
+        self.declined: set[str] = set()  # hospitals that declined to train: not asked again
         self.all_declined = False
         self.sent: ArrayRecord | None = None
         self.sent_eval: ArrayRecord | None = None
         # One message per round: each training request also asks for an evaluation of the
-        # model it carries (the previous round's), and nodes not asked to train are asked
-        # to evaluate alongside (set by the ServerApp where every hospital trains and evaluates).
+        # model it carries (the previous round's), and hospitals not asked to train are
+        # asked to evaluate alongside (set by the ServerApp where every hospital trains and evaluates).
         self.evaluate_with_training = False
         self.asked: list[Message] = []  # this round's training requests (their ids are set once sent)
-        self._min_nodes = (self.min_train_nodes, self.min_available_nodes)
-        self.hospitals = hospitals or self.min_available_nodes  # all of them, not the minimum per round
+        self.min_connected = self.min_available_nodes  # hospitals that must be connected for a round to start
 
-    STATE = ("log", "names", "declined_nodes", "all_declined")
+    STATE = ("log", "declined", "all_declined")
     OPTIMISER_STATE = ("m_t", "v_t")  # FedAdam / FedYogi: the server optimiser's moments
 
     def state(self) -> dict[str, Any]:
@@ -111,18 +114,18 @@ class Recording:
             setattr(self, key, value)
 
     def _name(self, node: int) -> str:
-        return self.enrolled.get(node) or self.names.get(node, f"node {node}")
+        return self.roster.get(node, f"node {node}")
 
     def _hospital(self, node: int, content: RecordDict) -> tuple[str, str | None]:
-        """The hospital a reply from `node` is recorded under, and why it is refused, if it
-        is: in a deployment the name the node's key was enrolled under, never the reply's own."""
+        """The hospital a reply from `node` is recorded under (the roster's, never the
+        reply's own), and why it is refused, if it is: a reply under another name."""
         claimed = wire.site_name(content)
-        if not self.enrolled:
-            return claimed, None
-        site = self.enrolled.get(node)
-        if site is None:  # cannot happen with node authentication; refused all the same
-            return f"node {node}", "this node's key is not enrolled"
-        return site, (None if claimed == site else f"{wire.NAME_MISMATCH} (the reply says {claimed!r})")
+        site = self.roster.get(node)
+        if site is None:  # cannot happen (node authentication; the engine's own nodes); refused all the same
+            return f"node {node}", "this node is not one of the federation's hospitals"
+        if claimed == site:
+            return site, None
+        return site, f"{wire.NAME_MISMATCH if self.enrolled else wire.OTHER_NAME} (the reply says {claimed!r})"
 
     def _addressed(self, messages: Iterable[Message]) -> list[Message]:
         """In a deployment, each request also tells its node the name its key is enrolled
@@ -149,28 +152,37 @@ class Recording:
             entries[wire.LEDGER_KEYS] = str(self.ledger.keys.root)
         return ConfigRecord({**dict(config), **entries})
 
+    def _connected(self, grid: Grid) -> dict[int, str]:
+        """The roster's hospitals that are connected, once enough are (a deployment waits for them)."""
+        if not self.enrolled:
+            return self.roster  # a simulation's nodes never leave
+        return sampling.connected(grid, self.roster, self.min_connected)
+
+    def _ask(self, grid: Grid, nodes: list[int], configure: Any) -> list[Message]:
+        """Flower's own requests (FedProx adds its mu) for exactly `nodes`."""
+        saved = self.fraction_train, self.fraction_evaluate, self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes
+        self.fraction_train = self.fraction_evaluate = 1.0
+        self.min_train_nodes = self.min_evaluate_nodes = self.min_available_nodes = len(nodes)
+        try:
+            return sorted(configure(_Listing(grid, nodes)), key=lambda m: self._name(m.metadata.dst_node_id))
+        finally:
+            self.fraction_train, self.fraction_evaluate, self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes = saved
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.evaluate_with_training and server_round > 1:
             config = ConfigRecord({**dict(config), wire.EVALUATE_FIRST: True})
-        self.asked = self._addressed(self._configure_train(server_round, arrays, config, grid))
-        self.log.round(server_round).asked = [self._name(m.metadata.dst_node_id) for m in self.asked]
-        return self.asked
-
-    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent = arrays
         config = self._with_ledger(config)
-        if not self.declined_nodes:
-            return super().configure_train(server_round, arrays, config, grid)
-        min_train, min_available = self._min_nodes
-        available = self.hospitals - len(self.declined_nodes)
-        if available <= 0:
+        candidates = {node: site for node, site in self._connected(grid).items() if site not in self.declined}
+        if not candidates:  # every hospital has declined for good
             self.all_declined = True
-            return []
-        self.min_train_nodes, self.min_available_nodes = min(min_train, available), min(min_available, available)
-        try:
-            return super().configure_train(server_round, arrays, config, _Without(grid, self.declined_nodes))
-        finally:
-            self.min_train_nodes, self.min_available_nodes = min_train, min_available
+            self.asked = []
+        else:
+            chosen = set(sampling.draw(candidates.values(), self.fraction_train, self.seed, server_round, sampling.TRAIN))
+            nodes = [node for node, site in candidates.items() if site in chosen]
+            self.asked = self._addressed(self._ask(grid, nodes, lambda g: super(Recording, self).configure_train(server_round, arrays, config, g)))
+        self.log.round(server_round).asked = [self._name(m.metadata.dst_node_id) for m in self.asked]
+        return self.asked
 
     def _aggregate(self, server_round: int, taken: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, taken)
@@ -209,13 +221,11 @@ class Recording:
             if site in outcome.trained or site in outcome.declined:  # two nodes answering as one hospital
                 outcome.dropped[f"{self._name(node)} (a second reply as {site})"] = "a second reply under one hospital's name"
                 continue
-            if not self.enrolled:
-                self.names[node] = site
             checkpoint = wire.ledger_checkpoint(msg.content)
             if wire.DECLINED in msg.content:
                 refusal = dict(msg.content[wire.DECLINED])
                 outcome.declined[site] = Decline(str(refusal.pop("reason")), refusal, checkpoint)
-                self.declined_nodes.add(node)
+                self.declined.add(site)
                 continue
             metrics = wire.metrics_of(msg.content)
             updates[site] = msg.content[wire.ARRAYS]
@@ -228,18 +238,25 @@ class Recording:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent_eval = arrays
-        return self._addressed(super().configure_evaluate(server_round, arrays, self._with_ledger(config), grid))
+        candidates = self._connected(grid)
+        chosen = set(sampling.draw(candidates.values(), self.fraction_evaluate, self.seed, server_round, sampling.EVALUATE)) if self.fraction_evaluate else set()
+        nodes = [node for node, site in candidates.items() if site in chosen]
+        config = self._with_ledger(config)
+        asked = self._addressed(self._ask(grid, nodes, lambda g: super(Recording, self).configure_evaluate(server_round, arrays, config, g))) if nodes else []
+        self.log.round(server_round).asked_to_evaluate = [self._name(m.metadata.dst_node_id) for m in asked]
+        return asked
 
     def evaluate_only(self, model_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
         """With one message per round: evaluation requests, for the model this round's
-        training requests carry (`self.sent`, round `model_round`'s), to the nodes not
+        training requests carry (`self.sent`, round `model_round`'s), to the hospitals not
         asked to train (those that declined for good)."""
         assert self.sent is not None  # set by this round's configure_train
         self.sent_eval = self.sent
         trained = {m.metadata.dst_node_id for m in self.asked}
         config = self._with_ledger(ConfigRecord({**dict(config), wire.SERVER_ROUND: model_round}))
         content = RecordDict({wire.ARRAYS: self.sent, wire.CONFIG: config})
-        nodes = sorted(set(grid.get_node_ids()) - trained)
+        nodes = sorted((node for node in self._connected(grid) if node not in trained), key=self._name)
+        self.log.round(model_round).asked_to_evaluate = sorted(self._name(node) for node in [*trained, *nodes])
         return self._addressed(grid.create_message(content, MessageType.EVALUATE, node, str(model_round)) for node in nodes)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -255,8 +272,6 @@ class Recording:
             if refused or site in outcome.evaluated or (evaluated is None and msg.metadata.message_type == MessageType.TRAIN):
                 outcome.evaluation_failures += 1
                 continue
-            if not self.enrolled:
-                self.names[msg.metadata.src_node_id] = site
             outcome.evaluated[site] = Evaluation(dict(evaluated) if evaluated is not None else wire.metrics_of(msg.content), wire.ledger_checkpoint(msg.content))
         if self.ledger is not None and self.sent_eval is not None:
             self.ledger.evaluate_round(outcome, self.sent_eval)

@@ -68,6 +68,7 @@ LEDGER_DIR = "ledger-dir"  # a real hospital's ledger folder, on its own machine
 
 # ---- why the server refuses a reply ---------------------------------------------------
 NAME_MISMATCH = "name does not match the enrolled key"
+OTHER_NAME = "a reply under another hospital's name"  # a simulated node's: its partition is its hospital
 
 
 def config_record(cfg: FedmedConfig, deployed: bool = False) -> ConfigRecord:

@@ -96,6 +96,7 @@ class ServerLedger:
         self.writer.append("train-round", outcome.round, {
             "aggregation": self.aggregation,
             "sent_sha256": arrays_digest(sent),
+            "asked": sorted(outcome.asked),  # drawn from the run seed and the round (fedmed.federation.sampling)
             "participants": [
                 {"hospital": site, "update_sha256": u.update_sha256, "weight": u.weight, "checkpoint": u.checkpoint} for site, u in trained
             ],
@@ -111,6 +112,7 @@ class ServerLedger:
     def evaluate_round(self, outcome: RoundOutcome, sent: ArrayRecord) -> None:
         self.writer.append("evaluate-round", outcome.round, {
             "sent_sha256": arrays_digest(sent),
+            "asked": sorted(outcome.asked_to_evaluate),
             "participants": [{"hospital": site, "checkpoint": e.checkpoint} for site, e in sorted(outcome.evaluated.items())],
             "failures": outcome.evaluation_failures,
         })

@@ -52,6 +52,7 @@ class RoundOutcome:
 
     round: int
     asked: list[str] = field(default_factory=list)
+    asked_to_evaluate: list[str] = field(default_factory=list)  # the hospitals asked to evaluate this round's model
     trained: dict[str, Update] = field(default_factory=dict)
     declined: dict[str, Decline] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)  # asked, sent no update -> why
