@@ -1,6 +1,8 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback. The commands run in
 this process through fedmed's entry point; one test runs `fedmed` as its own process."""
 
+import re
+
 import pytest
 
 from .conftest import assert_clean_failure, fedmed, fedmed_process, free_port
@@ -88,7 +90,9 @@ def test_data_check_refuses_data_too_small_for_the_hospitals(tmp_path):
     args = ("data", "check", tmp_path / "d", "--set", f"data.cache_dir='{tmp_path / 'cache'}'")
     result = fedmed(*args, "--set", "data.hospitals=8")
     assert result.returncode == 2 and "would get no" in result.stderr, result.stderr
-    assert fedmed(*args, "--set", "data.hospitals=1").returncode == 0
+    largest = int(re.search(r"lower data.hospitals to (\d+) or fewer", result.stderr).group(1))  # the largest number that works
+    assert fedmed(*args, "--set", f"data.hospitals={largest}").returncode == 0
+    assert fedmed(*args, "--set", f"data.hospitals={largest + 1}").returncode == 2
 
 
 @pytest.mark.parametrize(
