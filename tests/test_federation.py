@@ -20,7 +20,7 @@ from fedmed.federation import simulation
 from fedmed.ledger.chain import LedgerFile
 from fedmed.models import build_model, norm_keys
 from fedmed.run.directory import RunDirectory
-from fedmed.run.record import NO_REPLY
+from fedmed.run.record import NO_REPLY, TIMING_FIELDS
 
 from .conftest import TINY
 from .inprocess import InProcessGrid, run_in_process
@@ -195,6 +195,17 @@ def test_partial_participation_trains_a_fraction_of_hospitals_each_round(tiny_co
     for record in rounds_of(run):
         assert sum("train" in h for h in record["hospitals"].values()) == 2
         assert sum("eval" in h for h in record["hospitals"].values()) == 3
+
+
+def test_fewer_nodes_than_hospitals_play_every_hospital_with_the_same_results(tiny_config):
+    """A simulated node plays whichever hospital a request names: one node serves three
+    hospitals (as a `flwr run` federation smaller than data.hospitals), round for round
+    as three nodes do, with FedBN's layers kept per hospital, not per node."""
+    cfg = simulation.prepare(tiny_config("federation.strategy=fedbn", "federation.fraction_train=0.67"))
+    one = rounds_of(run_in_process(cfg, grid=InProcessGrid(fedmed_client.app, 1, cfg.flat())))
+    three = rounds_of(run_in_process(simulation.prepare(tiny_config("federation.strategy=fedbn", "federation.fraction_train=0.67"))))
+    assert [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in one] == [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in three]
+    assert sum("train" in h for h in one[-1]["hospitals"].values()) == 2
 
 
 def test_dp_with_fedbn_composes_epsilon_over_every_round_with_the_rdp_accountant(tiny_config):

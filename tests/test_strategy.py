@@ -14,14 +14,17 @@ def task_identity(monkeypatch):
 
 
 def _strategy(names: list[str]) -> RecordingFedAvg:
-    """FedAvg whose roster has node i+1 as hospital `names[i]`."""
+    """FedAvg that asked each of `names` to train (request `ask-<name>`)."""
     strategy = RecordingFedAvg()
-    strategy.roster = {int(name.split("-")[1]) + 1: name for name in names}
+    for name in names:
+        request = Message(RecordDict(), dst_node_id=1, message_type="train")
+        request.metadata.__dict__["_message_id"] = f"ask-{name}"
+        strategy.requests.append((request, name))
     return strategy
 
 
 def _reply(name: str, weights: dict[str, np.ndarray], n: int, acc: float) -> Message:
-    """A reply from the node that is hospital `name` (node number + 1)."""
+    """Hospital `name`'s reply to its request."""
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
@@ -30,7 +33,7 @@ def _reply(name: str, weights: dict[str, np.ndarray], n: int, acc: float) -> Mes
         }
     )
     message = Message(content=content, dst_node_id=0, message_type="train")
-    message.metadata.__dict__["_src_node_id"] = int(name.split("-")[1]) + 1
+    message.metadata.__dict__["_reply_to_message_id"] = f"ask-{name}"
     return message
 
 

@@ -85,15 +85,16 @@ def hospital_data(cfg: FedmedConfig, own: FedmedConfig | None, index: int) -> tu
     return replace(site, name=own.site.name, index=stream), None
 
 
-def _site(context: Context, cfg: FedmedConfig, own: FedmedConfig | None) -> tuple[SiteData, canaries.Canaries | None]:
-    """This node's hospital: a real node's own data (its site config), or a simulated
-    hospital's share, `partition-id` in its node config (set by the simulation engine)."""
-    if own is None and wire.PARTITION_ID not in context.node_config:
+def _site(context: Context, config: ConfigRecord, cfg: FedmedConfig, own: FedmedConfig | None) -> tuple[SiteData, canaries.Canaries | None]:
+    """This node's hospital: a real node's own data (its site config), or the simulated
+    hospital the request names (else the node's `partition-id`, set by the simulation engine)."""
+    index = config.get(wire.HOSPITAL, context.node_config.get(wire.PARTITION_ID))
+    if own is None and index is None:
         raise FedmedError(f"this node has neither `{wire.SITE_CONFIG}` nor `{wire.PARTITION_ID}` in its node config: it cannot find its data")
     if own is not None:
         policy.hospital_config(cfg, own)  # settings that do not match: the server may learn which (raised outside the private part)
     try:
-        return hospital_data(cfg, own, int(context.node_config.get(wire.PARTITION_ID, 0)))
+        return hospital_data(cfg, own, int(index or 0))
     except Exception as exc:  # noqa: BLE001
         # The reason may name files on this machine; it stays in this node's log, and the
         # server (which sees this exception's text) learns only that the data failed.
@@ -132,7 +133,7 @@ def _receive(msg: Message, context: Context) -> Request:
     if own is not None:
         policy.check_name(own, config.get(wire.ENROLLED_AS))
     server_round = int(config[wire.SERVER_ROUND])
-    site, added = _site(context, cfg, own)
+    site, added = _site(context, config, cfg, own)
     model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     ledger = _ledger(context, config, site.name)
     ledger.begin(cfg, server_round, model, site, added, wire.server_checkpoint(config))

@@ -13,41 +13,51 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.serverapp import Grid
 
-from fedmed.data.demo import hospital_name
 from fedmed.errors import FedmedError
 
 TRAIN, EVALUATE = 1, 2  # random streams: who trains and who evaluates are drawn independently
 POLL_S = 0.5
 
 
+def share(hospitals: int, fraction: float) -> int:
+    """How many of `hospitals` a round asks for `fraction` (at least one)."""
+    return min(hospitals, max(1, round(fraction * hospitals)))
+
+
 def draw(names: Iterable[str], fraction: float, seed: int, server_round: int, stream: int) -> list[str]:
-    """`fraction` of `names` (at least one), drawn from (seed, round, stream); sorted."""
+    """`share` of `names`, drawn from (seed, round, stream); sorted."""
     pool = sorted(names)
-    k = min(len(pool), max(1, round(fraction * len(pool))))
+    k = share(len(pool), fraction) if pool else 0
     if k == len(pool):
         return pool
     picked = np.random.default_rng([seed, server_round, stream]).choice(len(pool), size=k, replace=False)
     return sorted(pool[i] for i in picked)
 
 
-def simulated_roster(grid: Grid, hospitals: int, timeout: float, setting: str) -> dict[int, str]:
-    """Node id -> hospital name in a simulation. Flower's engine registers its nodes in
-    partition order (node i has `partition-id` i, and so hospital i's data), each with its
-    registration time; the replies say which hospital answered, and a reply under another
-    name than its node's here stops the run (`Recording._hospital`).
+def seats_needed(hospitals: int, fraction_train: float, fraction_evaluate: float) -> int:
+    """Simulated nodes for `fedmed simulate` to start: one per hospital asked at once, so
+    each request of an exchange goes to a node of its own. Every hospital where all train
+    and evaluate (one message each per round); otherwise the larger share."""
+    if fraction_train == 1.0 and fraction_evaluate == 1.0:
+        return hospitals
+    return max(share(hospitals, fraction_train), share(hospitals, fraction_evaluate) if fraction_evaluate else 0)
 
-    Waits `timeout` seconds for `hospitals` nodes, then fails naming `setting`, the
-    setting that sizes the federation (too few SuperNodes would make every round wait)."""
+
+def seats(grid: Grid, timeout: float, setting: str) -> list[int]:
+    """A simulation's nodes, in the order the engine registered them. A simulated node
+    plays whichever hospital a request names (`wire.HOSPITAL`), so any number of nodes
+    serves a federation of any size (a few nodes play several hospitals a round); with
+    as many nodes as hospitals, node i (partition i) plays hospital i.
+
+    Waits `timeout` seconds for a first node, then fails naming `setting`."""
     deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_nodes())) < hospitals:
+    while not (nodes := list(grid.get_nodes())):
         if time.monotonic() >= deadline:
-            raise FedmedError(
-                f"the federation has {len(nodes)} SuperNode(s) but data.hospitals = {hospitals}, and no more came in {timeout:g} s: "
-                f"start it with one SuperNode per hospital ({setting}) or lower data.hospitals"
-            )
+            raise FedmedError(f"no SuperNode joined the federation in {timeout:g} s (simulation.node_timeout): {setting}")
         time.sleep(POLL_S)
-    ordered = sorted(nodes, key=lambda node: (node.registered_at, node.node_id))[:hospitals]
-    return {node.node_id: hospital_name(i) for i, node in enumerate(ordered)}
+    time.sleep(POLL_S)  # nodes register together: the others a moment (their number changes speed only, never results)
+    nodes = list(grid.get_nodes())
+    return [node.node_id for node in sorted(nodes, key=lambda node: (node.registered_at, node.node_id))]
 
 
 def connected(grid: Grid, roster: dict[int, str], needed: int, waiting: Callable[[int], None] | None = None) -> dict[int, str]:

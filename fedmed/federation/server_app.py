@@ -36,8 +36,8 @@ from fedmed.training.metrics import from_confusion
 app = ServerApp()
 REPLY_POLL_S = 0.2
 RESUME_RUN = "FEDMED_RESUME_RUN"  # a simulation resumed (`fedmed simulate --resume`): the run directory it continues
-# What sizes a simulated federation that Flower starts (`flwr run`); `fedmed simulate` starts one node per hospital itself.
-SIZE_SETTING = '`flwr run . --federation-config "num-supernodes={n}"`'
+# What to do when a federation started by Flower (`flwr run`) has no SuperNode: `fedmed simulate` starts its own.
+NO_NODES = 'run a simulation with SuperNodes (`flwr run . --federation-config "num-supernodes=2"`), or start `flower-supernode` processes against this SuperLink'
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
@@ -83,6 +83,7 @@ def run(
     arrays = ArrayRecord(model.state_dict())
     last_test: dict = {}
     label_counts: dict[str, list[int]] = {}  # hospital -> training labels, as it reports them
+    heatmap_stale = False  # the report has grown since its heatmap was drawn (round 1's)
     if previous is None:
         ledger.start(cfg, model, arrays, aggregation, wire.config_from_record(config).digest())
     else:
@@ -93,10 +94,11 @@ def run(
         last_test, label_counts = previous.server["last_test"], previous.server["label_counts"]
         arrays = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
     if nodes:  # a deployment: names from the enrolment, each hospital's own budget
-        strategy.roster, strategy.enrolled = dict(nodes), True
+        strategy.enrolled = dict(nodes)
         strategy.budgets = {name: cfg.privacy.budget_for(name) for name in nodes.values()}
-    else:
-        strategy.roster = sampling.simulated_roster(grid, n, cfg.simulation.node_timeout, SIZE_SETTING.format(n=n))
+    else:  # a simulation: any node plays any hospital it is asked to
+        strategy.hospitals = [hospital_name(i) for i in range(n)]
+        strategy.seats = sampling.seats(grid, cfg.simulation.node_timeout, NO_NODES)
 
     f = cfg.federation
     # Every hospital trains and evaluates each round: round r's training requests also ask
@@ -145,7 +147,10 @@ def run(
                 if new:  # hospitals reporting for the first time: (re)write the heterogeneity report
                     label_counts.update(new)
                     rep = heterogeneity.report(label_counts, cfg.data.classes)
-                    heterogeneity.write(out, rep)
+                    # Hospitals asked for the first time in later rounds (partial participation):
+                    # the report now, its heatmap once the run stops.
+                    heterogeneity.write(out, rep, heatmap=server_round == 1)
+                    heatmap_stale = server_round > 1
                     if server_round == 1:
                         heterogeneity.print_table(reporter.console, rep)
                 model.load_state_dict(arrays.to_torch_state_dict())
@@ -167,10 +172,14 @@ def run(
         if merged:  # the last round's model
             evaluated(rounds, send(strategy.configure_evaluate(rounds, arrays, ConfigRecord(dict(config)), grid)))
     except interrupt.Stop as stop:  # where it stopped, signed; resumable from the last checkpoint
+        if heatmap_stale:
+            heterogeneity.write(out, heterogeneity.report(label_counts, cfg.data.classes))
         ledger.interrupted(completed, interrupt.signal_name(stop.signum))
         out.write_status("interrupted", completed, rounds, interrupt.signal_name(stop.signum))
         return
 
+    if heatmap_stale:  # every hospital that reported, drawn once
+        heterogeneity.write(out, heterogeneity.report(label_counts, cfg.data.classes))
     final = strategy.log.round(rounds).evaluated
     per_hospital = {
         site: {"accuracy": e.metrics[wire.EVAL_ACCURACY], "macro_f1": e.metrics[wire.EVAL_MACRO_F1]} for site, e in sorted(final.items())

@@ -24,7 +24,7 @@ from fedmed.config import PATH_KEYS, REDACTED, FedmedConfig
 from fedmed.data.demo import cache_root
 from fedmed.data.sites import ensure_data, train_sizes
 from fedmed.errors import FedmedError
-from fedmed.federation import checkpoint
+from fedmed.federation import checkpoint, sampling
 from fedmed.ledger.keys import KeyStore, default_key_store
 from fedmed.privacy.accounting import check_delta
 from fedmed.run import interrupt
@@ -149,7 +149,7 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False, client_app: ClientA
         # its way out, and the ServerApp's thread, seeing it, records where the run stopped.
         with _our_sigterm():
             _run_simulation(
-                num_supernodes=cfg.data.hospitals,
+                num_supernodes=sampling.seats_needed(cfg.data.hospitals, cfg.federation.fraction_train, cfg.federation.fraction_evaluate),
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 client_app=client_app or fedmed_client.app,
                 server_app=server_app.app,

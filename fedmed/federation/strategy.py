@@ -84,11 +84,10 @@ class Recording:
         self.ledger = ledger
         self.seed = seed
         self.log = RunLog()
-        # node id -> hospital: a deployment's enrolment, or a simulation's partitions
-        # (`sampling.simulated_roster`); set by the ServerApp before the first round.
-        self.roster: dict[int, str] = {}
-        self.enrolled = False  # a deployment: the roster is the operator's enrolment, the only names it takes
+        self.enrolled: dict[int, str] = {}  # node id -> hospital in a deployment: the operator's enrolment, the only names it takes
         self.budgets: dict[str, float] = {}  # in a deployment: the epsilon each enrolled hospital may spend in this run
+        self.hospitals: list[str] = []  # a simulation's hospitals, in index order
+        self.seats: list[int] = []  # a simulation's nodes (`sampling.seats`): each plays whichever hospital a request names
         self.declined: set[str] = set()  # hospitals that declined to train: not asked again
         self.all_declined = False
         self.sent: ArrayRecord | None = None
@@ -98,6 +97,7 @@ class Recording:
         # asked to evaluate alongside (set by the ServerApp where every hospital trains and evaluates).
         self.evaluate_with_training = False
         self.asked: list[Message] = []  # this round's training requests (their ids are set once sent)
+        self.requests: list[tuple[Message, str]] = []  # the current exchange's requests and the hospital each asks
         self.min_connected = self.min_available_nodes  # hospitals that must be connected for a round to start
 
     STATE = ("log", "declined", "all_declined")
@@ -113,32 +113,20 @@ class Recording:
         for key, value in state.items():
             setattr(self, key, value)
 
-    def _name(self, node: int) -> str:
-        return self.roster.get(node, f"node {node}")
+    def _asked_as(self) -> dict[str, str]:
+        """Request id -> the hospital it asks (ids are set once the requests are sent)."""
+        return {m.metadata.message_id: site for m, site in self.requests}
 
-    def _hospital(self, node: int, content: RecordDict) -> tuple[str, str | None]:
-        """The hospital a reply from `node` is recorded under (the roster's, never the
-        reply's own), and why it is refused, if it is: a reply under another name."""
-        claimed = wire.site_name(content)
-        site = self.roster.get(node)
-        if site is None:  # cannot happen (node authentication; the engine's own nodes); refused all the same
-            return f"node {node}", "this node is not one of the federation's hospitals"
+    def _hospital(self, reply: Message, asked_as: dict[str, str]) -> tuple[str, str | None]:
+        """The hospital a reply is recorded under (the one its request asked, never the
+        reply's own say), and why it is refused, if it is: a reply under another name."""
+        site = asked_as.get(reply.metadata.reply_to_message_id)
+        if site is None:  # cannot happen: Flower delivers replies to this run's requests only
+            return f"node {reply.metadata.src_node_id}", "a reply to no request of this round"
+        claimed = wire.site_name(reply.content)
         if claimed == site:
             return site, None
         return site, f"{wire.NAME_MISMATCH if self.enrolled else wire.OTHER_NAME} (the reply says {claimed!r})"
-
-    def _addressed(self, messages: Iterable[Message]) -> list[Message]:
-        """In a deployment, each request also tells its node the name its key is enrolled
-        under and its own budget for the run (never another hospital's)."""
-        if not self.enrolled:
-            return list(messages)
-        out = []
-        for m in messages:
-            site = self._name(m.metadata.dst_node_id)
-            content = RecordDict(dict(m.content))
-            content[wire.CONFIG] = ConfigRecord({**dict(m.content[wire.CONFIG]), wire.ENROLLED_AS: site, wire.BUDGET: self.budgets.get(site, 0.0)})
-            out.append(Message(content, m.metadata.dst_node_id, m.metadata.message_type, group_id=m.metadata.group_id))
-        return out
 
     def _with_ledger(self, config: ConfigRecord) -> ConfigRecord:
         """Every request carries the ledger run id and the server ledger's latest signed
@@ -152,36 +140,55 @@ class Recording:
             entries[wire.LEDGER_KEYS] = str(self.ledger.keys.root)
         return ConfigRecord({**dict(config), **entries})
 
-    def _connected(self, grid: Grid) -> dict[int, str]:
-        """The roster's hospitals that are connected, once enough are (a deployment waits for them)."""
+    def _available(self, grid: Grid) -> list[str]:
+        """The hospitals that can be asked: a deployment's connected ones, once enough are
+        (it waits for them); every simulated one."""
         if not self.enrolled:
-            return self.roster  # a simulation's nodes never leave
-        return sampling.connected(grid, self.roster, self.min_connected)
+            return list(self.hospitals)
+        return sorted(sampling.connected(grid, self.enrolled, self.min_connected).values())
 
-    def _ask(self, grid: Grid, nodes: list[int], configure: Any) -> list[Message]:
-        """Flower's own requests (FedProx adds its mu) for exactly `nodes`."""
+    def _ask(self, grid: Grid, sites: list[str], configure: Any, start: int = 0) -> list[Message]:
+        """Flower's request (FedProx adds its mu to the config) for each of `sites`, on its
+        node, telling it who it is: a real node the name its key is enrolled under and its
+        own budget for the run (never another hospital's); a simulated node the hospital
+        it plays (its data). Simulated hospitals take the seats in turn, from `start`, in
+        index order: with every hospital asked, seat i (partition i) plays hospital i."""
+        if not sites:
+            return []
+        if self.enrolled:
+            node_of = {site: node for node, site in self.enrolled.items()}
+            placed = [(node_of[site], site, {wire.ENROLLED_AS: site, wire.BUDGET: self.budgets.get(site, 0.0)}) for site in sites]
+        else:
+            index = {site: i for i, site in enumerate(self.hospitals)}
+            ordered = sorted(sites, key=index.__getitem__)
+            placed = [(self.seats[(start + k) % len(self.seats)], site, {wire.HOSPITAL: index[site]}) for k, site in enumerate(ordered)]
         saved = self.fraction_train, self.fraction_evaluate, self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes
         self.fraction_train = self.fraction_evaluate = 1.0
-        self.min_train_nodes = self.min_evaluate_nodes = self.min_available_nodes = len(nodes)
+        self.min_train_nodes = self.min_evaluate_nodes = self.min_available_nodes = 1
         try:
-            return sorted(configure(_Listing(grid, nodes)), key=lambda m: self._name(m.metadata.dst_node_id))
+            (template,) = configure(_Listing(grid, [placed[0][0]]))
         finally:
             self.fraction_train, self.fraction_evaluate, self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes = saved
+        out = []
+        for node, site, told in placed:
+            content = RecordDict(dict(template.content))
+            content[wire.CONFIG] = ConfigRecord({**dict(template.content[wire.CONFIG]), **told})
+            message = Message(content, node, template.metadata.message_type, group_id=template.metadata.group_id)
+            self.requests.append((message, site))
+            out.append(message)
+        return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.evaluate_with_training and server_round > 1:
             config = ConfigRecord({**dict(config), wire.EVALUATE_FIRST: True})
         self.sent = arrays
         config = self._with_ledger(config)
-        candidates = {node: site for node, site in self._connected(grid).items() if site not in self.declined}
-        if not candidates:  # every hospital has declined for good
-            self.all_declined = True
-            self.asked = []
-        else:
-            chosen = set(sampling.draw(candidates.values(), self.fraction_train, self.seed, server_round, sampling.TRAIN))
-            nodes = [node for node, site in candidates.items() if site in chosen]
-            self.asked = self._addressed(self._ask(grid, nodes, lambda g: super(Recording, self).configure_train(server_round, arrays, config, g)))
-        self.log.round(server_round).asked = [self._name(m.metadata.dst_node_id) for m in self.asked]
+        self.requests = []
+        candidates = [site for site in self._available(grid) if site not in self.declined]
+        self.all_declined = not candidates  # every hospital has declined for good
+        chosen = sampling.draw(candidates, self.fraction_train, self.seed, server_round, sampling.TRAIN) if candidates else []
+        self.asked = self._ask(grid, chosen, lambda g: super(Recording, self).configure_train(server_round, arrays, config, g))
+        self.log.round(server_round).asked = sorted(chosen)
         return self.asked
 
     def _aggregate(self, server_round: int, taken: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -198,28 +205,23 @@ class Recording:
         then aggregate the updates in hospital order."""
         outcome = self.log.round(server_round)
         replies = list(replies)
-        # The node each reply answers for, by the request it answers: the SuperLink itself
-        # signs the errors it makes for a node that went away.
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.asked}
-        node_of = {id(m): asked.get(m.metadata.reply_to_message_id, m.metadata.src_node_id) for m in replies}
-        answered = set(node_of.values())
-        for node in asked.values():
-            if node not in answered:
-                outcome.dropped[self._name(node)] = NO_REPLY
+        # The hospital each reply answers for is the one its request asked: the SuperLink
+        # itself signs the errors it makes for a node that went away.
+        asked_as = {m.metadata.message_id: site for m, site in self.requests if m.metadata.message_type == MessageType.TRAIN}
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for message_id, site in asked_as.items():
+            if message_id not in answered:
+                outcome.dropped[site] = NO_REPLY
         taken: list[Message] = []  # what the algorithm aggregates (errors included: it skips them)
         updates: dict[str, ArrayRecord] = {}
         for msg in _order(replies):
-            node = node_of[id(msg)]
             if msg.has_error():
-                outcome.dropped[self._name(node)] = _last_line(msg.error.reason)
+                outcome.dropped[asked_as.get(msg.metadata.reply_to_message_id, f"node {msg.metadata.src_node_id}")] = _last_line(msg.error.reason)
                 taken.append(msg)
                 continue
-            site, refused = self._hospital(node, msg.content)
+            site, refused = self._hospital(msg, asked_as)
             if refused:
                 outcome.dropped[site] = refused
-                continue
-            if site in outcome.trained or site in outcome.declined:  # two nodes answering as one hospital
-                outcome.dropped[f"{self._name(node)} (a second reply as {site})"] = "a second reply under one hospital's name"
                 continue
             checkpoint = wire.ledger_checkpoint(msg.content)
             if wire.DECLINED in msg.content:
@@ -238,13 +240,11 @@ class Recording:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent_eval = arrays
-        candidates = self._connected(grid)
-        chosen = set(sampling.draw(candidates.values(), self.fraction_evaluate, self.seed, server_round, sampling.EVALUATE)) if self.fraction_evaluate else set()
-        nodes = [node for node, site in candidates.items() if site in chosen]
+        self.requests = []
+        chosen = sampling.draw(self._available(grid), self.fraction_evaluate, self.seed, server_round, sampling.EVALUATE) if self.fraction_evaluate else []
         config = self._with_ledger(config)
-        asked = self._addressed(self._ask(grid, nodes, lambda g: super(Recording, self).configure_evaluate(server_round, arrays, config, g))) if nodes else []
-        self.log.round(server_round).asked_to_evaluate = [self._name(m.metadata.dst_node_id) for m in asked]
-        return asked
+        self.log.round(server_round).asked_to_evaluate = sorted(chosen)
+        return self._ask(grid, chosen, lambda g: super(Recording, self).configure_evaluate(server_round, arrays, config, g))
 
     def evaluate_only(self, model_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
         """With one message per round: evaluation requests, for the model this round's
@@ -252,23 +252,24 @@ class Recording:
         asked to train (those that declined for good)."""
         assert self.sent is not None  # set by this round's configure_train
         self.sent_eval = self.sent
-        trained = {m.metadata.dst_node_id for m in self.asked}
+        training = {site for _, site in self.requests}
+        others = [site for site in self._available(grid) if site not in training]
         config = self._with_ledger(ConfigRecord({**dict(config), wire.SERVER_ROUND: model_round}))
         content = RecordDict({wire.ARRAYS: self.sent, wire.CONFIG: config})
-        nodes = sorted((node for node in self._connected(grid) if node not in trained), key=self._name)
-        self.log.round(model_round).asked_to_evaluate = sorted(self._name(node) for node in [*trained, *nodes])
-        return self._addressed(grid.create_message(content, MessageType.EVALUATE, node, str(model_round)) for node in nodes)
+        self.log.round(model_round).asked_to_evaluate = sorted([*training, *others])
+        return self._ask(grid, others, lambda g: [g.create_message(content, MessageType.EVALUATE, g.get_node_ids()[0], str(model_round))], start=len(training))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Type every evaluation of round `server_round`'s model (evaluation replies, and
         training replies that carry one) into its outcome; pool them; record them."""
         outcome = self.log.round(server_round)
+        asked_as = self._asked_as()
         for msg in _order(replies):
             if msg.has_error():  # every message given here asked for an evaluation
                 outcome.evaluation_failures += 1
                 continue
             evaluated = msg.content[wire.EVALUATION] if wire.EVALUATION in msg.content else None
-            site, refused = self._hospital(msg.metadata.src_node_id, msg.content)
+            site, refused = self._hospital(msg, asked_as)
             if refused or site in outcome.evaluated or (evaluated is None and msg.metadata.message_type == MessageType.TRAIN):
                 outcome.evaluation_failures += 1
                 continue

@@ -10,7 +10,8 @@ A training or evaluation request (a Message's RecordDict):
                             SERVER_ROUND, FedProx's PROXIMAL_MU, the ledger entries
                             LEDGER_RUN, LEDGER_CHECKPOINT (and, simulated, LEDGER_ROOT and
                             LEDGER_KEYS), and
-                            for a real node ENROLLED_AS and its BUDGET; a training request
+                            for a simulated node the HOSPITAL it plays, for a real node
+                            ENROLLED_AS and its BUDGET; a training request
                             may ask for EVALUATE_FIRST
 A reply:
     "arrays"  ArrayRecord   the update (training replies that trained)
@@ -49,6 +50,7 @@ LEDGER_ROOT = "ledger-root"  # where simulated hospitals keep their ledgers (the
 LEDGER_KEYS = "ledger-keys"  # where simulated hospitals keep their keys (the user's key store, outside the run)
 LEDGER_RUN = "ledger-run"  # the ledger run id
 LEDGER_CHECKPOINT = "ledger-checkpoint"  # the server's signed ledger checkpoint, JSON
+HOSPITAL = "hospital-index"  # a simulated node: the hospital it plays for this request (its data)
 ENROLLED_AS = "enrolled-as"  # a real node: the name the server enrolled its key under
 BUDGET = "privacy-budget"  # a real node: the epsilon the server lets it spend in this run (0: no limit)
 # A training request that also asks the hospital to evaluate the model it is sent (the

@@ -201,9 +201,11 @@ class RunDirectory:
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self / self.SUMMARY, dumps(summary))
 
-    def write_heterogeneity(self, report: dict[str, Any], heatmap_png: bytes) -> None:
+    def write_heterogeneity(self, report: dict[str, Any], heatmap_png: bytes | None) -> None:
+        """The report, and its heatmap if given (None: the heatmap is drawn later)."""
         atomic_write(self / self.HETEROGENEITY, json.dumps(report, indent=1) + "\n", private=False)
-        atomic_write(self / self.HEATMAP, heatmap_png, private=False)
+        if heatmap_png is not None:
+            atomic_write(self / self.HEATMAP, heatmap_png, private=False)
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         import torch  # seconds to import: not for the commands that only read run directories

@@ -42,8 +42,9 @@ def report(label_counts: dict[str, list[int]], classes: tuple[str, ...]) -> dict
     }
 
 
-def write(out: RunDirectory, rep: dict[str, Any]) -> None:
-    out.write_heterogeneity(rep, heatmap_png(rep))
+def write(out: RunDirectory, rep: dict[str, Any], heatmap: bool = True) -> None:
+    """The report and (`heatmap`) its heatmap, which takes a second or two to draw."""
+    out.write_heterogeneity(rep, heatmap_png(rep) if heatmap else None)
 
 
 def heatmap_png(rep: dict[str, Any]) -> bytes:
