@@ -8,10 +8,14 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
+# The venv's activate script also turns Flower's telemetry off and keeps `flwr run` from
+# installing the app's dependencies at run time (a local SuperLink reads this when it starts).
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	grep -q FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION $(BIN)/activate || \
+		printf '\n# fedmed (Makefile): no telemetry; `flwr run` installs nothing at run time\nexport FLWR_TELEMETRY_ENABLED=0\nexport FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1\n' >> $(BIN)/activate
 	touch $@
 
 demo: install

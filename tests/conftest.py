@@ -48,6 +48,7 @@ WORKER_GROUPS = {
     "test_audit.py": "ray",
     "test_interrupt.py": "ray",  # its resumed runs attach to the session's Ray head
     "test_sweep.py": "sweep",  # one study, read and changed by its tests in turn
+    "test_flwr_run.py": "flwr-run",  # one local SuperLink, Flower's own, for its runs
 }
 
 

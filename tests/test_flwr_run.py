@@ -1,0 +1,133 @@
+"""`flwr run .` as the README has a user type it, with the venv activated: Flower starts
+its own local SuperLink (flower-superlink, flower-superexec, flwr-simulation, Ray), here on
+a free loopback port (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT) with its own FLWR_HOME, Ray
+temp dir, key store and data cache, so nothing of the user's (~/.flwr, port 39091,
+/tmp/ray) is touched; the SuperLink, detached by Flower, is stopped at the end.
+
+Flower 1.41 facts relied on (installed source, flwr/...): the simulated federation has 2
+SuperNodes unless `--federation-config` says otherwise (supercore/constant.py); the
+SuperLink installs the app's dependencies for every run unless started with
+FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1, which the venv's activate script sets
+(Makefile); `flwr run` returns once the run has started, so its outcome is the run's
+status (`flwr list --run-id ID --format json`).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml's [tool.flwr.app]
+ACTIVATE = Path(sys.executable).parent / "activate"
+RUN_TIMEOUT = 300.0
+SMALL = "data.train_per_hospital=24 data.test_per_hospital=12 data.global_test_size=24 data.image_size=32 train.batch_size=8"
+
+
+@dataclass
+class LocalFlower:
+    """A shell with the venv activated, and Flower's home, ports and Ray folder its own."""
+
+    env: dict[str, str]
+    home: Path
+    port: int
+
+    def flwr(self, command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`flwr COMMAND` in bash, after `source .venv/bin/activate`."""
+        script = f"source {shlex.quote(str(ACTIVATE))} && flwr {command}"
+        return subprocess.run(["bash", "-c", script], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    def run(self, command: str) -> dict:
+        """`flwr run . COMMAND`, then its run's record once finished."""
+        started = self.flwr(f"run . {command} --format json")
+        assert started.returncode == 0, started.stdout + started.stderr
+        reply = json.loads(started.stdout[started.stdout.index("{") :])
+        assert reply["success"], reply
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            listed = self.flwr(f"list --run-id {reply['run-id']} --format json")
+            assert listed.returncode == 0, listed.stdout + listed.stderr
+            (run,) = json.loads(listed.stdout)["runs"]
+            if run["status"].startswith("finished"):
+                return run
+            time.sleep(1.0)
+        raise AssertionError(f"run {reply['run-id']} not finished after {RUN_TIMEOUT:g} s")
+
+
+def _stop(port: int, marks: list[str]) -> list[str]:
+    """Stop the SuperLink Flower detached on `port` (its SuperExec and their children
+    follow it); kill what is left of Flower's and Ray's processes naming `marks`."""
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if "flower-superlink" in line and str(port) in line:
+            tree = [proc, *proc.children(recursive=True)]
+            proc.terminate()
+            _, alive = psutil.wait_procs(tree, timeout=30)
+            for straggler in alive:
+                straggler.kill()
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            line = " ".join(proc.info["cmdline"] or [])
+            if any(word in line for word in ("flower-", "flwr-", "ray::", "raylet", "gcs_server")) and any(
+                mark in line or mark in proc.environ().get("FLWR_HOME", "") + proc.environ().get("RAY_TMPDIR", "") for mark in marks
+            ):
+                left.append(line[:200])
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return left
+
+
+@pytest.fixture(scope="module")
+def local_flower(tmp_path_factory, cache_dir) -> Iterator[LocalFlower]:
+    tmp = tmp_path_factory.mktemp("flwr-run")
+    ray_tmp = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin", "HOME": str(tmp),
+        "FLWR_HOME": str(tmp / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "local",  # never a `ray start` cluster of the user's
+        "FEDMED_CACHE": cache_dir, "FEDMED_KEY_STORE": str(tmp / "keys"),
+    }  # fmt: skip
+    try:
+        yield LocalFlower(env, tmp / "flwr-home", port)
+    finally:
+        left = _stop(port, [ray_tmp, str(tmp)])
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not left, f"processes left behind: {left}"
+
+
+def test_the_readme_command_completes_a_run_and_installs_nothing(local_flower, tmp_path):
+    """Flower's default federation (2 SuperNodes) serves 3 hospitals: a node plays whichever
+    hospital a request names."""
+    run = local_flower.run(f'--run-config "federation.rounds=2 data.hospitals=3 {SMALL} output.dir=\'{tmp_path}\'"')
+    assert run["status"] == "finished:completed", run
+    (out,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r["hospitals"]) for r in records] == [["hospital-01", "hospital-02", "hospital-03"]] * 2
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    assert not (local_flower.home / "runtime-envs").exists()  # nothing installed for the run
+
+
+def test_a_federation_without_supernodes_fails_after_the_timeout_in_one_line(local_flower, tmp_path):
+    run = local_flower.run(f'--run-config "federation.rounds=1 data.hospitals=3 {SMALL} simulation.node_timeout=2 output.dir=\'{tmp_path}\'" '
+                           '--federation-config "num-supernodes=0"')
+    assert run["status"] == "finished:failed", run
+    reason = run["status-details"]
+    assert "no SuperNode joined the federation in 2 s (simulation.node_timeout)" in reason and "num-supernodes" in reason
+    assert "\n" not in reason.strip() and "Traceback" not in reason
