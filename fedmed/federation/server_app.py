@@ -75,8 +75,7 @@ def run(
     aggregation = "DP-FedAvg" if client_dp else STRATEGY_NAMES[cfg.federation.strategy]
     title = f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {n} hospitals, {rounds} rounds -> {out.path}"
     reporter = RoundReporter(rounds, title + (f" (resumed after round {previous.round})" if previous else ""))
-    simulated = () if nodes else tuple(hospital_name(i) for i in range(n))
-    ledger = ServerLedger(out, cfg.output.save_updates, store, previous.ledger_run if previous else "", simulated)
+    ledger = ServerLedger(out, cfg.output.save_updates, store, previous.ledger_run if previous else "")
     strategy = _strategy(cfg, norm_keys(model), client_dp, ledger)
 
     config = wire.config_record(cfg, deployed=bool(nodes))

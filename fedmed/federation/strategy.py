@@ -159,6 +159,8 @@ class Recording:
             node_of = {site: node for node, site in self.enrolled.items()}
             placed = [(node_of[site], site, {wire.ENROLLED_AS: site, wire.BUDGET: self.budgets.get(site, 0.0)}) for site in sites]
         else:
+            if self.ledger is not None:
+                self.ledger.admit(sites)  # their keys, before they first sign
             index = {site: i for i, site in enumerate(self.hospitals)}
             ordered = sorted(sites, key=index.__getitem__)
             placed = [(self.seats[(start + k) % len(self.seats)], site, {wire.HOSPITAL: index[site]}) for k, site in enumerate(ordered)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
@@ -17,7 +18,7 @@ from fedmed import __version__
 from fedmed.config import FedmedConfig
 from fedmed.ledger.chain import LedgerWriter
 from fedmed.ledger.digests import architecture_digest, arrays_digest, file_sha256
-from fedmed.ledger.keys import KeyStore, public_pem
+from fedmed.ledger.keys import KeyStore, Signer, public_pem
 from fedmed.run.directory import RunDirectory, atomic_write, json_safe
 from fedmed.run.record import RoundOutcome
 
@@ -29,27 +30,40 @@ REPORTED_JSON = ("summary", "heterogeneity")
 
 
 class ServerLedger:
-    def __init__(self, out: RunDirectory, save_updates: bool, keys: KeyStore, run_id: str = "", hospitals: tuple[str, ...] = ()) -> None:
+    def __init__(self, out: RunDirectory, save_updates: bool, keys: KeyStore, run_id: str = "") -> None:
         """The server signs with `keys` (a simulation's: the user's key store; a deployed
-        server's: its state folder's), never with a key in the run directory. `hospitals`:
-        a simulation's, who sign with keys from the same store; their public keys, with the
-        server's, go into the store's trust file for this run and, as convenience copies
-        an auditor must not rely on, into the run's `ledgers/keys/`. `run_id`: a resumed
-        run's, to continue its ledger (and the hospitals' theirs)."""
+        server's: its state folder's), never with a key in the run directory. `run_id`: a
+        resumed run's, to continue its ledger (and the hospitals' theirs)."""
         self.out = out
         self.root = (out / RunDirectory.LEDGERS).resolve()
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.keys = keys
-        signers = [keys.signer(party) for party in (SERVER, *hospitals)]
-        self.trust_file = keys.trust(self.run_id, signers)
-        copies = self.root / "keys"
-        copies.mkdir(parents=True, exist_ok=True)
-        for signer in signers:
-            atomic_write(copies / f"{signer.party}.pub", public_pem(signer.public), private=False)
-        self.server_key = signers[0]
-        self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", signers[0], self.run_id)
+        self.copies = self.root / "keys"
+        self.copies.mkdir(parents=True, exist_ok=True)
+        self.server_key = keys.signer(SERVER)
+        self.signers: dict[str, Signer] = {}
+        # A resumed simulation's hospitals so far: their keys' copies name them (the keys come from the store).
+        earlier = sorted(p.stem for p in self.copies.glob("*.pub") if p.stem != SERVER) if run_id else []
+        self.trust_file = self._trust([self.server_key, *(keys.signer(site) for site in earlier)])
+        self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", self.server_key, self.run_id)
         self.save_updates = save_updates
         self.aggregation = ""
+
+    def admit(self, hospitals: list[str]) -> None:
+        """Simulated hospitals about to be asked, who sign with keys from the same store:
+        the new ones' keys (created now if need be), with the server's, go into the
+        store's trust file for this run and, as convenience copies an auditor must not rely
+        on, into the run's `ledgers/keys/`. A federation of thousands keeps keys only for
+        the hospitals it asks."""
+        new = [site for site in hospitals if site not in self.signers]
+        if new:
+            self.trust_file = self._trust([self.keys.signer(site) for site in new])
+
+    def _trust(self, signers: list[Signer]) -> Path:
+        for signer in signers:
+            self.signers[signer.party] = signer
+            atomic_write(self.copies / f"{signer.party}.pub", public_pem(signer.public), private=False)
+        return self.keys.trust(self.run_id, list(self.signers.values()))
 
     def start(self, cfg: FedmedConfig, model: nn.Module, arrays: ArrayRecord, aggregation: str, hospital_config_sha256: str) -> None:
         """`hospital_config_sha256`: the digest of the settings the hospitals are sent (a
