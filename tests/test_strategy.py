@@ -3,6 +3,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmed.federation import sampling
 from fedmed.federation.strategy import RecordingFedAvg
 
 
@@ -59,3 +60,14 @@ def test_aggregation_does_not_depend_on_reply_order():
     a, _ = _strategy(names).aggregate_train(1, [_reply(*s) for s in sites])
     b, _ = _strategy(names).aggregate_train(1, [_reply(*s) for s in reversed(sites)])
     assert np.array_equal(a["w"].numpy(), b["w"].numpy())
+
+
+def test_the_hospitals_drawn_depend_on_the_seed_and_round_only():
+    names = [f"hospital-{i:02d}" for i in range(1, 21)]
+    drawn = sampling.draw(names, 0.3, seed=0, server_round=1, stream=sampling.TRAIN)
+    assert len(drawn) == 6 and drawn == sorted(drawn)
+    assert sampling.draw(reversed(names), 0.3, seed=0, server_round=1, stream=sampling.TRAIN) == drawn  # not the order given
+    assert sampling.draw(names, 0.3, seed=0, server_round=2, stream=sampling.TRAIN) != drawn
+    assert sampling.draw(names, 0.3, seed=1, server_round=1, stream=sampling.TRAIN) != drawn
+    assert sampling.draw(names, 0.01, seed=0, server_round=1, stream=sampling.TRAIN) != []  # at least one
+    assert sampling.draw(names, 1.0, seed=0, server_round=1, stream=sampling.TRAIN) == names

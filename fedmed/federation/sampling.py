@@ -1,4 +1,4 @@
-"""Which hospitals a round asks, and which Flower node each hospital is.
+"""Which hospitals a round asks, and which nodes ask them.
 
 Hospitals are drawn from the run seed and the round over their names, never over
 Flower's node ids (random in a simulation, assigned at enrolment in a deployment), so a
@@ -8,7 +8,7 @@ seeded run that asks a share of the hospitals each round repeats exactly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -60,17 +60,13 @@ def seats(grid: Grid, timeout: float, setting: str) -> list[int]:
     return [node.node_id for node in sorted(nodes, key=lambda node: (node.registered_at, node.node_id))]
 
 
-def connected(grid: Grid, roster: dict[int, str], needed: int, waiting: Callable[[int], None] | None = None) -> dict[int, str]:
-    """The hospitals of `roster` whose nodes are connected, once at least `needed` are
-    (a deployment's hospitals connect when they connect: this waits as long as it takes,
-    calling `waiting(connected)` every few seconds)."""
-    said = 0.0
+def connected(grid: Grid, roster: dict[int, str], needed: int) -> dict[int, str]:
+    """The hospitals of `roster` (node id -> name) whose nodes are connected, once at
+    least `needed` are: a deployment's hospitals connect when they connect, and the
+    server waits as long as it takes (`fedmed server start` says it is waiting)."""
     while True:
         online = set(grid.get_node_ids())
         present = {node: name for node, name in roster.items() if node in online}
         if len(present) >= needed:
             return present
-        if waiting is not None and time.monotonic() - said >= 10:
-            waiting(len(present))
-            said = time.monotonic()
         time.sleep(POLL_S)
