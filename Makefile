@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python benchmarks/data_load.py
 	$(BIN)/python benchmarks/dp_overhead.py
 	$(BIN)/python benchmarks/audit.py
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python benchmarks/sweep.py
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python benchmarks/deployment.py
 
 # docs/config.md and pyproject.toml's Flower run config, from the config schema.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -134,13 +135,21 @@ def _quiet_flower() -> None:
 def sweep(
     study: Annotated[Path, typer.Argument(help="Study file: a fedmed config plus a [sweep] table.")],
     out: Annotated[Path | None, typer.Option("--out", help="Folder for the cells and results (default: runs/studies/STUDY).")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Run every cell on this Ray cluster HOST:PORT.")] = None,
 ) -> None:
     """Run a study's grid (variants x grid x seeds), skipping cells already done, then write
-    results.csv, results.md (mean ± std over seeds) and plots."""
+    results.csv, results.md (mean ± std over seeds) and plots. The cells share one Ray
+    runtime; Ctrl-C or SIGTERM stops the sweep, and running it again continues."""
     from fedmed.sweep import run_sweep
 
     target = out or Path("runs") / "studies" / study.stem
-    run_sweep(study, target)
+    try:
+        run_sweep(study, target, ray_address)
+    except interrupt.Interrupted as stopped:  # by a signal: one line, then exit at once, as `simulate` does
+        with contextlib.suppress(OSError):  # after a hang-up there may be no terminal left to write to
+            interrupt.say(str(stopped))
+            _exit_now(stopped.code)
+        os._exit(stopped.code)
     typer.echo(f"results: {target / 'results.md'}, {target / 'results.csv'}, {target / 'final_accuracy.png'}")
 
 

@@ -10,47 +10,59 @@ table:
     [sweep.grid]
     "federation.strategy" = ["fedavg", "fedprox"]
 
-Each cell runs as its own `fedmed simulate` process (so Ray starts clean) into
-OUT/cells/<cell>/; a cell whose process ended cleanly with a summary is skipped on a
-re-run. Ctrl-C or SIGTERM stops the running cell and the sweep (exit 130 or 143); running
-the same command again continues.
+Cells run one after another in this process, each a run of its own into OUT/cells/<cell>/
+(its output in OUT/cells/.<cell>.log), as `fedmed simulate` would run it. The federated
+cells share one Ray runtime and its actors (`ray_runtime.shared()`: started by the first,
+or the cluster given by --ray-address or simulation.ray_address), so a cell costs little
+more than its rounds: Python, torch, Ray and the actors start once per sweep, not once per
+cell. A cell that ended cleanly with a summary is skipped on a re-run. Ctrl-C or SIGTERM
+stops the running cell and the sweep (exit 130 or 143); running the same command again
+continues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import tomllib
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmed import config as config_mod
 from fedmed.errors import FedmedError, os_error_line
+from fedmed.run import interrupt
 from fedmed.run.directory import RunDirectory, atomic_write
 
 Scalar = bool | int | float | str
 
 
 # Settings a study sets itself for every cell: a grid or a variant cannot vary them.
-RESERVED = {"seed": "list the seeds in sweep.seeds", "output.dir": "pass --out", "output.name": "each cell is named after its settings"}
+RESERVED = {
+    "seed": "list the seeds in sweep.seeds",
+    "output.dir": "pass --out",
+    "output.name": "each cell is named after its settings",
+    "simulation.ray_address": "the cells share one Ray runtime: pass --ray-address, or set it in the study's [simulation] table",
+}
 
 
 class SweepSpec(BaseModel):
@@ -92,9 +104,10 @@ class Cell:
         return f"{digest}-seed{self.seed}"
 
 
-def load_study(path: Path) -> tuple[dict[str, Any], SweepSpec]:
+def load_study(path: Path, ray_address: str | None = None) -> tuple[dict[str, Any], SweepSpec]:
     """(flat base settings, sweep spec); every cell's config is validated up front, so a
-    study that cannot finish says so before its first cell runs."""
+    study that cannot finish says so before its first cell runs. `ray_address`: the Ray
+    cluster every cell runs on (--ray-address), in place of the study's."""
     if not path.is_file():
         raise FedmedError(f"study file not found: {path}")
     try:
@@ -110,6 +123,8 @@ def load_study(path: Path) -> tuple[dict[str, Any], SweepSpec]:
     # A study's cells keep their ledgers but not every round's updates (about 2 MB a round
     # each), unless the study file asks for them.
     base = {"output.save_updates": False, **config_mod.flatten(tree)}
+    if ray_address is not None:
+        base["simulation.ray_address"] = ray_address
     for cell in cells(spec):
         cfg = config_mod.from_flat({**base, **cell.settings, "seed": cell.seed})
         if spec.metric == "hospital_test_accuracy" and cfg.federation.mode == "federated" and cfg.federation.fraction_evaluate == 0:
@@ -134,8 +149,8 @@ def cells(spec: SweepSpec) -> list[Cell]:
 
 
 def _unfinished_mark(cell: Cell, out: Path) -> Path:
-    """Present from a cell's start until its `fedmed simulate` exits 0: a cell interrupted
-    or failed after writing its summary is not taken for finished."""
+    """Present from a cell's start until it finished cleanly: a cell interrupted or failed
+    after writing its summary is not taken for finished."""
     return out / "cells" / f".{cell.name}.unfinished"
 
 
@@ -149,12 +164,11 @@ def finished(base: dict[str, Any], cell: Cell, out: Path) -> bool:
     return run.summary().get("config_sha256") == expected
 
 
-# A signal the sweep stops on -> the one its running cell is sent. Ctrl-C reaches the whole
-# foreground process group in a terminal; a cell runs in a group of its own (so it gets each
-# signal once, from the sweep), and SIGINT is passed to that group as a terminal would.
-# A hang-up is passed on as SIGTERM, since the cell no longer hears the terminal's.
-FORWARD = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
-CELL_STOP_S = 10.0  # how long a signalled cell may take to stop before it is killed
+# The signals the sweep stops on. Between cells the sweep only records them, and stops
+# before the next step; while a cell runs, SIGINT and SIGTERM stop it as they stop
+# `fedmed simulate` (interrupt.stop_on_signals), and a hang-up is passed on to it as
+# SIGTERM, since the cell no longer hears the terminal.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -168,12 +182,10 @@ class _Stop:
     def requested(self) -> bool:
         return bool(self.signals)
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signals[0]
-
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)
+        if signum == signal.SIGHUP and interrupt.watching():  # a cell is running
+            signal.raise_signal(signal.SIGTERM)
 
 
 @contextmanager
@@ -183,7 +195,7 @@ def _stop_on_signals() -> Iterator[_Stop]:
         yield stop
         return
     # A signal the sweep was started ignoring (`nohup`, `&` in a script) stays ignored.
-    previous = {signum: signal.signal(signum, stop._record) for signum in FORWARD if signal.getsignal(signum) != signal.SIG_IGN}
+    previous = {signum: signal.signal(signum, stop._record) for signum in SIGNALS if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         yield stop
     finally:
@@ -191,119 +203,170 @@ def _stop_on_signals() -> Iterator[_Stop]:
             signal.signal(signum, handler)
 
 
-def _wait(process: subprocess.Popen, stop: _Stop) -> int:
-    """The cell's exit code. Once the sweep is asked to stop, the cell gets the signal,
-    CELL_STOP_S to end, then SIGKILL (at once on a second signal), and whatever it left in
-    its process group is killed."""
-    deadline: float | None = None
-    killed = False
-    while True:
-        try:
-            code = process.wait(timeout=0.1)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        if stop.requested and deadline is None:
-            signum = FORWARD[signal.Signals(stop.signals[0])]
-            if signum == signal.SIGINT:
-                os.killpg(process.pid, signum)
-            else:
-                process.send_signal(signum)
-            deadline = time.monotonic() + CELL_STOP_S
-        if deadline is not None and not killed and (time.monotonic() > deadline or len(stop.signals) > 1):
-            os.killpg(process.pid, signal.SIGKILL)
-            killed = True
-    if stop.requested:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is empty: nothing was left behind
-    return code
-
-
 def run_cell(base: dict[str, Any], cell: Cell, out: Path, stop: _Stop | None = None) -> bool:
-    """One `fedmed simulate` process; True when it finished, False when the sweep was
-    asked to stop while it ran (it was stopped, and is run again next time)."""
+    """One cell, run in this process (a federated one on the sweep's Ray runtime), its
+    output in OUT/cells/.<cell>.log. True when it finished; False when a signal stopped it
+    (recorded in `stop`; the cell starts over next time). A failed cell is one line naming
+    it and its log (FedmedError)."""
     stop = stop or _Stop()
     folder = out / "cells"
     flat = {**base, **cell.settings, "seed": cell.seed, "output.dir": str(folder), "output.name": cell.name}
-    cfg_path = folder / f".{cell.name}.toml"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg_path, tomli_w.dumps(config_mod.unflatten(flat)), private=False)
+    atomic_write(folder / f".{cell.name}.toml", tomli_w.dumps(config_mod.unflatten(flat)), private=False)  # the cell's settings, kept beside it
     mark = _unfinished_mark(cell, out)
     mark.touch()
     run_dir = RunDirectory(folder / cell.name)
     if run_dir.path.exists():  # interrupted, or run with other settings: start it again
         shutil.rmtree(run_dir.path)
     log = folder / f".{cell.name}.log"
-    with log.open("w", encoding="utf-8") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fedmed.cli", "simulate", str(cfg_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
-        code = _wait(process, stop)
-    if code == 0:
-        mark.unlink()
-        return True
-    if stop.requested:
-        return False
-    last = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()][-1:] or [_no_output(folder)]
-    raise FedmedError(f"cell {cell.label} seed {cell.seed} failed: {last[0].strip().removeprefix('error: ')[:300]} (log: {log})")
-
-
-def _no_output(folder: Path) -> str:
-    """Why a failed cell's log may be empty: its error could not be written either."""
+    failure = ""
     try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return "no output"
-    if free < 1 << 20:
-        return f"no output, and the disk holding {folder} is full ({free // 1024} KiB free): free space and run again"
-    return "no output"
+        with log.open("w", encoding="utf-8", buffering=1) as handle, _output_to(handle), interrupt.stop_on_signals(on_stop=_quiet_flower):
+            if stop.requested:  # signalled as the cell started, before the signals were its own
+                return False
+            try:
+                _run(config_mod.from_flat(flat))
+            except interrupt.Interrupted as exc:
+                stop.signals.append(exc.code - 128)
+                return False
+            except (FedmedError, OSError) as exc:
+                failure = str(exc) if isinstance(exc, FedmedError) else os_error_line(exc)
+                print(f"error: {failure}", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - a bug, or Flower's engine failing: its traceback goes to the log
+                traceback.print_exc()
+                failure = f"{type(exc).__name__}: {exc}"
+    except interrupt.Stop as exc:  # outside the cell's rounds (as it started, or as it ended)
+        stop.signals.append(exc.signum)
+        return False
+    if failure:
+        raise FedmedError(f"cell {cell.label} seed {cell.seed} failed: {failure[:300]} (log: {log})")
+    mark.unlink()
+    return True
 
 
-def run_sweep(study: Path, out: Path) -> Path:
+def _run(cfg: config_mod.FedmedConfig) -> None:
+    """What `fedmed simulate` runs for a config, with only this run's data in memory."""
+    from fedmed.data.sites import forget
+
+    forget()  # the previous cell's
+    if cfg.federation.mode == "federated":
+        from fedmed.federation.simulation import run_simulation
+
+        run_simulation(cfg)
+    else:
+        from fedmed.baselines import run_baseline
+
+        run_baseline(cfg)
+
+
+def _quiet_flower() -> None:
+    """Once a cell is stopped, Flower's logs about the Ray actors stopped under it are noise."""
+    logging.getLogger("flwr").disabled = True
+
+
+@contextmanager
+def _output_to(log: TextIO) -> Iterator[None]:
+    """Everything the cell prints goes to its log, as when each cell was a process of its
+    own: Python's streams, and the file descriptors under them (Flower's and Ray's loggers
+    hold the streams they started with; Ray's core writes to descriptor 2)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield
+    finally:
+        for stream in (sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+@contextmanager
+def _runtime(federated: bool) -> Iterator[None]:
+    """One Ray runtime and actor pool for every federated cell (none for baselines only)."""
+    if not federated:
+        yield
+        return
+    from fedmed.federation.simulation import ray_environment
+
+    ray_environment()  # before Ray is imported
+    from fedmed.federation import ray_runtime
+
+    with ray_runtime.shared():
+        yield
+
+
+def fixed_seconds(run: RunDirectory, wall: float) -> float:
+    """What a run cost besides its rounds: its wall time less its rounds' (`time_s` in
+    metrics.jsonl). Start-up, the last evaluation, writing the summary, stopping."""
+    return wall - sum(r.get("time_s", 0.0) for r in run.rounds())
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def run_sweep(study: Path, out: Path, ray_address: str | None = None) -> Path:
     """Run the study's unfinished cells, then write its results. Bad input, a failed cell or
-    a file-system error is a FedmedError (one line); a signal stops the sweep with one line
-    on stderr and exit code 128 + the signal's number."""
+    a file-system error is a FedmedError (one line); a signal stops the sweep: Interrupted
+    says where, with the exit code (128 + the signal's number)."""
     with _stop_on_signals() as stop:
         try:
-            return _sweep(study, out, stop)
+            return _sweep(study, out, stop, ray_address)
         except OSError as exc:
             raise FedmedError(os_error_line(exc)) from None
 
 
-def _sweep(study: Path, out: Path, stop: _Stop) -> Path:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _sweep(study: Path, out: Path, stop: _Stop, ray_address: str | None) -> Path:
+    from rich.console import Console
 
-    base, spec = load_study(study)
+    base, spec = load_study(study, ray_address)
     if out.exists() and not out.is_dir():
         raise FedmedError(f"--out {out} is a file: give a folder for the study's cells and results")
+    todo = cells(spec)
+    done = {c.name for c in todo if finished(base, c, out)}
+    pending = [c for c in todo if c.name not in done]
+    federated = any(config_mod.from_flat({**base, **c.settings, "seed": c.seed}).federation.mode == "federated" for c in pending)
+    if federated:
+        from fedmed.federation.simulation import check_ray_address
+
+        check_ray_address(base.get("simulation.ray_address", ""))
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FedmedError(f"cannot create the --out folder {out}: {exc.strerror or exc}: {exc.filename}") from None
-    todo = cells(spec)
-    done = {c.name for c in todo if finished(base, c, out)}
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"{study.stem}: {len(todo)} cells ({len(done)} done before)")
     stopped_in: str | None = None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
-    with Progress(*columns) as progress:
-        bar = progress.add_task(f"{study.stem}: {len(todo)} cells ({len(done)} done before)", total=len(todo), completed=len(done))
-        for cell in todo:
-            if cell.name in done:
-                continue
+    walls: list[float] = []
+    with _runtime(federated):
+        for cell in pending:
             if stop.requested:
                 stopped_in = f"before cell {cell.label}, seed {cell.seed}"
                 break
-            progress.console.print(f"cell {cell.label}, seed {cell.seed}")
+            console.print(f"cell {cell.label}, seed {cell.seed}")
+            started = time.monotonic()
             if not run_cell(base, cell, out, stop):
                 stopped_in = f"in cell {cell.label}, seed {cell.seed}, which will start over (log: {out / 'cells' / f'.{cell.name}.log'})"
                 break
+            walls.append(time.monotonic() - started)
             done.add(cell.name)
-            progress.advance(bar)
+            fixed = fixed_seconds(RunDirectory(out / "cells" / cell.name), walls[-1])
+            left = statistics.mean(walls[1:] or walls) * (len(todo) - len(done))  # the first also paid the one-off start-up (imports, Ray's actors)
+            estimate = f"; about {_duration(left)} left" if left else ""
+            console.print(f"cell {len(done)}/{len(todo)} done in {_duration(walls[-1])} (fixed {fixed:.1f} s){estimate}")
     if stopped_in is None and stop.requested:
         stopped_in = "with every cell finished, before writing the results"
     if stopped_in is None:
@@ -311,8 +374,8 @@ def _sweep(study: Path, out: Path, stop: _Stop) -> Path:
         if stop.requested:
             stopped_in = "while writing the results, every cell finished"
     if stop.requested:
-        _say(f"interrupted {stopped_in}; {len(done)} of {len(todo)} cells finished, kept: run `fedmed sweep {study} --out {out}` again to continue")
-        raise SystemExit(stop.exit_code)
+        line = f"interrupted {stopped_in}; {len(done)} of {len(todo)} cells finished, kept: run `fedmed sweep {study} --out {out}` again to continue"
+        raise interrupt.Interrupted(line, stop.signals[0])
     return out
 
 

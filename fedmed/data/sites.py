@@ -146,6 +146,14 @@ def global_test(cfg: FedmedConfig) -> Split:
     return _demo_global_test(_spec(cfg), cfg.data.cache_dir)
 
 
+def forget() -> None:
+    """Drop the data this process keeps for a run: a process that serves run after run
+    (a sweep's, its Ray actors) holds one run's at a time, as a fresh process would."""
+    for cached in (_demo_spec, _disk, _disk_global_test, site_data, _demo_global_test):
+        cached.cache_clear()
+    _DATASETS.clear()
+
+
 def train_sizes(cfg: FedmedConfig) -> list[int]:
     """Each hospital's number of training images, without loading (or making) any."""
     if cfg.data.source == "disk":

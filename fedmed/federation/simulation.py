@@ -35,6 +35,11 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 SETTLE_S = 5.0  # after a signal: how long the ServerApp's thread may take to record where the run stopped
+# A local Ray's shared-memory object store. Ray's default is 30% of the machine's memory;
+# a round's messages (a model and its metrics, each way, for the hospitals training at
+# once) need far less: 45 MB for a ResNet-18, 0.25 MB for the quickstart's CNN. Ray's
+# floor is 75 MiB (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES); more spills to disk.
+OBJECT_STORE_BYTES = 192 * 1024 * 1024
 
 
 def check_ray_address(address: str, timeout: float = 3.0) -> None:
@@ -57,8 +62,14 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
 
 
 def backend_config(cfg: FedmedConfig) -> dict:
+    """A cluster given by address keeps its own settings; a local Ray starts without its
+    dashboard and with a small object store (OBJECT_STORE_BYTES)."""
     sim = cfg.simulation
-    init_args: dict = {"address": sim.ray_address} if sim.ray_address else {"num_cpus": os.cpu_count() or 1}
+    init_args: dict = (
+        {"address": sim.ray_address}
+        if sim.ray_address
+        else {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES}
+    )
     return {
         "client_resources": {"num_cpus": sim.cpus_per_hospital, "num_gpus": sim.gpus_per_hospital},
         "init_args": init_args,
@@ -113,13 +124,8 @@ def resume_config(run: Path, overrides: list[str] | None = None, values: dict[st
     return cfg
 
 
-def run_simulation(cfg: FedmedConfig, verbose: bool = False, client_app: ClientApp | None = None, resume: Path | None = None) -> Path:
-    """Simulate `cfg.data.hospitals` hospitals; returns the run directory. `client_app`
-    replaces fedmed's own at every hospital (the audit's tests run a dishonest one).
-    `resume`: the run directory to continue (its settings from `resume_config`).
-    Within `interrupt.stop_on_signals()`, a signal stops the run: Ray and its workers
-    are stopped, the run directory is marked interrupted, and Interrupted says where."""
-    check_ray_address(cfg.simulation.ray_address)  # before seconds of imports
+def ray_environment() -> None:
+    """Settings Ray reads from the environment, some as it is imported: set before."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Stopping on a signal: Ray's C++ failure handler would take SIGTERM from fedmed's (and
@@ -127,12 +133,23 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False, client_app: ClientA
     # group stopped first would wait 5 s to flush its task events to them.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     os.environ.setdefault("RAY_task_events_shutdown_flush_timeout_ms", "500")
+
+
+def run_simulation(cfg: FedmedConfig, verbose: bool = False, client_app: ClientApp | None = None, resume: Path | None = None) -> Path:
+    """Simulate `cfg.data.hospitals` hospitals; returns the run directory. `client_app`
+    replaces fedmed's own at every hospital (the audit's tests run a dishonest one).
+    `resume`: the run directory to continue (its settings from `resume_config`).
+    Within `interrupt.stop_on_signals()`, a signal stops the run: Ray and its workers
+    are stopped, the run directory is marked interrupted, and Interrupted says where.
+    Within `ray_runtime.shared()`, Ray and its actors are kept for the next run."""
+    check_ray_address(cfg.simulation.ray_address)  # before seconds of imports
+    ray_environment()
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
     from fedmed.federation import client_app as fedmed_client
-    from fedmed.federation import server_app
+    from fedmed.federation import ray_runtime, server_app
 
     cfg = prepare(cfg, resume=resume is not None)
     if not verbose:
@@ -147,7 +164,7 @@ def run_simulation(cfg: FedmedConfig, verbose: bool = False, client_app: ClientA
         # A ServerApp error (e.g. a FedmedError) is re-raised here as it is. A signal
         # raises interrupt.Stop here (in this, the main thread): the engine stops Ray on
         # its way out, and the ServerApp's thread, seeing it, records where the run stopped.
-        with _our_sigterm():
+        with _our_sigterm(), ray_runtime.installed():
             _run_simulation(
                 num_supernodes=sampling.seats_needed(cfg.data.hospitals, cfg.federation.fraction_train, cfg.federation.fraction_evaluate),
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
