@@ -52,13 +52,27 @@ WORKER_GROUPS = {
 }
 
 
+# The groups in the order they are handed out, the longest first: the deployment and Ray
+# tests start at once, one on each worker, then the next two; the short tests fill in.
+GROUP_ORDER = ("deployment", "ray", "flwr-run", "sweep")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        group = WORKER_GROUPS.get(item.path.name)
+        return GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 @pytest.hookimpl(optionalhook=True)  # without xdist (`-p no:xdist`) there is no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """pytest-xdist's scope scheduling, the scopes being WORKER_GROUPS and otherwise single
-    tests. (xdist 3.8's own `--dist loadgroup` marks no longer group under pytest 9.2.)
-    The largest scopes go first: the Ray tests and the deployment tests start at once,
-    one on each worker, and the short tests fill in beside them."""
+    tests, handed out in collection order (GROUP_ORDER first), not by their number of
+    tests. (xdist 3.8's own `--dist loadgroup` marks no longer group under pytest 9.2.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class Grouped(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -208,6 +208,13 @@ def test_fewer_nodes_than_hospitals_play_every_hospital_with_the_same_results(ti
     assert sum("train" in h for h in one[-1]["hospitals"].values()) == 2
 
 
+def test_a_federation_without_nodes_fails_after_the_timeout_naming_the_setting(tiny_config):
+    """A `flwr run` federation with no SuperNode: one line after simulation.node_timeout."""
+    cfg = simulation.prepare(tiny_config("simulation.node_timeout=0.5"))
+    with pytest.raises(FedmedError, match=r"no SuperNode joined the federation in 0.5 s \(simulation.node_timeout\): .*num-supernodes"):
+        run_in_process(cfg, grid=InProcessGrid(fedmed_client.app, 0, cfg.flat()))
+
+
 def test_dp_with_fedbn_composes_epsilon_over_every_round_with_the_rdp_accountant(tiny_config):
     run = run_in_process(tiny_config("privacy.mode=sample", "privacy.accountant=rdp", "privacy.epsilon=6", "federation.rounds=3", "federation.strategy=fedbn"))
     records = rounds_of(run)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedmed import config as config_mod
+from fedmed.federation import ray_runtime
 from fedmed.federation.simulation import run_simulation
 from fedmed.ledger.chain import LedgerFile
 from fedmed.run.directory import RunDirectory
@@ -29,9 +30,21 @@ def settings(cache_dir, tmp_path_factory):
     return make
 
 
+# Partial participation: 6 of 20 hospitals train (and 6 evaluate) each round, drawn from
+# the seed and the round, not from Flower's node ids (random, new in every run).
+SHARE = ("data.hospitals=20", "data.train_per_hospital=8", "data.test_per_hospital=4", "federation.fraction_train=0.3", "federation.fraction_evaluate=0.3")
+
+
 @pytest.fixture(scope="module")
-def ray_run(settings, ray_head) -> Path:
-    return run_simulation(settings("ray", f"simulation.ray_address='{ray_head.address}'"))
+def ray_runs(settings, ray_head) -> tuple[Path, Path]:
+    """The same seeded run twice on Ray, the second on the first's actors (as a sweep's cells)."""
+    with ray_runtime.shared():
+        return tuple(run_simulation(settings(name, *SHARE, f"simulation.ray_address='{ray_head.address}'")) for name in ("ray-a", "ray-b"))
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_runs) -> Path:
+    return ray_runs[0]
 
 
 def _without_timing(records: list[dict]) -> list[dict]:
@@ -45,17 +58,29 @@ def test_a_simulation_writes_a_complete_run_directory(ray_run):
     }
     records = out.rounds()
     assert [r["round"] for r in records] == [1, 2]
-    assert all(set(r["hospitals"]) == {"hospital-01", "hospital-02", "hospital-03"} for r in records)
     summary = out.summary()
-    assert (summary["rounds"], summary["num_hospitals"], summary["mode"]) == (2, 3, "federated")
+    assert (summary["rounds"], summary["num_hospitals"], summary["mode"]) == (2, 20, "federated")
     assert summary["test"] == {k: records[-1]["test"][k] for k in summary["test"]}
     assert summary["wall_seconds"] >= records[-1]["elapsed_s"]
-    assert sorted(p.name for p in (ray_run / out.LEDGERS).glob("*/*.jsonl")) == ["hospital-01.jsonl", "hospital-02.jsonl", "hospital-03.jsonl", "server.jsonl"]
+    took_part = {site for r in records for site in r["hospitals"]}
+    ledgers = sorted(p.name for p in (ray_run / out.LEDGERS).glob("*/*.jsonl"))
+    assert ledgers == sorted([*(f"{site}.jsonl" for site in took_part), "server.jsonl"])  # only the hospitals asked
+
+
+def test_a_seeded_run_asking_a_share_of_the_hospitals_repeats_exactly(ray_runs):
+    """Who trains and who evaluates is drawn from the seed and the round over the hospitals'
+    names, not Flower's node ids: the same records twice."""
+    first, second = (RunDirectory(run) for run in ray_runs)
+    assert _without_timing(first.rounds()) == _without_timing(second.rounds())
+    trained = [sorted(site for site, phases in r["hospitals"].items() if "train" in phases) for r in first.rounds()]
+    assert [len(sites) for sites in trained] == [6, 6] and trained[0] != trained[1]
+    server = LedgerFile.read(next((first.path / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
+    assert [r["payload"]["asked"] for r in server if r["event"] == "train-round"] == trained  # the ledger says who was asked
 
 
 def test_ray_and_the_in_process_federation_give_the_same_results(ray_run, settings):
     """The same seed and config: the same metrics, round by round, and the same model."""
-    here = run_in_process(settings("in-process"))
+    here = run_in_process(settings("in-process", *SHARE))
     assert _without_timing(RunDirectory(ray_run).rounds()) == _without_timing(RunDirectory(here).rounds())
     ray_model, here_model = torch.load(ray_run / RunDirectory.MODEL), torch.load(here / RunDirectory.MODEL)
     assert all(torch.equal(ray_model[k], here_model[k]) for k in ray_model)
@@ -64,16 +89,3 @@ def test_ray_and_the_in_process_federation_give_the_same_results(ray_run, settin
 def test_a_simulation_leaves_the_ray_cluster_it_attached_to_running(ray_run, ray_head):
     assert RunDirectory(ray_run).rounds()  # it ran there
     assert ray_head.process.poll() is None, "fedmed must not stop a Ray cluster it did not start"
-
-
-def test_a_seeded_run_asking_a_share_of_the_hospitals_repeats_exactly(settings, ray_head):
-    """Who trains and who evaluates is drawn from the seed and the round over the hospitals'
-    names, not Flower's node ids (new, random ones each run): the same records twice."""
-    share = ("data.hospitals=20", "data.train_per_hospital=8", "data.test_per_hospital=4", "federation.fraction_train=0.3",
-             "federation.fraction_evaluate=0.3", f"simulation.ray_address='{ray_head.address}'")
-    first, second = (RunDirectory(run_simulation(settings(name, *share))) for name in ("share-a", "share-b"))
-    assert _without_timing(first.rounds()) == _without_timing(second.rounds())
-    trained = [sorted(site for site, phases in r["hospitals"].items() if "train" in phases) for r in first.rounds()]
-    assert [len(sites) for sites in trained] == [6, 6] and trained[0] != trained[1]
-    server = LedgerFile.read(next((first.path / RunDirectory.LEDGERS).glob("*/server.jsonl"))).records
-    assert [r["payload"]["asked"] for r in server if r["event"] == "train-round"] == trained  # the ledger says who was asked
