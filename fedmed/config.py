@@ -296,7 +296,7 @@ class SimulationConfig(_Section):
     node_timeout: float = Field(
         60.0,
         gt=0,
-        description="Seconds the ServerApp waits for the simulation to have a SuperNode per hospital (`data.hospitals`) before it fails (a `flwr run` federation with too few SuperNodes).",
+        description="Seconds the ServerApp waits for a first SuperNode before it fails (a `flwr run` federation without any). Any number of SuperNodes serves any number of hospitals.",
     )
 
 

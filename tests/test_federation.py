@@ -259,7 +259,7 @@ def _failing_at(site_index: int) -> ClientApp:
 
     def handler(name: str):
         def handle(msg: Message, context: Context) -> Message:
-            if int(context.node_config["partition-id"]) == site_index:
+            if int(msg.content["config"]["hospital-index"]) == site_index:
                 raise RuntimeError("the scanner archive is offline")
             return getattr(fedmed_client, name)(msg, context)
 

@@ -3,6 +3,8 @@ determinism, composition, and the dealing of whole patients."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,19 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_the_heterogeneity_report_of_thousands_of_hospitals_draws_and_prints(capsys):
+    """Past LABELLED_ROWS the heatmap drops its row names (a 2,000-row figure would be
+    taller than matplotlib draws); the terminal's table stops at TABLE_ROWS."""
+    from PIL import Image
+    from rich.console import Console
+
+    from fedmed.run import heterogeneity as report
+
+    rep = report.report({f"hospital-{i:04d}": [i % 5, 1, 2, 3] for i in range(2000)}, ("a", "b", "c", "d"))
+    png = report.heatmap_png(rep)
+    assert Image.open(io.BytesIO(png)).size[1] < 4000
+    report.print_table(Console(width=120), rep)
+    out = capsys.readouterr().out
+    assert f"... {2000 - report.TABLE_ROWS} more" in out and "hospital-0031" not in out

@@ -149,7 +149,9 @@ def _shortfall(result: Assignment, hospitals: int, skew: SkewConfig, partition: 
 
 
 def _most_hospitals(ds: Dataset, data: DataConfig, skew: SkewConfig, seed: int, split: np.ndarray, groups: np.ndarray) -> int:
-    """The largest number of hospitals, under `data.hospitals`, that the pool serves (0: none)."""
+    """A number of hospitals under `data.hospitals` that the pool serves, by bisection
+    (0: none): the largest where fewer hospitals always fare no worse, as with IID
+    dealing; with skew, each number draws its own shares, and it is one that works."""
 
     def serves(n: int) -> bool:
         fewer = data.model_copy(update={"hospitals": n})

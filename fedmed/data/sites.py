@@ -164,8 +164,9 @@ def train_sizes(cfg: FedmedConfig) -> list[int]:
 
 
 def ensure_data(cfg: FedmedConfig, announce: Callable[[str], None] | None = None) -> None:
-    """Generate (or decode) and cache the dataset now, and check it can be split across
-    the hospitals, so no round ever waits for it or fails on it."""
+    """Decode and cache a dataset on disk now, and check it can be split across the
+    hospitals, so no round fails on it; of the demo data, the global test set (each
+    hospital's images are made when it is first asked)."""
     if cfg.data.source == "disk":
         _dataset(cfg.data, announce)  # announces a first-time decode
         _, parts, warnings = _disk(cfg.data, cfg.skew, cfg.seed)

@@ -86,15 +86,16 @@ def hospital_data(cfg: FedmedConfig, own: FedmedConfig | None, index: int) -> tu
 
 
 def _site(context: Context, config: ConfigRecord, cfg: FedmedConfig, own: FedmedConfig | None) -> tuple[SiteData, canaries.Canaries | None]:
-    """This node's hospital: a real node's own data (its site config), or the simulated
-    hospital the request names (else the node's `partition-id`, set by the simulation engine)."""
+    """This node's hospital: a real node's own data (its site config); or the simulated
+    hospital the request names (any simulated node plays any hospital), else the node's
+    own `partition-id` (an enrolled node on simulated data, as the tests run one)."""
     index = config.get(wire.HOSPITAL, context.node_config.get(wire.PARTITION_ID))
     if own is None and index is None:
-        raise FedmedError(f"this node has neither `{wire.SITE_CONFIG}` nor `{wire.PARTITION_ID}` in its node config: it cannot find its data")
+        raise FedmedError(f"this node has no `{wire.SITE_CONFIG}` or `{wire.PARTITION_ID}` in its node config, and the request names no simulated hospital: it cannot find its data")
     if own is not None:
         policy.hospital_config(cfg, own)  # settings that do not match: the server may learn which (raised outside the private part)
     try:
-        return hospital_data(cfg, own, int(index or 0))
+        return hospital_data(cfg, own, 0 if own is not None else int(index))
     except Exception as exc:  # noqa: BLE001
         # The reason may name files on this machine; it stays in this node's log, and the
         # server (which sees this exception's text) learns only that the data failed.

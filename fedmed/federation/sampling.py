@@ -14,6 +14,7 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from fedmed.errors import FedmedError
+from fedmed.run import interrupt
 
 TRAIN, EVALUATE = 1, 2  # random streams: who trains and who evaluates are drawn independently
 POLL_S = 0.5
@@ -43,20 +44,26 @@ def seats_needed(hospitals: int, fraction_train: float, fraction_evaluate: float
     return max(share(hospitals, fraction_train), share(hospitals, fraction_evaluate) if fraction_evaluate else 0)
 
 
-def seats(grid: Grid, timeout: float, setting: str) -> list[int]:
+def seats(grid: Grid, wanted: int, timeout: float, advice: str) -> list[int]:
     """A simulation's nodes, in the order the engine registered them. A simulated node
     plays whichever hospital a request names (`wire.HOSPITAL`), so any number of nodes
-    serves a federation of any size (a few nodes play several hospitals a round); with
-    as many nodes as hospitals, node i (partition i) plays hospital i.
+    serves a federation of any size (a few nodes play several hospitals a round).
 
-    Waits `timeout` seconds for a first node, then fails naming `setting`."""
+    The engine registers its nodes as the ServerApp starts: this takes them once
+    `wanted` are there (as many as `fedmed simulate` starts) or their number has held
+    for a moment (a `flwr run` federation of another size; their number changes speed
+    only, never results). With none after `timeout` seconds, one line and `advice`."""
     deadline = time.monotonic() + timeout
-    while not (nodes := list(grid.get_nodes())):
-        if time.monotonic() >= deadline:
-            raise FedmedError(f"no SuperNode joined the federation in {timeout:g} s (simulation.node_timeout): {setting}")
-        time.sleep(POLL_S)
-    time.sleep(POLL_S)  # nodes register together: the others a moment (their number changes speed only, never results)
-    nodes = list(grid.get_nodes())
+    nodes, steady_since = list(grid.get_nodes()), time.monotonic()
+    while len(nodes) < wanted:
+        if nodes and time.monotonic() - steady_since >= POLL_S:
+            break
+        if not nodes and time.monotonic() >= deadline:
+            raise FedmedError(f"no SuperNode joined the federation in {timeout:g} s (simulation.node_timeout): {advice}")
+        time.sleep(0.05)
+        now = list(grid.get_nodes())
+        if len(now) != len(nodes):
+            nodes, steady_since = now, time.monotonic()
     return [node.node_id for node in sorted(nodes, key=lambda node: (node.registered_at, node.node_id))]
 
 
@@ -65,6 +72,7 @@ def connected(grid: Grid, roster: dict[int, str], needed: int) -> dict[int, str]
     least `needed` are: a deployment's hospitals connect when they connect, and the
     server waits as long as it takes (`fedmed server start` says it is waiting)."""
     while True:
+        interrupt.check()  # `fedmed server start` stops the run while it waits
         online = set(grid.get_node_ids())
         present = {node: name for node, name in roster.items() if node in online}
         if len(present) >= needed:

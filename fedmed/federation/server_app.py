@@ -91,13 +91,15 @@ def run(
         if client_dp is not None and previous.client_dp:
             client_dp.restore(previous.client_dp)
         last_test, label_counts = previous.server["last_test"], previous.server["label_counts"]
+        heatmap_stale = previous.server.get("heatmap_stale", False)
         arrays = ArrayRecord({k: Array(v) for k, v in previous.arrays.items()})
     if nodes:  # a deployment: names from the enrolment, each hospital's own budget
         strategy.enrolled = dict(nodes)
         strategy.budgets = {name: cfg.privacy.budget_for(name) for name in nodes.values()}
     else:  # a simulation: any node plays any hospital it is asked to
         strategy.hospitals = [hospital_name(i) for i in range(n)]
-        strategy.seats = sampling.seats(grid, cfg.simulation.node_timeout, NO_NODES)
+        wanted = sampling.seats_needed(n, cfg.federation.fraction_train, cfg.federation.fraction_evaluate)
+        strategy.seats = sampling.seats(grid, wanted, cfg.simulation.node_timeout, NO_NODES)
 
     f = cfg.federation
     # Every hospital trains and evaluates each round: round r's training requests also ask
@@ -149,7 +151,7 @@ def run(
                     # Hospitals asked for the first time in later rounds (partial participation):
                     # the report now, its heatmap once the run stops.
                     heterogeneity.write(out, rep, heatmap=server_round == 1)
-                    heatmap_stale = server_round > 1
+                    heatmap_stale = heatmap_stale or server_round > 1
                     if server_round == 1:
                         heterogeneity.print_table(reporter.console, rep)
                 model.load_state_dict(arrays.to_torch_state_dict())
@@ -165,7 +167,7 @@ def run(
                 strategy=strategy.state(),
                 ledger_run=ledger.run_id,
                 client_dp=client_dp.state() if client_dp else None,
-                server={"last_test": last_test, "label_counts": label_counts, "pending": asdict(pending) if pending else None},
+                server={"last_test": last_test, "label_counts": label_counts, "pending": asdict(pending) if pending else None, "heatmap_stale": heatmap_stale},
             ), ledger.server_key)
             completed = server_round
         if merged:  # the last round's model

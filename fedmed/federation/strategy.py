@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from fedmed.config import FederationConfig
+from fedmed.errors import FedmedError
 from fedmed.federation import sampling, wire
 from fedmed.ledger.digests import arrays_digest
 from fedmed.ledger.server import ServerLedger
@@ -110,6 +111,9 @@ class Recording:
         return out
 
     def restore(self, state: dict[str, Any]) -> None:
+        unknown = sorted(set(state) - {*self.STATE, *self.OPTIMISER_STATE})
+        if unknown:  # an older fedmed's checkpoint (hospitals kept by node id): it would ask them again
+            raise FedmedError(f"this run's checkpoint was written by an older fedmed ({', '.join(unknown)}): start the run again")
         for key, value in state.items():
             setattr(self, key, value)
 

@@ -64,13 +64,13 @@ EVAL_ACCURACY, EVAL_MACRO_F1, EVAL_CONFUSION = "eval-accuracy", "eval-macro-f1",
 LAYERS_RESTORED = "local-arrays-restored"  # FedBN: the hospital's own layers put back
 
 # ---- node config (what a SuperNode tells its ClientApp) -------------------------------
-PARTITION_ID = "partition-id"  # a simulated hospital's index (the simulation engine's)
+PARTITION_ID = "partition-id"  # a simulated node's partition (the engine's), for a node the server names no hospital
 SITE_CONFIG = "site-config"  # a real hospital's site config file, on its own machine
 LEDGER_DIR = "ledger-dir"  # a real hospital's ledger folder, on its own machine
 
 # ---- why the server refuses a reply ---------------------------------------------------
 NAME_MISMATCH = "name does not match the enrolled key"
-OTHER_NAME = "a reply under another hospital's name"  # a simulated node's: its partition is its hospital
+OTHER_NAME = "a reply under another hospital's name"  # a simulated node's: it plays the hospital its request names
 
 
 def config_record(cfg: FedmedConfig, deployed: bool = False) -> ConfigRecord:

@@ -18,7 +18,7 @@ from fedmed import __version__
 from fedmed.config import FedmedConfig
 from fedmed.ledger.chain import LedgerWriter
 from fedmed.ledger.digests import architecture_digest, arrays_digest, file_sha256
-from fedmed.ledger.keys import KeyStore, Signer, public_pem
+from fedmed.ledger.keys import KeyStore, Signer, public_pem, read_trusted
 from fedmed.run.directory import RunDirectory, atomic_write, json_safe
 from fedmed.run.record import RoundOutcome
 
@@ -42,8 +42,9 @@ class ServerLedger:
         self.copies.mkdir(parents=True, exist_ok=True)
         self.server_key = keys.signer(SERVER)
         self.signers: dict[str, Signer] = {}
-        # A resumed simulation's hospitals so far: their keys' copies name them (the keys come from the store).
-        earlier = sorted(p.stem for p in self.copies.glob("*.pub") if p.stem != SERVER) if run_id else []
+        # A resumed simulation's hospitals so far: the store's trust file for the run names them
+        # (never the run directory's copies, which anyone holding the directory can edit).
+        earlier = [t.party for t in read_trusted(keys.trust_file(run_id)) if t.party != SERVER] if run_id and keys.trust_file(run_id).is_file() else []
         self.trust_file = self._trust([self.server_key, *(keys.signer(site) for site in earlier)])
         self.writer = LedgerWriter(self.root / self.run_id / f"{SERVER}.jsonl", self.server_key, self.run_id)
         self.save_updates = save_updates

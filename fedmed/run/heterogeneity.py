@@ -47,6 +47,10 @@ def write(out: RunDirectory, rep: dict[str, Any], heatmap: bool = True) -> None:
     out.write_heterogeneity(rep, heatmap_png(rep) if heatmap else None)
 
 
+LABELLED_ROWS = 60  # beyond this many hospitals the heatmap drops its row names and figures (and stays a readable size)
+TABLE_ROWS = 30  # the terminal's table shows this many hospitals, then a count of the rest
+
+
 def heatmap_png(rep: dict[str, Any]) -> bytes:
     import matplotlib
 
@@ -54,16 +58,21 @@ def heatmap_png(rep: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     counts = np.asarray(rep["label_counts"])
+    rows = len(rep["hospitals"])
+    labelled = rows <= LABELLED_ROWS
     fig, (ax, bars) = plt.subplots(
-        1, 2, figsize=(2.2 + 1.1 * len(rep["classes"]) + 2.5, 1.2 + 0.35 * len(rep["hospitals"])),
+        1, 2, figsize=(2.2 + 1.1 * len(rep["classes"]) + 2.5, 1.2 + 0.35 * min(rows, LABELLED_ROWS)),
         gridspec_kw={"width_ratios": [len(rep["classes"]), 2]}, sharey=True,
     )
-    ax.imshow(counts, cmap="Blues", aspect="auto")
+    ax.imshow(counts, cmap="Blues", aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(rep["classes"])), rep["classes"], rotation=30, ha="right")
-    ax.set_yticks(range(len(rep["hospitals"])), rep["hospitals"])
-    top = counts.max() if counts.size else 0
-    for (i, j), value in np.ndenumerate(counts):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > 0.6 * top else "black")
+    if labelled:
+        ax.set_yticks(range(rows), rep["hospitals"])
+        top = counts.max() if counts.size else 0
+        for (i, j), value in np.ndenumerate(counts):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > 0.6 * top else "black")
+    else:
+        ax.set_ylabel(f"{rows} hospitals, in name order")
     ax.set_title("training images per class")
     bars.barh(range(len(rep["hospitals"])), rep["sizes"], color="#4a7ab5")
     bars.set_title("hospital size")
@@ -81,6 +90,9 @@ def print_table(console: Console, rep: dict[str, Any]) -> None:
     for name in rep["classes"]:
         table.add_column(name, justify="right")
     table.add_column("total", justify="right")
-    for site, row, size in zip(rep["hospitals"], rep["label_counts"], rep["sizes"], strict=True):
+    rows = list(zip(rep["hospitals"], rep["label_counts"], rep["sizes"], strict=True))
+    for site, row, size in rows[:TABLE_ROWS]:
         table.add_row(site, *map(str, row), str(size))
+    if len(rows) > TABLE_ROWS:
+        table.add_row(f"... {len(rows) - TABLE_ROWS} more", *[""] * (len(rep["classes"]) + 1))
     console.print(table)
