@@ -48,13 +48,13 @@ WORKER_GROUPS = {
     "test_audit.py": "ray",
     "test_interrupt.py": "ray",  # its resumed runs attach to the session's Ray head
     "test_sweep.py": "sweep",  # one study, read and changed by its tests in turn
-    "test_flwr_run.py": "flwr-run",  # one local SuperLink, Flower's own, for its runs
+    "test_flwr_run.py": "ray",  # Flower's own local SuperLink and Ray, beside the deployment tests' worker
 }
 
 
 # The groups in the order they are handed out, the longest first: the deployment and Ray
-# tests start at once, one on each worker, then the next two; the short tests fill in.
-GROUP_ORDER = ("deployment", "ray", "flwr-run", "sweep")
+# tests start at once, one on each worker; the short tests fill in.
+GROUP_ORDER = ("deployment", "ray", "sweep")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
