@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the module's feder
 
 def healthy(fed: Federation) -> dict[str, Any]:
     """Three hospitals, 2 rounds. Rounds need all three: while hospital-03 has not come,
-    the server waits, and meanwhile `server status` and a client speaking plain HTTP."""
+    the server waits, and meanwhile `server status`, a client speaking plain HTTP, and a
+    node whose key was never enrolled (hospital-99), refused while the server is up."""
     config = fed.server_config()
     fed.start_server(config)
     for name in HOSPITALS[:2]:
@@ -40,16 +41,10 @@ def healthy(fed: Federation) -> dict[str, Any]:
     fed.wait_for(lambda: all("SuperNode ID" in fed.node_log(name) for name in HOSPITALS[:2]), "two hospitals to connect", fed.procs["server"])
     status = fedmed_process("server", "status", "--config", config, cwd=fed.root)
     plain = _plain_http(fed.port)
+    fed.start_site("hospital-99")
+    intruder = {"code": fed.finish("hospital-99"), "server_alive": fed.procs["server"].poll() is None, "rounds": fed.rounds_done()}
     fed.start_site(HOSPITALS[2])
-    return {"status": status, "plain": plain, "code": fed.finish()}
-
-
-def intruder(fed: Federation) -> dict[str, Any]:
-    """A node whose key was never enrolled, against a server that waits for its hospitals
-    (none come), so the server is up until the node's verdict."""
-    fed.start_server(fed.server_config(rounds=1))
-    node = fed.start_site("hospital-99")
-    return {"code": fed.finish("hospital-99"), "server_alive": fed.procs["server"].poll() is None, "node": node}
+    return {"status": status, "plain": plain, "intruder": intruder, "code": fed.finish()}
 
 
 def dropout_and_resume(fed: Federation) -> dict[str, Any]:
@@ -133,7 +128,7 @@ def _lifetime_cap() -> float:
 
 
 SCENARIOS: dict[str, Callable[[Federation], dict[str, Any]]] = {
-    "healthy": healthy, "intruder": intruder, "dropout": dropout_and_resume, "impostor": impostor, "lifetime": lifetime_budget,
+    "healthy": healthy, "dropout": dropout_and_resume, "impostor": impostor, "lifetime": lifetime_budget,
 }
 
 
@@ -200,10 +195,10 @@ def test_a_plain_text_connection_to_the_tls_server_fails(runs):
 
 
 def test_a_node_whose_key_was_not_enrolled_is_refused_while_the_server_waits(runs):
-    fed, out = runs("intruder")
-    assert out["code"] == 2 and out["server_alive"]
+    fed, out = runs("healthy")
+    assert out["intruder"]["code"] == 2 and out["intruder"]["server_alive"]
     assert "is not enrolled" in fed.output("hospital-99") and "Traceback" not in fed.output("hospital-99")
-    assert fed.rounds_done() == []
+    assert out["intruder"]["rounds"] == []
 
 
 def test_a_hospital_killed_during_a_round_drops_out_and_the_others_finish_it(runs):

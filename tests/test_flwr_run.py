@@ -9,7 +9,11 @@ SuperNodes unless `--federation-config` says otherwise (supercore/constant.py); 
 SuperLink installs the app's dependencies for every run unless started with
 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1, which the venv's activate script sets
 (Makefile); `flwr run` returns once the run has started, so its outcome is the run's
-status (`flwr list --run-id ID --format json`).
+status (`flwr list --run-id ID --format json`); `flwr run` gives the SuperLink it starts
+15 s to come up (cli/constant.py, LOCAL_SUPERLINK_STARTUP_TIMEOUT), a timer a loaded
+machine can lose, and uses one already answering on its port (cli/local_superlink.py):
+the fixture starts it with Flower's own command line, in the activated venv, and waits
+for its health endpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -35,6 +40,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml's [tool.flwr.app]
 ACTIVATE = Path(sys.executable).parent / "activate"
 RUN_TIMEOUT = 300.0
+STARTUP_TIMEOUT = 180.0  # a hang guard only: the SuperLink is waited for by its health endpoint
 SMALL = "data.train_per_hospital=24 data.test_per_hospital=12 data.global_test_size=24 data.image_size=32 train.batch_size=8"
 
 
@@ -48,8 +54,26 @@ class LocalFlower:
 
     def flwr(self, command: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """`flwr COMMAND` in bash, after `source .venv/bin/activate`."""
-        script = f"source {shlex.quote(str(ACTIVATE))} && flwr {command}"
+        return self._shell(f"flwr {command}", timeout)
+
+    def _shell(self, command: str, timeout: float) -> subprocess.CompletedProcess:
+        script = f"source {shlex.quote(str(ACTIVATE))} && {command}"
         return subprocess.run(["bash", "-c", script], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    def start_superlink(self) -> None:
+        """The local SuperLink `flwr run` would start (the same command line: cli/local_superlink.py),
+        detached, once its health endpoint answers."""
+        runtime = self.home / "local-superlink"
+        runtime.mkdir(parents=True)
+        command = (
+            f"flower-superlink --insecure --simulation --isolation subprocess --control-api-address 127.0.0.1:{self.env['FLWR_LOCAL_CONTROL_API_PORT']} "
+            f"--host 127.0.0.1 --port {self.port} --log-file {runtime / 'superlink.log'} --database {runtime / 'state.db'}"
+        )
+        self._shell(f"setsid {command} > /dev/null 2>&1 < /dev/null &", 60)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not _healthy(self.port):
+            assert time.monotonic() < deadline, f"the local SuperLink did not answer in {STARTUP_TIMEOUT:g} s: {(runtime / 'superlink.log').read_text()[-2000:]}"
+            time.sleep(0.2)
 
     def run(self, command: str, out: Path) -> dict:
         """`flwr run . COMMAND` (its run directory under `out`), then its run's record once
@@ -70,6 +94,13 @@ class LocalFlower:
             if run["status"].startswith("finished") or time.monotonic() > deadline:
                 return run
             time.sleep(2.0)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success
+    except httpx.HTTPError:
+        return False
 
 
 def _stop(port: int, marks: list[str]) -> list[str]:
@@ -104,12 +135,14 @@ def local_flower(tmp_path_factory, cache_dir) -> Iterator[LocalFlower]:
     port = free_port()
     env = {
         "PATH": "/usr/bin:/bin", "HOME": str(tmp),
-        "FLWR_HOME": str(tmp / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_HOME": str(tmp / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "local",  # never a `ray start` cluster of the user's
         "FEDMED_CACHE": cache_dir, "FEDMED_KEY_STORE": str(tmp / "keys"),
     }  # fmt: skip
+    flower = LocalFlower(env, tmp / "flwr-home", port)
     try:
-        yield LocalFlower(env, tmp / "flwr-home", port)
+        flower.start_superlink()
+        yield flower
     finally:
         left = _stop(port, [ray_tmp, str(tmp)])
         shutil.rmtree(ray_tmp, ignore_errors=True)

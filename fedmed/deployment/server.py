@@ -166,7 +166,7 @@ def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, sho
     The rounds come from the run directory, read every POLL_S seconds. The run's status
     comes from `flwr list`, a process that costs about 2 s of CPU: asked every
     STATUS_EVERY_S seconds (a failed run is noticed within that), and at every poll once
-    the run's summary is written (it is finishing)."""
+    the run directory says the run finished (Flower then ends the run)."""
     rounds = int(state.read(state.current)["config"]["federation.rounds"])
     out = RunDirectory(run_dir)
     misses, asked = 0, time.monotonic()
@@ -178,7 +178,7 @@ def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, sho
         for record in records[shown:]:
             console.print(_round_line(record, rounds))
         shown = len(records)
-        finishing = (out / RunDirectory.SUMMARY).is_file()
+        finishing = (out.status() or {}).get("state") == "finished"
         if not finishing and time.monotonic() - asked < STATUS_EVERY_S:
             continue
         asked = time.monotonic()
