@@ -12,8 +12,8 @@ FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1, which the venv's activate script
 status (`flwr list --run-id ID --format json`); `flwr run` gives the SuperLink it starts
 15 s to come up (cli/constant.py, LOCAL_SUPERLINK_STARTUP_TIMEOUT), a timer a loaded
 machine can lose, and uses one already answering on its port (cli/local_superlink.py):
-the fixture starts it with Flower's own command line, in the activated venv, and waits
-for its health endpoint.
+the fixture starts it with Flower's own command line, in the activated venv's
+environment, and waits for its health endpoint.
 """
 
 from __future__ import annotations
@@ -60,20 +60,23 @@ class LocalFlower:
         script = f"source {shlex.quote(str(ACTIVATE))} && {command}"
         return subprocess.run(["bash", "-c", script], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
-    def start_superlink(self) -> None:
-        """The local SuperLink `flwr run` would start (the same command line: cli/local_superlink.py),
-        detached, once its health endpoint answers."""
+    def start_superlink(self) -> subprocess.Popen:
+        """The local SuperLink `flwr run` would start (its command line: cli/local_superlink.py),
+        in the venv's environment as `activate` leaves it, once its health endpoint answers."""
         runtime = self.home / "local-superlink"
         runtime.mkdir(parents=True)
-        command = (
-            f"flower-superlink --insecure --simulation --isolation subprocess --control-api-address 127.0.0.1:{self.env['FLWR_LOCAL_CONTROL_API_PORT']} "
-            f"--host 127.0.0.1 --port {self.port} --log-file {runtime / 'superlink.log'} --database {runtime / 'state.db'}"
-        )
-        self._shell(f"setsid {command} > /dev/null 2>&1 < /dev/null &", 60)
+        command = [
+            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--control-api-address", f"127.0.0.1:{self.env['FLWR_LOCAL_CONTROL_API_PORT']}", "--host", "127.0.0.1", "--port", str(self.port),
+            "--log-file", str(runtime / "superlink.log"), "--database", str(runtime / "state.db"),
+        ]  # fmt: skip
+        proc = subprocess.Popen(command, env=activated(self.env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not _healthy(self.port):
-            assert time.monotonic() < deadline, f"the local SuperLink did not answer in {STARTUP_TIMEOUT:g} s: {(runtime / 'superlink.log').read_text()[-2000:]}"
+            assert proc.poll() is None, f"the local SuperLink exited ({proc.returncode}): {(runtime / 'superlink.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the local SuperLink did not answer in {STARTUP_TIMEOUT:g} s (a hang)"
             time.sleep(0.2)
+        return proc
 
     def run(self, command: str, out: Path) -> dict:
         """`flwr run . COMMAND` (its run directory under `out`), then its run's record once
@@ -94,6 +97,13 @@ class LocalFlower:
             if run["status"].startswith("finished") or time.monotonic() > deadline:
                 return run
             time.sleep(2.0)
+
+
+def activated(env: dict[str, str]) -> dict[str, str]:
+    """`env` as `source .venv/bin/activate` leaves it: its exports (Makefile) included."""
+    script = f"source {shlex.quote(str(ACTIVATE))} && env -0"
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, check=True, timeout=60).stdout
+    return dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
 
 
 def _healthy(port: int) -> bool:
