@@ -23,6 +23,7 @@ from fedmed.run.progress import RoundReporter
 from fedmed.run.record import round_record, summary
 from fedmed.seeds import derive_seed
 from fedmed.training.loop import evaluate, resolve_device, train
+from fedmed.training.metrics import from_confusion
 from fedmed.training.partial import known_labels
 
 
@@ -67,7 +68,13 @@ def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test
     if cfg.output.save_model:
         out.save_model(model.state_dict())
     per_hospital = {name: {"accuracy": h["eval"]["accuracy"], "macro_f1": h["eval"]["macro_f1"]} for name, h in hospitals.items()}
-    return {"test": metrics, "per_hospital": per_hospital}
+    held = pool([s.val for s in sites if s.val is not None]) if any(s.val is not None for s in sites) else None
+    validation = _figures(evaluate(model, held.x, held.y, cfg.train.device)) if held is not None else None
+    return {"test": metrics, "per_hospital": per_hospital, "validation": validation}
+
+
+def _figures(metrics: dict) -> dict:
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
 def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test: Split) -> dict:
@@ -93,7 +100,10 @@ def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test:
         name: {"accuracy": h["eval"]["accuracy"], "macro_f1": h["eval"]["macro_f1"], "global_test_accuracy": h["global_test"]["accuracy"]}
         for name, h in hospitals.items()
     }
-    return {"test": _mean_test(hospitals), "per_hospital": per_hospital}
+    # each hospital's model on its own validation split, pooled as a federation's evaluations are
+    confusions = [evaluate(models[s.name], s.val.x, s.val.y, cfg.train.device)["confusion"] for s in sites if s.val is not None]
+    validation = _figures(from_confusion(np.sum(confusions, axis=0))) if confusions else None
+    return {"test": _mean_test(hospitals), "per_hospital": per_hospital, "validation": validation}
 
 
 def _mean_test(hospitals: dict) -> dict:
@@ -127,7 +137,8 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
         raise interrupt.Interrupted(
             f"interrupted ({name}) after round {done} of {rounds}: a {cfg.federation.mode} baseline keeps no checkpoint; run it again ({out.path})", stop.signum
         ) from None
-    out.write_summary(summary(cfg, describe(cfg), result["test"], result["per_hospital"], time.time() - started))
+    extra = {"validation": result["validation"]} if result["validation"] else {}
+    out.write_summary(summary(cfg, describe(cfg), result["test"], result["per_hospital"], time.time() - started, **extra))
     out.write_status("finished", rounds, rounds)
     print(f"run directory: {out.path}")
     return out

@@ -77,6 +77,22 @@ def _joined(separator: str) -> PlainSerializer:
 
 
 Names = Annotated[tuple[str, ...], BeforeValidator(_items), AfterValidator(_named), _joined("")]
+AUGMENTATIONS = ("flip", "rotate", "zoom", "intensity", "bias_field", "noise")
+
+
+def _augmentations(value: Any) -> Any:
+    """true (an older config's) is `flip`; false none; else names, each known."""
+    if isinstance(value, bool):
+        return ("flip",) if value else ()
+    items = _items(value)
+    if isinstance(items, tuple):
+        unknown = [item for item in items if item not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not an augmentation: choose among {', '.join(AUGMENTATIONS)}")
+    return items
+
+
+Augmentations = Annotated[tuple[str, ...], BeforeValidator(_augmentations), _joined("")]
 # Malformed items stay strings until the section's validator names them.
 Aliases = Annotated[tuple[tuple[str, str] | str, ...], _pairs(":", number=False), _joined(":")]
 Budgets = Annotated[tuple[tuple[str, float] | str, ...], _pairs("=", number=True), _joined("=")]
@@ -106,6 +122,12 @@ class DataConfig(_Section):
     )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of each class's patients held out for testing when the dataset has no `Testing` split."
+    )
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Share of each hospital's training patients (all their images) held back for validation: hospitals report the global model's accuracy on it, and `fedmed sweep` chooses tuned settings by it (`sweep.tune`), never by a test split. 0: none.",
     )
     dedupe: bool = Field(True, description="Drop test images that exactly duplicate a training image (reported either way).")
     strict: bool = Field(False, description="Fail on any unreadable file instead of skipping and reporting it.")
@@ -213,7 +235,17 @@ class TrainConfig(_Section):
     lr: float = Field(0.001, gt=0, le=10, description="Learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only).")
     weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay.")
-    augment: bool = Field(True, description="Random left-right flips during training.")
+    augment: Augmentations = Field(
+        ("flip",),
+        description="Augmentations during training, comma-separated: `flip` (left-right), `rotate`, `zoom`, `intensity` (scale and contrast), `bias_field`, `noise` (Rician); true is `flip`, false or empty none. Each image's drawn from a seed of its own (MONAI's transforms; see fedmed/training/augment.py).",
+    )
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant",
+        description="The learning rate across rounds, set by the server in each round's request (so a resumed run continues it): `constant`; `cosine` (from `lr` in round 1 to `lr_min` in the last); `step` (times `step_gamma` every `step_rounds` rounds).",
+    )
+    lr_min: float = Field(0.0, ge=0, le=10, description="`cosine`: the learning rate of the last round.")
+    step_rounds: int = Field(10, ge=1, le=100_000, description="`step`: rounds between two decays.")
+    step_gamma: float = Field(0.5, gt=0, le=1, description="`step`: the factor of each decay.")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="`cpu`, `cuda`, or `auto` (CUDA if present).")
 
 
@@ -225,12 +257,22 @@ class FederationConfig(_Section):
         description="`federated` (FedAvg), `pooled` (all data centralised) or `local` (each hospital alone).",
     )
     rounds: int = Field(10, ge=1, le=100_000, description="Federated rounds (baselines train the same number of sample-gradient steps).")
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"] = Field(
+    strategy: Literal[
+        "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedbn", "scaffold", "krum", "multikrum", "bulyan", "median", "trimmed_mean"
+    ] = Field(
         "fedavg",
-        description="`fedavg`, `fedprox` (proximal term `proximal_mu`), `fedadam` / `fedyogi` (server optimiser, `server_lr`) or `fedbn` (FedAvg; normalisation layers stay at each hospital).",
-    )
+        description="`fedavg`; `fedprox` (proximal term `proximal_mu`); server optimisers `fedadam`, `fedyogi`, `fedadagrad` (`server_lr`) and `fedavgm` (`server_lr`, `server_momentum`); `fedbn` (FedAvg; normalisation layers stay at each hospital); `scaffold` (control variates; `train.optimizer = sgd`); robust `krum`, `multikrum`, `bulyan` (`byzantine`, `krum_select`), `median` (coordinate-wise) and `trimmed_mean` (`trim_fraction`). References: README, Algorithms.",
+    )  # fmt: skip
     proximal_mu: float = Field(0.01, ge=0, le=100, description="FedProx: weight of the proximal term mu/2 ||w - w_global||^2.")
-    server_lr: float = Field(0.01, gt=0, le=10, description="FedAdam / FedYogi: the server optimiser's learning rate.")
+    server_lr: float = Field(
+        0.0, ge=0, le=10, description="The server's learning rate: FedAdam, FedYogi, FedAdagrad, FedAvgM and SCAFFOLD. 0: the usual one (0.01 for FedAdam, FedYogi and FedAdagrad; 1.0 for FedAvgM and SCAFFOLD)."
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM: the server's momentum on the averaged update.")
+    byzantine: int = Field(
+        1, ge=0, le=MAX_HOSPITALS, description="Krum, Multi-Krum, Bulyan: how many hospitals a round may send anything (f); a round must ask more than 2f + 2 (Bulyan: 4f + 2)."
+    )
+    krum_select: int = Field(0, ge=0, le=MAX_HOSPITALS, description="Multi-Krum: how many of the best-scored updates are averaged (m). 0: the hospitals asked minus `byzantine`.")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="Trimmed mean: the share of values cut at each end, coordinate by coordinate (beta); it must cut at least one hospital.")
     fraction_train: float = Field(1.0, gt=0, le=1, description="Fraction of hospitals that train each round.")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Fraction of hospitals that evaluate each round.")
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for hospitals' replies in a round.")
@@ -240,6 +282,17 @@ class FederationConfig(_Section):
         le=MAX_HOSPITALS,
         description="Hospitals that must be connected for a round to start; a round goes on without those that drop out or time out. 0: all `data.hospitals`.",
     )
+
+    def server_step(self) -> float:
+        """`server_lr`, or the strategy's usual one."""
+        if self.server_lr:
+            return self.server_lr
+        return 0.01 if self.strategy in ("fedadam", "fedyogi", "fedadagrad") else 1.0
+
+
+def share(hospitals: int, fraction: float) -> int:
+    """How many of `hospitals` a round asks for `fraction` (at least one)."""
+    return min(hospitals, max(1, round(fraction * hospitals)))
 
 
 class PrivacyConfig(_Section):
@@ -285,6 +338,37 @@ class PrivacyConfig(_Section):
     def budget_for(self, hospital: str) -> float:
         """What the server sets for this hospital: its `budgets` entry, else `budget` (0: none)."""
         return dict(self.budgets).get(hospital, self.budget)  # type: ignore[arg-type]  # validated: pairs only
+
+
+class PersonalConfig(_Section):
+    """Personalisation: a model of each hospital's own beside the global one, evaluated on
+    the hospital's own test split next to the global model."""
+
+    method: Literal["none", "finetune", "ditto", "fedper"] = Field(
+        "none",
+        description="`none`; `finetune` (after the last round each hospital trains `epochs` more on its own data); `ditto` (each hospital keeps a personal model, trained `epochs` a round towards the global one with weight `ditto_lambda`; Li et al. 2021); `fedper` (the classifier head stays at each hospital, the body is shared; Arivazhagan et al. 2019).",
+    )
+    epochs: int = Field(1, ge=1, le=1000, description="`finetune`: epochs after the last round; `ditto`: the personal model's epochs each round.")
+    ditto_lambda: float = Field(0.1, ge=0, le=100, description="`ditto`: weight of lambda/2 ||v - w_global||^2 in the personal model's loss.")
+
+
+class AttackConfig(_Section):
+    """Hospitals that misbehave, in simulation only: what they send instead of an honest
+    update. Recorded in the run's config and summary."""
+
+    kind: Literal["none", "label_flip", "sign_flip", "scale", "gaussian", "free_rider"] = Field(
+        "none",
+        description="`none`; `label_flip` (trains on labels reversed, class c as C-1-c); `sign_flip` (sends its update negated); `scale` (its update times `factor`); `gaussian` (sends the global model plus Gaussian noise of `std` on every weight); `free_rider` (sends back the model it received).",
+    )
+    hospitals: int | Names = Field(
+        1, description="The attackers: how many, drawn from the seed (a number), or which (`hospital-02,hospital-05`)."
+    )
+    factor: float = Field(10.0, ge=-1e6, le=1e6, description="`scale`: the factor on the attacker's update.")
+    std: float = Field(1.0, gt=0, le=1e6, description="`gaussian`: the noise's standard deviation.")
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
 
 
 class SimulationConfig(_Section):
@@ -350,13 +434,13 @@ class SiteConfig(_Section):
         return self
 
 
-RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federation", "privacy")
+RESULT_SECTIONS = ("seed", "data", "skew", "labels", "model", "train", "federation", "privacy", "personal", "attack")
 # Where things are on this machine: not part of what a run is, never written to a run directory.
 REDACTED = "<local, not recorded>"
 PATH_KEYS = ("data.path", "data.labels_csv", "data.cache_dir")
 MACHINE_KEYS = (*PATH_KEYS, "data.workers")
 # What a real hospital's node is sent (`FedmedConfig.for_nodes`): whole sections, and single keys.
-NODE_SECTIONS = ("seed", "model", "train", "privacy")
+NODE_SECTIONS = ("seed", "model", "train", "privacy", "personal")
 NODE_KEYS = ("federation.strategy", "federation.proximal_mu", "federation.rounds", "data.image_size", "data.classes")
 
 
@@ -371,6 +455,8 @@ class FedmedConfig(_Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    personal: PersonalConfig = PersonalConfig()
+    attack: AttackConfig = AttackConfig()
     simulation: SimulationConfig = SimulationConfig()
     output: OutputConfig = OutputConfig()
     server: ServerConfig = ServerConfig()
@@ -416,6 +502,43 @@ class FedmedConfig(_Section):
             raise ValueError("privacy.canaries are scored against the final model: set output.save_model = true")
         if self.privacy.canaries and self.federation.mode != "federated":
             raise ValueError("privacy.canaries audit a federated run; the baselines keep no ledgers")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> FedmedConfig:
+        """Robust rules checked against the hospitals a round asks; SCAFFOLD's step needs SGD."""
+        f = self.federation
+        asked = share(self.data.hospitals, f.fraction_train)
+        advice = "ask more hospitals a round (data.hospitals, federation.fraction_train)"
+        needs = {"krum": 2 * f.byzantine + 3, "multikrum": 2 * f.byzantine + 3, "bulyan": 4 * f.byzantine + 3}
+        if f.strategy in needs and asked < needs[f.strategy]:
+            bound = "4f + 2 (El Mhamdi et al. 2018)" if f.strategy == "bulyan" else "2f + 2 (Blanchard et al. 2017)"
+            raise ValueError(
+                f"federation.strategy = {f.strategy} with federation.byzantine = {f.byzantine} needs at least {needs[f.strategy]} hospitals a round (more than {bound}); this run asks {asked}: lower federation.byzantine or {advice}"
+            )
+        if f.strategy == "multikrum" and f.krum_select > asked - f.byzantine:
+            raise ValueError(f"federation.krum_select = {f.krum_select} averages more updates than the {asked - f.byzantine} Multi-Krum may keep ({asked} asked a round, minus byzantine {f.byzantine}): lower it, or 0 for all of them")
+        if f.strategy == "trimmed_mean" and int(f.trim_fraction * asked) < 1:
+            raise ValueError(f"federation.trim_fraction = {f.trim_fraction:g} cuts no hospital of the {asked} asked a round: raise it to at least {1 / asked:.3g}, or {advice}")
+        if f.strategy == "scaffold" and (self.train.optimizer != "sgd" or self.train.momentum):
+            raise ValueError("federation.strategy = scaffold estimates gradients from plain SGD steps (Karimireddy et al. 2020): set train.optimizer = sgd and train.momentum = 0")
+        if self.train.schedule == "cosine" and self.train.lr_min > self.train.lr:
+            raise ValueError(f"train.lr_min ({self.train.lr_min:g}) is above train.lr ({self.train.lr:g}): a cosine schedule decays from lr to lr_min")
+        if self.labels.scenario != "full" and (self.personal.method in ("finetune", "ditto") or self.attack.kind == "label_flip"):
+            what = f"personal.method = {self.personal.method}" if self.personal.method in ("finetune", "ditto") else "attack.kind = label_flip"
+            raise ValueError(f"{what} trains on exact labels; labels.scenario = {self.labels.scenario} leaves some unknown: use labels.scenario = full")
+        if self.personal.method == "fedper" and f.strategy in ("scaffold", "fedbn", "fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+            raise ValueError(f"personal.method = fedper keeps the head at each hospital, which federation.strategy = {f.strategy} steps over the whole model: use fedavg, fedprox or a robust rule")
+        if self.personal.method in ("finetune", "ditto") and self.privacy.mode != "off":
+            raise ValueError(f"personal.method = {self.personal.method} trains a personal model outside DP's accounting: use fedper (its head trains under DP with the rest) or privacy.mode = off")
+        if self.personal.method != "none" and self.federation.mode != "federated":
+            raise ValueError(f"personal.method = {self.personal.method} personalises a federated model; the {self.federation.mode} baseline has none")
+        a = self.attack
+        if a.active:
+            if self.federation.mode != "federated":
+                raise ValueError(f"attack.kind = {a.kind} attacks a federation; the {self.federation.mode} baseline has none")
+            if isinstance(a.hospitals, int) and not 1 <= a.hospitals <= self.data.hospitals:
+                raise ValueError(f"attack.hospitals = {a.hospitals}: between 1 and data.hospitals ({self.data.hospitals}) hospitals can attack")
         return self
 
     def flat(self) -> dict[str, Any]:

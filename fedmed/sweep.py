@@ -77,6 +77,10 @@ class SweepSpec(BaseModel):
     metric: Literal["accuracy", "hospital_test_accuracy"] = Field(
         "accuracy", description="What the final-accuracy plot shows: the global test set's, or the hospitals' own test sets'."
     )
+    tune: list[str] = Field(
+        [],
+        description="Grid keys chosen on validation data, never on a test set: for each combination of the other settings, the value(s) with the best mean validation accuracy over the seeds (the hospitals' `data.val_fraction` splits, pooled). results.md and the plots then report that choice only; tuning.md lists every value's validation accuracy.",
+    )
 
     @model_validator(mode="after")
     def _varies_what_it_can(self) -> SweepSpec:
@@ -86,6 +90,9 @@ class SweepSpec(BaseModel):
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"sweep.grid.{key} is an empty list: give it at least one value")
+        for key in self.tune:
+            if key not in self.grid:
+                raise ValueError(f"sweep.tune names {key}, which sweep.grid does not vary: tune a grid key")
         return self
 
 
@@ -127,6 +134,10 @@ def load_study(path: Path, ray_address: str | None = None) -> tuple[dict[str, An
         base["simulation.ray_address"] = ray_address
     for cell in cells(spec):
         cfg = config_mod.from_flat({**base, **cell.settings, "seed": cell.seed})
+        if spec.tune and not (cfg.data.val_fraction and (cfg.federation.mode != "federated" or cfg.federation.fraction_evaluate)):
+            raise FedmedError(
+                f"study error: sweep.tune chooses {', '.join(spec.tune)} on validation data, but cell {cell.label} has none: set data.val_fraction (and hospitals that evaluate)"
+            )
         if spec.metric == "hospital_test_accuracy" and cfg.federation.mode == "federated" and cfg.federation.fraction_evaluate == 0:
             raise FedmedError(
                 f'study error: sweep.metric = "hospital_test_accuracy" needs the hospitals to evaluate, but cell {cell.label} '
@@ -412,6 +423,7 @@ def _row(cell: Cell, out: Path) -> dict[str, Any]:
         "auroc": summary["test"].get("auroc"),
         "hospital_test_accuracy": hospital_acc,
         "heterogeneity": hetero["index"] if hetero else None,
+        "validation_accuracy": (summary.get("validation") or {}).get("accuracy"),
         "wall_s": summary.get("wall_seconds"),
         "round_accuracy": [r["test"]["accuracy"] for r in rounds],
     }
@@ -430,9 +442,14 @@ def write_results(out: Path, spec: SweepSpec, todo: list[Cell]) -> None:
     leaves the previous file, never half of one). Runs without a value for sweep.metric are
     left out of final_accuracy.png and named in one line: a FedmedError when none has one."""
     rows = [_row(c, out) for c in todo]
+    if spec.tune:  # only the choices made on validation data are reported
+        chosen = _choose(out, spec, todo, rows)
+        for row in rows:
+            row["chosen"] = row["cell"] in chosen
+        todo, rows = [c for c in todo if c.label in chosen], [r for r in rows if r["chosen"]]
     keys = sorted({k for c in todo for k in c.settings})
     table = io.StringIO(newline="")
-    fields = ["cell", "seed", *keys, "accuracy", "macro_f1", "auroc", "hospital_test_accuracy", "heterogeneity", "wall_s"]
+    fields = ["cell", "seed", *keys, "accuracy", "macro_f1", "auroc", "hospital_test_accuracy", "heterogeneity", "validation_accuracy", "wall_s"]
     writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
@@ -458,6 +475,27 @@ def write_results(out: Path, spec: SweepSpec, todo: list[Cell]) -> None:
     if missing:
         named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         _say(f"warning: {len(missing)} of {len(rows)} runs have no {spec.metric} ({named}): final_accuracy.png leaves them out")
+
+
+def _choose(out: Path, spec: SweepSpec, todo: list[Cell], rows: list[dict]) -> set[str]:
+    """The cells (labels) whose tuned values have the best mean validation accuracy over
+    the seeds among the cells alike in every other setting; tuning.md lists them all."""
+    missing = [f"{r['cell']} seed {r['seed']}" for r in rows if r["validation_accuracy"] is None]
+    if missing:
+        raise FedmedError(f"study error: sweep.tune needs every run's validation accuracy, and {missing[0]} has none: set data.val_fraction")
+    groups: dict[str, dict[str, list[float]]] = {}
+    for cell, row in zip(todo, rows, strict=True):
+        rest = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.settings.items() if k not in spec.tune) or "base"
+        groups.setdefault(rest, {}).setdefault(cell.label, []).append(row["validation_accuracy"])
+    chosen, lines = set(), ["| settings | tuned | validation accuracy | chosen |", "|---|---|---|---|"]
+    for rest, options in groups.items():
+        best = max(options, key=lambda label: statistics.mean(options[label]))
+        chosen.add(best)
+        for label, values in options.items():
+            tuned = ", ".join(part for part in label.split(", ") if part.split("=")[0] in {k.split(".")[-1] for k in spec.tune})
+            lines.append(f"| {rest} | {tuned} | {_mean_std(values)} | {'yes' if label == best else ''} |")
+    atomic_write(out / "tuning.md", "\n".join(lines) + "\n", private=False)
+    return chosen
 
 
 def _save(fig: Any, path: Path) -> None:

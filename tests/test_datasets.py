@@ -582,3 +582,20 @@ def test_a_labels_csv_row_for_a_missing_file_fails_under_strict(tmp_path):
 def test_max_pixels_must_be_positive(tmp_path, data_config):
     with pytest.raises(FedmedError, match="max_pixels"):
         data_config(tmp_path, "data.max_pixels=0")
+
+
+def test_a_validation_split_holds_back_whole_patients():
+    import torch
+
+    from fedmed.data.sites import Split, hold_out
+
+    patients = np.repeat(np.arange(10), 3)  # 10 patients, 3 images each
+    train = Split(torch.arange(30, dtype=torch.float32).reshape(30, 1, 1, 1), torch.arange(30) % 4)
+    kept, val = hold_out(train, patients, 0.2, seed=0, index=0)
+    held = {int(p) for p in patients[np.isin(np.arange(30), val.x.flatten().long().numpy())]}
+    trained = {int(p) for p in patients[np.isin(np.arange(30), kept.x.flatten().long().numpy())]}
+    assert len(held) == 2 and len(val) == 6 and len(kept) == 24
+    assert not held & trained  # no patient on both sides
+    again, _ = hold_out(train, patients, 0.2, seed=0, index=0)
+    assert torch.equal(again.x, kept.x)
+    assert hold_out(train, patients, 0.0, seed=0, index=0)[1] is None

@@ -100,16 +100,16 @@ def test_fedbn_hospitals_keep_normalisation_arrays_out_of_their_reply(tmp_path):
     from dataclasses import replace
 
     from fedmed.data.sites import SiteData
-    from fedmed.federation.client_app import Request, _layers_file, _shared_arrays
+    from fedmed.federation.client_app import Request, _own_file, _shared_arrays
     from fedmed.ledger.hospital import HospitalLedger
     from fedmed.models import build_model, load_layers, norm_keys
 
     settings = cfg("federation.strategy=fedbn")
     model = build_model(settings.model, 4, seed=0)
     ledger = HospitalLedger.open(tmp_path, "0123456789abcdef", "hospital-01")
-    request = Request(settings, None, 1, SiteData("hospital-01", 0, None, None), model, 0, ledger, 0.0)
+    request = Request(settings, None, 1, SiteData("hospital-01", 0, None, None), model, model.state_dict(), 0, ledger, 0.0, settings.train)
     sent = _shared_arrays(request)
     kept = norm_keys(model)
     assert kept and not kept & set(sent.keys())
-    assert set(load_layers(_layers_file(ledger, "hospital-01"))) == kept  # at the hospital, on its disk
+    assert set(load_layers(_own_file(ledger, "hospital-01", "fedbn"))) == kept  # at the hospital, on its disk
     assert set(_shared_arrays(replace(request, cfg=cfg())).keys()) == set(model.state_dict())

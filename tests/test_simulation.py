@@ -31,8 +31,13 @@ def settings(cache_dir, tmp_path_factory):
 
 
 # Partial participation: 6 of 20 hospitals train (and 6 evaluate) each round, drawn from
-# the seed and the round, not from Flower's node ids (random, new in every run).
-SHARE = ("data.hospitals=20", "data.train_per_hospital=8", "data.test_per_hospital=4", "federation.fraction_train=0.3", "federation.fraction_evaluate=0.3")
+# the seed and the round, not from Flower's node ids (random, new in every run). Three of
+# the 20 send their updates negated; the server takes a trimmed mean; each hospital keeps
+# its own classifier head (FedPer).
+SHARE = (
+    "data.hospitals=20", "data.train_per_hospital=8", "data.test_per_hospital=4", "federation.fraction_train=0.3", "federation.fraction_evaluate=0.3",
+    "federation.strategy=trimmed_mean", "federation.trim_fraction=0.2", "attack.kind=sign_flip", "attack.hospitals=3", "personal.method=fedper",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +94,26 @@ def test_ray_and_the_in_process_federation_give_the_same_results(ray_run, settin
 def test_a_simulation_leaves_the_ray_cluster_it_attached_to_running(ray_run, ray_head):
     assert RunDirectory(ray_run).rounds()  # it ran there
     assert ray_head.process.poll() is None, "fedmed must not stop a Ray cluster it did not start"
+
+
+def test_a_trimmed_mean_under_attack_with_personal_heads_is_recorded_and_audited(ray_run, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from fedmed.audit.report import audit
+
+    summary = RunDirectory(ray_run).summary()
+    assert summary["attack"]["kind"] == "sign_flip" and len(summary["attack"]["hospitals"]) == 3
+    evaluated = [phases["eval"] for r in RunDirectory(ray_run).rounds() for phases in r["hospitals"].values() if "eval" in phases]
+    assert evaluated and all("personal_accuracy" in e for e in evaluated)
+    assert audit([ray_run], out_dir=tmp_path / "audit") == 0
+    edited = tmp_path / "edited"
+    shutil.copytree(ray_run, edited)
+    path = RunDirectory(edited).updates_of(1)
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    name = next(n for n in arrays if not n.startswith(("sent/", "@")))
+    arrays[name] = arrays[name] * 1.01
+    np.savez(path, **arrays)
+    assert audit([edited], out_dir=tmp_path / "audit-edited") == 1

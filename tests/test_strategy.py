@@ -3,8 +3,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmed.config import load
 from fedmed.federation import sampling
-from fedmed.federation.strategy import RecordingFedAvg
+from fedmed.federation.strategy import Recording, build_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -14,9 +15,9 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
 
 
-def _strategy(names: list[str]) -> RecordingFedAvg:
+def _strategy(names: list[str]) -> Recording:
     """FedAvg that asked each of `names` to train (request `ask-<name>`)."""
-    strategy = RecordingFedAvg()
+    strategy = build_strategy(load(), set())
     for name in names:
         request = Message(RecordDict(), dst_node_id=1, message_type="train")
         request.metadata.__dict__["_message_id"] = f"ask-{name}"

@@ -324,3 +324,29 @@ def test_a_signal_stops_the_sweep_and_its_cell_in_one_line(tmp_path, signum, to_
     assert not _soon_none(lambda: [pid for pid, fields in _processes().items() if int(fields[3]) == process.pid])  # the sweep's session
     base, spec = sweep.load_study(path)
     assert not any(sweep.finished(base, cell, out) for cell in sweep.cells(spec))
+
+
+def test_tuned_settings_are_chosen_on_validation_data_and_only_the_choice_is_reported(tmp_path):
+    """Local-only cells (no Ray) with a validation split: per number of local epochs, the
+    learning rate with the best validation accuracy; results.md reports that one only."""
+    path = tmp_path / "study.toml"
+    tuned = STUDY.format(cache=tmp_path / "cache").replace("hospitals = 2\n", "hospitals = 2\nval_fraction = 0.25\n")
+    tuned = tuned.replace("[sweep]\nseeds = [0]", '[sweep]\nseeds = [0]\ntune = ["train.lr"]')
+    path.write_text(tuned.replace('"train.lr" = [0.001, 0.01]', '"train.lr" = [0.001, 0.01]\n"train.local_epochs" = [1, 2]'))
+    result = fedmed("sweep", path, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert sorted(r["train.local_epochs"] for r in rows) == ["1", "2"]  # one learning rate each
+    tuning = (tmp_path / "out" / "tuning.md").read_text()
+    assert tuning.count("| yes |") == 2 and tuning.count("lr=") == 4
+    for row in rows:  # the chosen one has the better validation accuracy of its pair
+        line = next(line for line in tuning.splitlines() if f"local_epochs={row['train.local_epochs']}" in line and f"lr={row['train.lr']}" in line)
+        assert line.endswith("| yes |")
+
+
+def test_tuning_without_a_validation_split_is_refused_before_any_cell_runs(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(cache=tmp_path / "cache").replace("[sweep]\nseeds = [0]", '[sweep]\nseeds = [0]\ntune = ["train.lr"]'))
+    result = fedmed("sweep", path, "--out", tmp_path / "out")
+    assert_clean_failure(result, "set data.val_fraction")
+    assert not (tmp_path / "out" / "cells").exists()

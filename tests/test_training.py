@@ -85,3 +85,26 @@ def test_the_proximal_term_changes_the_update_and_holds_weights_near_the_start()
     prox, prox_dist = moved(100.0)
     assert not torch.equal(plain, prox)
     assert prox_dist < plain_dist
+
+
+def test_per_image_augmentation_depends_on_the_image_not_its_batch():
+    from fedmed.training.augment import per_image
+
+    transform = per_image(("rotate", "zoom", "intensity", "bias_field", "noise"), seed=7)
+    x = torch.rand(6, 1, 32, 32)
+    whole = transform(x, torch.arange(6), epoch=0)
+    apart = torch.cat([transform(x[3:], torch.arange(3, 6), epoch=0), transform(x[:3], torch.arange(3), epoch=0)])
+    assert torch.equal(whole, torch.cat([apart[3:], apart[:3]]))  # the same image, the same draw, in any batch
+    assert not torch.equal(whole, transform(x, torch.arange(6), epoch=1))  # a new epoch, new draws
+    assert not torch.equal(whole, x) and whole.min() >= 0 and whole.max() <= 1
+    assert per_image(("flip",), seed=7) is None  # flip alone needs no per-image transform
+
+
+def test_training_with_every_augmentation_lowers_the_loss():
+    cfg = config_mod.load(None, ["train.augment='flip,rotate,zoom,intensity,bias_field,noise'", "train.batch_size=8", "model.width=4"])
+    y = torch.arange(32) % 4
+    x = 0.1 * torch.rand(32, 1, 32, 32) + 0.2 * y[:, None, None, None]  # brightness tells the class
+    model = build_model(cfg.model, 4, seed=0)
+    first = train(model, x, y, cfg.train, seed=0)
+    last = train(model, x, y, cfg.train, seed=1, epochs=5)
+    assert last.loss < first.loss

@@ -11,18 +11,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedmed.audit.evidence import Evidence, Finding, PartyLedger
 from fedmed.config import FedmedConfig, load
 from fedmed.errors import FedmedError
 from fedmed.federation import wire
+from fedmed.federation.aggregation import Saved, replay
 from fedmed.ledger.digests import arrays_digest
+from fedmed.ledger.server import CONTROL, SENT, STATE
 from fedmed.run.directory import RunDirectory
 from fedmed.run.record import strip_prefix
 
-RECOMPUTABLE = ("FedAvg", "FedProx", "FedBN")  # plain weighted means; FedAdam/FedYogi keep optimiser state, DP-FedAvg adds noise
+NOT_RECOMPUTABLE = "DP-FedAvg"  # its noise is drawn at the server and never saved
+State = dict[str, dict[str, np.ndarray]]  # an aggregation's server state (`aggregation.STATE`)
 
 
 def _by_round(party: PartyLedger, event: str) -> dict[int, tuple[int, dict[str, Any]]]:
@@ -154,6 +155,8 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
     hospital_eval = {n: _by_round(h, "evaluate") for n, h in evidence.hospitals.items()}
     current = start.get("initial_model_sha256")
     model_after = {0: current}  # the global model after each round, for a resumed server to pick up
+    state: State | None = {}  # the aggregation's state the next step starts from (None: not known)
+    state_after: dict[int, State | None] = {0: state}
     for index, record in enumerate(server.file.records):
         if record is None:
             continue
@@ -161,6 +164,7 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
         event = record.get("event")
         if event == "resume":  # back to the checkpoint's model: what a crash cut short is redone
             current = model_after.get(payload.get("after_round"), current)
+            state = state_after.get(payload.get("after_round"))
             continue
         if event in ("train-round", "evaluate-round") and payload.get("sent_sha256") != current:
             out.append(Finding("consistency", where, f"sent model {str(payload.get('sent_sha256'))[:12]}... is not the current global model {str(current)[:12]}..."))
@@ -172,10 +176,12 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
             for entry in payload.get("declined", []):
                 if entry.get("hospital") in evidence.parties and rnd not in hospital_declined.get(entry["hospital"], {}):
                     out.append(Finding("consistency", where, f"records that {entry['hospital']} declined, but its ledger has no refusal in round {rnd}"))
+            if payload.get("participants"):
+                found, state = _aggregate(evidence, start, where, rnd, payload, state)
+                out += found
             if payload.get("new_global_sha256"):
-                out += _aggregate(evidence, start, where, rnd, payload)
                 current = payload["new_global_sha256"]
-            model_after[rnd] = current
+            model_after[rnd], state_after[rnd] = current, state
         elif event == "evaluate-round":
             for entry in payload.get("participants", []):
                 mine = hospital_eval.get(entry.get("hospital"), {}).get(rnd)
@@ -206,40 +212,59 @@ def _train_entry(evidence: Evidence, hospital_train: dict, where: str, rnd: int,
         out.append(Finding("consistency", hwhere, "trained from a model other than the one the server recorded sending"))
     if theirs.get("update_sha256") != entry.get("update_sha256"):
         out.append(Finding("consistency", where, f"the update it recorded from {name} is not the one {name} recorded sending ({hwhere})"))
+    if theirs.get("control_sha256") != entry.get("control_sha256"):
+        out.append(Finding("consistency", where, f"the control variate change it recorded from {name} is not the one {name} recorded sending ({hwhere})"))
     if theirs.get("metrics", {}).get(wire.WEIGHT) != entry.get("weight"):
         out.append(Finding("consistency", where, f"weights {name}'s update by {entry.get('weight')}, but {name} reported {theirs.get('metrics', {}).get(wire.WEIGHT)} examples"))
     return out
 
 
-def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: dict) -> list[Finding]:
-    """Recompute the round's aggregate from the saved updates, as the server did."""
-    if not start.get("updates_saved") or evidence.run_dir is None or start.get("aggregation") not in RECOMPUTABLE:
-        return []
+def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: dict, carried: State | None) -> tuple[list[Finding], State | None]:
+    """Replay the round's aggregation from the saved updates, as the server ran it
+    (`aggregation.replay`: the same strategy, from the server state saved before the
+    step, which must be the state the previous step left), and compare the new global
+    model (and, for Krum, Multi-Krum and Bulyan, the updates kept) with the ledger's.
+    Returns the findings and the state after the step (None where it is not known)."""
+    cfg = run_config(evidence)
+    if not start.get("updates_saved") or evidence.run_dir is None or cfg is None or start.get("aggregation") == NOT_RECOMPUTABLE:
+        return [], None
     path = evidence.run_dir.updates_of(rnd)
     shown = f"{RunDirectory.UPDATES}/{path.name}"
     if not path.exists():
-        return [Finding("consistency", where, f"the server saved updates, but {shown} is missing")]
+        return [Finding("consistency", where, f"the server saved updates, but {shown} is missing")], None
     with np.load(path) as saved:
         arrays = {name: saved[name] for name in saved.files}
     groups: dict[str, dict[str, np.ndarray]] = {}
     for name, value in arrays.items():
         owner, _, key = name.partition("/")
+        if owner in (CONTROL, STATE):  # @control/<hospital>/<key>, @state/<attribute>/<key>
+            inner, _, key = key.partition("/")
+            owner = f"{owner}/{inner}"
         groups.setdefault(owner, {})[key] = value
-    sent = groups.pop("sent", {})
+    sent = groups.pop(SENT, {})
     if arrays_digest(sent) != payload.get("sent_sha256"):
-        return [Finding("consistency", shown, "the saved model sent is not the one the ledger recorded")]
-    records = []
+        return [Finding("consistency", shown, "the saved model sent is not the one the ledger recorded")], None
+    before = {name.partition("/")[2]: values for name, values in groups.items() if name.startswith(f"{STATE}/")}
+    if carried is not None and _state_digest(before) != _state_digest(carried):
+        return [Finding("consistency", shown, "the server state saved before this round's step is not the one the previous step left")], None
+    updates = []
     for entry in payload.get("participants", []):
-        update = groups.get(entry["hospital"])
+        site = entry["hospital"]
+        update, control = groups.get(site), groups.get(f"{CONTROL}/{site}", {})
         if update is None or arrays_digest(update) != entry.get("update_sha256"):
-            return [Finding("consistency", shown, f"the saved update of {entry['hospital']} is missing or not the one the ledger recorded")]
-        records.append(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), wire.METRICS: MetricRecord({wire.WEIGHT: entry["weight"]})}))
-    if not records:
-        return []
-    mean = aggregate_arrayrecords(records, wire.WEIGHT)
-    new = {k: mean[k].numpy() for k in mean}
-    if start.get("aggregation") == "FedBN":
-        new = {k: (sent[k] if k not in new else new[k]) for k in sent}
-    if arrays_digest(new) != payload.get("new_global_sha256"):
-        return [Finding("consistency", where, f"the new global model does not follow from the recorded updates ({start.get('aggregation')} recomputed from {shown})")]
-    return []
+            return [Finding("consistency", shown, f"the saved update of {site} is missing or not the one the ledger recorded")], None
+        if entry.get("control_sha256") and arrays_digest(control) != entry["control_sha256"]:
+            return [Finding("consistency", shown, f"the saved control variate change of {site} is not the one the ledger recorded")], None
+        updates.append(Saved(site, update, int(entry["weight"]), control))
+    replayed = replay(cfg, rnd, sent, updates, before)
+    out = []
+    if replayed.selected is not None and replayed.selected != payload.get("selected"):
+        out.append(Finding("consistency", where, f"records the updates of {payload.get('selected')} as kept, but {start.get('aggregation')} keeps {replayed.selected}"))
+    new = {k: (replayed.new[k] if k in replayed.new else sent[k]) for k in sent} if replayed.new is not None else None  # FedBN, FedPer: kept layers as sent
+    if (arrays_digest(new) if new is not None else None) != payload.get("new_global_sha256"):
+        out.append(Finding("consistency", where, f"the new global model does not follow from the recorded updates ({start.get('aggregation')} replayed from {shown})"))
+    return out, replayed.state
+
+
+def _state_digest(state: State) -> str:
+    return arrays_digest({f"{name}/{key}": value for name, values in state.items() for key, value in values.items()})

@@ -40,6 +40,24 @@ class SiteData:
     index: int
     train: Split
     test: Split
+    val: Split | None = None  # `data.val_fraction` of its training patients, for choosing settings
+
+
+VAL_STREAM = 11  # the seed stream that draws each hospital's validation patients
+
+
+def hold_out(train: Split, patients: np.ndarray, fraction: float, seed: int, index: int) -> tuple[Split, Split | None]:
+    """(what the hospital trains on, its validation split): `fraction` of its training
+    patients, drawn from the seed, with all their images (none of a patient's images on
+    both sides); at least one patient, and at least one left to train on."""
+    unique = np.unique(patients)
+    k = min(len(unique) - 1, max(1, round(fraction * len(unique)))) if fraction > 0 else 0
+    if k <= 0:
+        return train, None
+    held = np.random.default_rng([seed, index, VAL_STREAM]).choice(unique, size=k, replace=False)
+    val = np.isin(patients, held)
+    keep, out = torch.from_numpy(~val), torch.from_numpy(val)
+    return Split(train.x[keep], train.y[keep]), Split(train.x[out], train.y[out])
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -60,9 +78,11 @@ def _demo_spec(data: DataConfig, seed: int, skew: SkewConfig) -> demo.DemoSpec:
     return demo.DemoSpec.from_config(data, seed, skew)
 
 
-def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> SiteData:
+def _demo_site(spec: demo.DemoSpec, cache_dir: str, index: int) -> tuple[SiteData, np.ndarray]:
+    """A demo hospital, and its training images' patients (each image its own: the demo's
+    images are drawn independently)."""
     train, test = demo.hospital(spec, cache_dir, index)
-    return SiteData(name=demo.hospital_name(index), index=index, train=_split(train), test=_split(test))
+    return SiteData(name=demo.hospital_name(index), index=index, train=_split(train), test=_split(test)), np.arange(len(train.labels))
 
 
 _DATASETS: dict[DataConfig, Dataset] = {}
@@ -103,7 +123,8 @@ def _rescan(images: np.ndarray, data: DataConfig, seed: int, index: int, stream:
     return out
 
 
-def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> SiteData:
+def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> tuple[SiteData, np.ndarray]:
+    """A hospital of the dataset on disk, and its training images' patients."""
     dataset, parts, _ = _disk(data, skew, seed)
 
     def take(split: int) -> Split:
@@ -113,7 +134,8 @@ def _disk_site(data: DataConfig, skew: SkewConfig, seed: int, index: int) -> Sit
             images = _rescan(images, data, seed, index)
         return Split(to_tensor(images), torch.from_numpy(dataset.labels[idx]))
 
-    return SiteData(name=demo.hospital_name(index), index=index, train=take(TRAIN), test=take(TEST))
+    patients = np.asarray(dataset.patient[parts.indices(TRAIN, index)])
+    return SiteData(name=demo.hospital_name(index), index=index, train=take(TRAIN), test=take(TEST)), patients
 
 
 @lru_cache(maxsize=64)  # the hospitals this process serves, reused across rounds; bounded, for federations of thousands
@@ -124,9 +146,12 @@ def site_data(cfg: FedmedConfig, index: int) -> SiteData:
             f"hospital index {index} is outside 0..{cfg.data.hospitals - 1} (data.hospitals)"
         )
     if cfg.data.source == "disk":
-        site = _disk_site(cfg.data, cfg.skew, cfg.seed, index)
+        site, patients = _disk_site(cfg.data, cfg.skew, cfg.seed, index)
     else:
-        site = _demo_site(_spec(cfg), cfg.data.cache_dir, index)
+        site, patients = _demo_site(_spec(cfg), cfg.data.cache_dir, index)
+    if cfg.data.val_fraction:
+        train, val = hold_out(site.train, patients, cfg.data.val_fraction, cfg.seed, index)
+        site = replace(site, train=train, val=val)
     known = knowledge(cfg, index, site.train.y)
     if known is None:
         return site

@@ -205,6 +205,8 @@ def _run_config(cfg: FedmedConfig, state: State, enrolled: int, resume: bool) ->
     flat["data.hospitals"] = enrolled
     flat["output.dir"] = str(Path(cfg.output.dir).expanduser().resolve())
     fresh = from_flat(flat)  # validates min_hospitals against the enrolled hospitals
+    if fresh.attack.active:
+        raise FedmedError(f"attack.kind = {fresh.attack.kind} simulates hospitals that misbehave; a deployment's hospitals are real: remove the [attack] section")
     if not resume:
         return resolve_run_name(fresh).flat(), ""
     current = state.read(state.current)

@@ -16,20 +16,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedmed.config import FedmedConfig
+from fedmed.config import FedmedConfig, TrainConfig
 from fedmed.data.sites import SiteData, site_data
 from fedmed.errors import FedmedError, os_error_line
-from fedmed.federation import policy, wire
+from fedmed.federation import attack, policy, wire
 from fedmed.ledger.budget import BudgetLedgerError, LifetimeBudget, Spend
 from fedmed.ledger.digests import architecture_digest, arrays_digest
 from fedmed.ledger.hospital import HospitalLedger
-from fedmed.models import build_model, load_layers, norm_keys, save_layers
+from fedmed.models import build_model, head_keys, load_layers, norm_keys, save_layers
 from fedmed.privacy import canaries
 from fedmed.seeds import derive_seed
+from fedmed.training import personal, scaffold
 from fedmed.training.loop import evaluate as evaluate_model
 from fedmed.training.loop import train as train_model
 from fedmed.training.partial import informative_examples, known_labels, label_metrics
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from fedmed.privacy.hospital import HospitalPrivacy
 
 app = ClientApp()
+PERSONAL_STREAM = 3  # the seed stream of personal models' batches
 
 
 def _file_errors_stay_here(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -65,10 +68,12 @@ class Request:
     own: FedmedConfig | None  # a real hospital's own site config; None when simulated
     server_round: int
     site: SiteData  # this hospital's data (with the audit's canaries, if any)
-    model: nn.Module  # the global model (with FedBN, this hospital's own layers put back)
-    layers_restored: int  # FedBN: how many arrays were put back
+    model: nn.Module  # the global model (with FedBN, FedPer: this hospital's own layers put back)
+    received: dict[str, torch.Tensor]  # the global model as received
+    layers_restored: int  # FedBN, FedPer: how many arrays were put back
     ledger: HospitalLedger  # the server's checkpoint already recorded in it
     budget: float  # the epsilon the server lets this hospital spend in the run (0: no limit)
+    train: TrainConfig  # the training settings, at this round's learning rate (`train.schedule`)
 
 
 def hospital_data(cfg: FedmedConfig, own: FedmedConfig | None, index: int) -> tuple[SiteData, canaries.Canaries | None]:
@@ -138,31 +143,45 @@ def _receive(msg: Message, context: Context) -> Request:
     model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     ledger = _ledger(context, config, site.name)
     ledger.begin(cfg, server_round, model, site, added, wire.server_checkpoint(config))
-    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    received = msg.content[wire.ARRAYS].to_torch_state_dict()
+    model.load_state_dict(received)
     restored = 0
-    if cfg.federation.strategy == "fedbn":
-        kept = load_layers(_layers_file(ledger, site.name))
+    if _kept(cfg, model):
+        kept = load_layers(_own_file(ledger, site.name, _keeper(cfg)))
         if kept is not None:
             model.load_state_dict(kept, strict=False)
             restored = len(kept)
     budget = float(config[wire.BUDGET]) if own is not None and wire.BUDGET in config else cfg.privacy.budget_for(site.name)
-    return Request(cfg, own, server_round, site, model, restored, ledger, budget)
+    lr = float(config.get(wire.LR, cfg.train.lr))
+    return Request(cfg, own, server_round, site, model, received, restored, ledger, budget, cfg.train.model_copy(update={"lr": lr}))
 
 
-def _layers_file(ledger: HospitalLedger, site: str) -> Path:
-    """FedBN: this hospital's own normalisation layers, in its folder for the run: they
-    outlive the node's process and a restart of the server."""
-    return ledger.folder / f"{site}.fedbn.pt"
+def _keeper(cfg: FedmedConfig) -> str:
+    return "fedbn" if cfg.federation.strategy == "fedbn" else cfg.personal.method
+
+
+def _kept(cfg: FedmedConfig, model: nn.Module) -> set[str]:
+    """The arrays this hospital keeps: FedBN's normalisation layers, FedPer's head."""
+    if cfg.federation.strategy == "fedbn":
+        return norm_keys(model)
+    return head_keys(model) if cfg.personal.method == "fedper" else set()
+
+
+def _own_file(ledger: HospitalLedger, site: str, what: str) -> Path:
+    """This hospital's own state for the run (FedBN's or FedPer's layers, Ditto's personal
+    model, SCAFFOLD's control variate), in its folder for the run: it outlives the node's
+    process and a restart of the server, and never leaves the hospital."""
+    return ledger.folder / f"{site}.{what}.pt"
 
 
 def _shared_arrays(r: Request) -> ArrayRecord:
-    """What goes back to the server; FedBN keeps the normalisation layers at the hospital
+    """What goes back to the server; FedBN and FedPer keep their layers at the hospital
     for the next round."""
     state = r.model.cpu().state_dict()
-    if r.cfg.federation.strategy != "fedbn":
+    kept = _kept(r.cfg, r.model)
+    if not kept:
         return ArrayRecord(state)
-    kept = norm_keys(r.model)
-    save_layers(_layers_file(r.ledger, r.site.name), {k: v for k, v in state.items() if k in kept})
+    save_layers(_own_file(r.ledger, r.site.name, _keeper(r.cfg)), {k: v for k, v in state.items() if k in kept})
     return ArrayRecord({k: v for k, v in state.items() if k not in kept})
 
 
@@ -204,8 +223,10 @@ def _decline(msg: Message, r: Request, private: HospitalPrivacy | None, received
 
 def _evaluation(r: Request, received: str, model_round: int) -> dict[str, Any]:
     """The model as received, on this hospital's own test split (recorded in its ledger
-    as round `model_round`'s evaluation): aggregate figures only."""
-    result = evaluate_model(r.model, r.site.test.x, r.site.test.y, r.cfg.train.device)
+    as round `model_round`'s evaluation): aggregate figures only. With personalisation,
+    its personal model's figures beside them."""
+    model = _global_model(r)
+    result = evaluate_model(model, r.site.test.x, r.site.test.y, r.cfg.train.device)
     metrics = {
         "eval-loss": result["loss"],
         wire.EVAL_ACCURACY: result["accuracy"],
@@ -213,8 +234,47 @@ def _evaluation(r: Request, received: str, model_round: int) -> dict[str, Any]:
         wire.EVAL_CONFUSION: result["confusion"],
         wire.WEIGHT: len(r.site.test),
     }
+    if r.cfg.data.val_fraction:  # for choosing settings; a hospital too small to hold any back adds nothing
+        if r.site.val is not None:
+            held = evaluate_model(model, r.site.val.x, r.site.val.y, r.cfg.train.device)
+            metrics.update({wire.VAL_ACCURACY: held["accuracy"], wire.VAL_CONFUSION: held["confusion"]})
+        else:
+            metrics[wire.VAL_CONFUSION] = [[0] * r.cfg.data.num_classes for _ in range(r.cfg.data.num_classes)]
+    own = _personal_model(r, model_round)
+    if own is not None:
+        mine = evaluate_model(own, r.site.test.x, r.site.test.y, r.cfg.train.device)
+        metrics.update({wire.PERSONAL_ACCURACY: mine["accuracy"], wire.PERSONAL_MACRO_F1: mine["macro_f1"]})
     r.ledger.record("evaluate", model_round, {"received_sha256": received, "metrics": dict(wire.metric_record(metrics))})
     return metrics
+
+
+def _global_model(r: Request) -> nn.Module:
+    """What the hospital evaluates as the global model: as received (FedBN: with its own
+    normalisation layers, without which BatchNorm is meaningless)."""
+    if r.cfg.personal.method != "fedper" or not r.layers_restored:
+        return r.model
+    model = build_model(r.cfg.model, r.cfg.data.num_classes, seed=r.cfg.seed)
+    model.load_state_dict(r.received)
+    return model
+
+
+def _personal_model(r: Request, model_round: int) -> nn.Module | None:
+    """This hospital's own model, where the run personalises: FedPer's (the global body,
+    its own head), Ditto's (kept at the hospital; none before it first trains), or the
+    global model of the last round fine-tuned on its data."""
+    method = r.cfg.personal.method
+    if method == "fedper":
+        return r.model
+    if method == "ditto":
+        kept = load_layers(_own_file(r.ledger, r.site.name, "ditto"))
+        if kept is None:
+            return None
+        model = build_model(r.cfg.model, r.cfg.data.num_classes, seed=r.cfg.seed)
+        model.load_state_dict(kept)
+        return model
+    if method == "finetune" and model_round == r.cfg.federation.rounds:
+        return personal.finetune(r.model, r.site.train.x, r.site.train.y, r.train, r.cfg.personal.epochs, derive_seed(r.cfg.seed, model_round, r.site.index, PERSONAL_STREAM))
+    return None
 
 
 @app.train()
@@ -239,10 +299,25 @@ def train(msg: Message, context: Context) -> Message:
         return _decline(msg, r, private, received, reason, evaluated)
     mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     possible, annotated, pseudo = known_labels(cfg, r.model, site.train)
+    attacking = r.own is None and site.name in attack.attackers(cfg)  # simulated hospitals only
+    labels = attack.flip_labels(site.train.y, cfg.data.num_classes) if attacking and cfg.attack.kind == "label_flip" else site.train.y
+    controls = _controls(msg, r) if cfg.federation.strategy == "scaffold" else None
     stats = train_model(
-        r.model, site.train.x, site.train.y, cfg.train, seed=derive_seed(cfg.seed, r.server_round, site.index), proximal_mu=mu,
+        r.model, site.train.x, labels, r.train, seed=derive_seed(cfg.seed, r.server_round, site.index), proximal_mu=mu,
         possible=possible, annotated=annotated, private=private.dpsgd() if private else None,
+        correction=scaffold.correction(r.model, *controls) if controls is not None else None,
     )
+    extra: dict[str, Any] = {}
+    if controls is not None:
+        own, change = scaffold.step(r.model, r.received, *controls, stats.steps, r.train.lr)
+        save_layers(_own_file(r.ledger, site.name, "scaffold"), own)
+        extra[wire.CONTROL] = ArrayRecord(change)
+    if cfg.personal.method == "ditto":
+        _ditto(r)
+    if attacking:  # what it sends; the layers it keeps (FedBN, FedPer) stay as trained
+        kept = _kept(cfg, r.model)
+        sent = {k: v for k, v in r.model.cpu().state_dict().items() if k not in kept}
+        r.model.load_state_dict(attack.tamper(cfg.attack, r.received, sent, attack.noise_seed(cfg, r.server_round, site.index)), strict=False)
     spent_entry = {}
     if private is not None:
         private.spend(stats.steps)
@@ -265,12 +340,31 @@ def train(msg: Message, context: Context) -> Message:
     t = cfg.train
     r.ledger.record("train", r.server_round, {
         "received_sha256": received,
-        "settings": {"local_epochs": t.local_epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr, "steps": stats.steps, "proximal_mu": mu},
+        "settings": {"local_epochs": t.local_epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": r.train.lr, "steps": stats.steps, "proximal_mu": mu},
         "privacy": {**_privacy_entry(cfg, private, stats.steps), **spent_entry},
         "metrics": dict(wire.metric_record(metrics)),
         "update_sha256": arrays_digest(shared),
+        **({"control_sha256": arrays_digest(extra[wire.CONTROL])} if wire.CONTROL in extra else {}),
+        **({"attack": cfg.attack.kind} if attacking else {}),  # a simulated attacker says so in its own ledger
     })
-    return wire.reply(msg, site.name, r.ledger.checkpoint(), **{wire.METRICS: wire.metric_record(metrics), wire.ARRAYS: shared}, **evaluated)
+    return wire.reply(msg, site.name, r.ledger.checkpoint(), **{wire.METRICS: wire.metric_record(metrics), wire.ARRAYS: shared}, **evaluated, **extra)
+
+
+def _controls(msg: Message, r: Request) -> tuple[scaffold.Variate, scaffold.Variate]:
+    """SCAFFOLD: the server's control variate from the request, and this hospital's own."""
+    server = msg.content[wire.CONTROL].to_torch_state_dict() if wire.CONTROL in msg.content else {}
+    return server, load_layers(_own_file(r.ledger, r.site.name, "scaffold")) or {}
+
+
+def _ditto(r: Request) -> None:
+    """Ditto's personal model: this round's step towards the global model received, kept
+    at the hospital (started from the global model the first time)."""
+    path = _own_file(r.ledger, r.site.name, "ditto")
+    model = build_model(r.cfg.model, r.cfg.data.num_classes, seed=r.cfg.seed)
+    model.load_state_dict(load_layers(path) or r.received)
+    p = r.cfg.personal
+    personal.ditto(model, r.received, r.site.train.x, r.site.train.y, r.train, p.epochs, p.ditto_lambda, derive_seed(r.cfg.seed, r.server_round, r.site.index, PERSONAL_STREAM))
+    save_layers(path, model.cpu().state_dict())
 
 
 @app.evaluate()

@@ -13,16 +13,12 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.serverapp import Grid
 
+from fedmed.config import share
 from fedmed.errors import FedmedError
 from fedmed.run import interrupt
 
 TRAIN, EVALUATE = 1, 2  # random streams: who trains and who evaluates are drawn independently
 POLL_S = 0.5
-
-
-def share(hospitals: int, fraction: float) -> int:
-    """How many of `hospitals` a round asks for `fraction` (at least one)."""
-    return min(hospitals, max(1, round(fraction * hospitals)))
 
 
 def draw(names: Iterable[str], fraction: float, seed: int, server_round: int, stream: int) -> list[str]:

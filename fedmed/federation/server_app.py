@@ -18,11 +18,12 @@ from fedmed.config import FedmedConfig, from_flat
 from fedmed.data.demo import hospital_name
 from fedmed.data.sites import describe, global_test
 from fedmed.errors import FedmedError
-from fedmed.federation import checkpoint, sampling, wire
+from fedmed.federation import attack, checkpoint, sampling, wire
+from fedmed.federation.aggregation import NAMES
 from fedmed.federation.strategy import Recording, build_strategy
 from fedmed.ledger.keys import KeyStore, default_key_store
 from fedmed.ledger.server import ServerLedger
-from fedmed.models import build_model, norm_keys
+from fedmed.models import build_model, head_keys, norm_keys
 from fedmed.privacy import report as privacy_report
 from fedmed.privacy.client_level import ClientLevelDP
 from fedmed.run import heterogeneity, interrupt
@@ -38,7 +39,6 @@ REPLY_POLL_S = 0.2
 RESUME_RUN = "FEDMED_RESUME_RUN"  # a simulation resumed (`fedmed simulate --resume`): the run directory it continues
 # What to do when a federation started by Flower (`flwr run`) has no SuperNode: `fedmed simulate` starts its own.
 NO_NODES = 'run a simulation with SuperNodes (`flwr run . --federation-config "num-supernodes=2"`), or start `flower-supernode` processes against this SuperLink'
-STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedbn": "FedBN"}
 
 
 @app.main()
@@ -72,11 +72,12 @@ def run(
     test_set = global_test(cfg)
     model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     rounds, n = cfg.federation.rounds, cfg.data.hospitals
-    aggregation = "DP-FedAvg" if client_dp else STRATEGY_NAMES[cfg.federation.strategy]
-    title = f"fedmed: {STRATEGY_NAMES[cfg.federation.strategy]} over {n} hospitals, {rounds} rounds -> {out.path}"
+    aggregation = "DP-FedAvg" if client_dp else NAMES[cfg.federation.strategy]
+    title = f"fedmed: {NAMES[cfg.federation.strategy]} over {n} hospitals, {rounds} rounds -> {out.path}"
     reporter = RoundReporter(rounds, title + (f" (resumed after round {previous.round})" if previous else ""))
     ledger = ServerLedger(out, cfg.output.save_updates, store, previous.ledger_run if previous else "")
-    strategy = _strategy(cfg, norm_keys(model), client_dp, ledger)
+    kept = norm_keys(model) if cfg.federation.strategy == "fedbn" else head_keys(model) if cfg.personal.method == "fedper" else set()
+    strategy = _strategy(cfg, kept, client_dp, ledger)
 
     config = wire.config_record(cfg, deployed=bool(nodes))
     arrays = ArrayRecord(model.state_dict())
@@ -98,6 +99,9 @@ def run(
         strategy.budgets = {name: cfg.privacy.budget_for(name) for name in nodes.values()}
     else:  # a simulation: any node plays any hospital it is asked to
         strategy.hospitals = [hospital_name(i) for i in range(n)]
+        attackers = attack.attackers(cfg, strategy.hospitals)
+        if attackers:
+            reporter.console.print(f"attack: {', '.join(attackers)} {attack.describe(cfg.attack)}")
         wanted = sampling.seats_needed(n, cfg.federation.fraction_train, cfg.federation.fraction_evaluate)
         strategy.seats = sampling.seats(grid, wanted, cfg.simulation.node_timeout, NO_NODES)
 
@@ -182,14 +186,18 @@ def run(
     if heatmap_stale:  # every hospital that reported, drawn once
         heterogeneity.write(out, heterogeneity.report(label_counts, cfg.data.classes))
     final = strategy.log.round(rounds).evaluated
-    per_hospital = {
-        site: {"accuracy": e.metrics[wire.EVAL_ACCURACY], "macro_f1": e.metrics[wire.EVAL_MACRO_F1]} for site, e in sorted(final.items())
-    }
+    per_hospital = {site: _final_figures(e.metrics) for site, e in sorted(final.items())}
     if cfg.output.save_model:
         out.save_model(arrays.to_torch_state_dict())
     spent = privacy_report.table(cfg, strategy.log, client_dp.metrics() if client_dp else None)
     privacy_report.print_table(reporter.console, spent)
-    extra = {"privacy": spent} if spent else {}
+    extra: dict[str, Any] = {"privacy": spent} if spent else {}
+    if cfg.attack.active:  # never hidden: who attacked, and how
+        extra["attack"] = {"kind": cfg.attack.kind, "hospitals": attack.attackers(cfg, strategy.hospitals or sorted(strategy.enrolled.values())), **attack.parameters(cfg.attack)}
+    if cfg.data.val_fraction:  # the last round's model on the hospitals' validation splits, pooled
+        extra["validation"] = _federated_eval(cfg, strategy.log.round(rounds), wire.VAL_CONFUSION)
+    if cfg.personal.method != "none":
+        extra["personal"] = {"method": cfg.personal.method, **_personal_gain(per_hospital)}
     out.write_summary(summary(cfg, describe(cfg), last_test, per_hospital, time.time() - started, **extra))
     ledger.end(arrays, rounds, last_test.get("accuracy"))  # binds the files written above
     reporter.console.print(f"run directory: {out.path}")
@@ -215,7 +223,27 @@ class Pending:
             failures=len(outcome.dropped), dropped=sorted(outcome.dropped), dropped_reasons=dict(sorted(outcome.dropped.items())),
             declined=sorted(outcome.declined), declined_reasons={site: d.reason for site, d in sorted(outcome.declined.items())},
             **({"privacy": self.privacy} if self.privacy is not None else {}),
+            **({"selected": outcome.selected} if outcome.selected is not None else {}),
+            **({"validation": _federated_eval(cfg, outcome, wire.VAL_CONFUSION)} if cfg.data.val_fraction else {}),
         )
+
+
+def _final_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A hospital's figures for the summary: the global model's on its own test split,
+    and its personal model's beside them where the run personalises."""
+    out = {"accuracy": metrics[wire.EVAL_ACCURACY], "macro_f1": metrics[wire.EVAL_MACRO_F1]}
+    if wire.PERSONAL_ACCURACY in metrics:
+        out.update(personal_accuracy=metrics[wire.PERSONAL_ACCURACY], personal_macro_f1=metrics[wire.PERSONAL_MACRO_F1])
+    return out
+
+
+def _personal_gain(per_hospital: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Global against personal accuracy over the hospitals that reported both."""
+    both = [h for h in per_hospital.values() if "personal_accuracy" in h]
+    if not both:
+        return {}
+    glob, own = float(np.mean([h["accuracy"] for h in both])), float(np.mean([h["personal_accuracy"] for h in both]))
+    return {"hospitals": len(both), "mean_global_accuracy": glob, "mean_personal_accuracy": own, "mean_gain": own - glob}
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -238,19 +266,19 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
     return replies
 
 
-def _strategy(cfg: FedmedConfig, norm_layers: set[str], client_dp: ClientLevelDP | None, ledger: ServerLedger) -> Recording:
+def _strategy(cfg: FedmedConfig, kept: set[str], client_dp: ClientLevelDP | None, ledger: ServerLedger) -> Recording:
     """The configured algorithm, asking the configured share of hospitals each round
-    (drawn from the run seed: `sampling`), once `federation.min_hospitals` are connected."""
+    (drawn from the run seed: `sampling`), once `federation.min_hospitals` are connected;
+    `kept`: the arrays hospitals keep (FedBN, FedPer)."""
     f = cfg.federation
     return build_strategy(
-        f,
-        norm_layers,
+        cfg,
+        kept,
         client_dp,
         fraction_train=f.fraction_train,
         fraction_evaluate=f.fraction_evaluate,
         min_available_nodes=f.min_hospitals or cfg.data.hospitals,
         ledger=ledger,
-        seed=cfg.seed,
     )
 
 
@@ -268,9 +296,10 @@ def _model_moved(strategy: Recording, outcome: RoundOutcome, reporter: RoundRepo
     raise FedmedError(f"round {outcome.round}: no hospital returned an update ({reasons})")
 
 
-def _federated_eval(cfg: FedmedConfig, outcome: RoundOutcome) -> dict:
-    """The hospitals' evaluations pooled: metrics from their summed confusion matrices."""
-    if not outcome.federated_eval:
+def _federated_eval(cfg: FedmedConfig, outcome: RoundOutcome, key: str = wire.EVAL_CONFUSION) -> dict:
+    """The hospitals' evaluations pooled: metrics from their summed confusion matrices (of
+    their test splits; `wire.VAL_CONFUSION`: of their validation splits)."""
+    if not outcome.federated_eval or key not in outcome.federated_eval:
         return {}
     k = cfg.data.num_classes
-    return from_confusion(np.asarray(outcome.federated_eval[wire.EVAL_CONFUSION]).reshape(k, k))
+    return from_confusion(np.asarray(outcome.federated_eval[key]).reshape(k, k))

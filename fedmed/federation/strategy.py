@@ -1,5 +1,6 @@
-"""The aggregation strategies (FedAvg, FedProx, FedAdam, FedYogi, FedBN), each aggregating
-in a fixed order and typing every reply into the run's log (`fedmed.run.record.RunLog`)."""
+"""The server's strategy: the configured aggregation (`aggregation.FLOWER`) under fedmed's
+recording, which asks the hospitals drawn from the seed, aggregates in a fixed order and
+types every reply into the run's log (`fedmed.run.record.RunLog`) and the server's ledger."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.serverapp.strategy import FedAvg
 
-from fedmed.config import FederationConfig
+from fedmed.config import FedmedConfig
 from fedmed.errors import FedmedError
-from fedmed.federation import sampling, wire
+from fedmed.federation import aggregation, sampling, wire
 from fedmed.ledger.digests import arrays_digest
 from fedmed.ledger.server import ServerLedger
 from fedmed.privacy.client_level import ClientLevelDP
 from fedmed.run.record import NO_REPLY, Decline, Evaluation, RunLog, Update
+from fedmed.training.schedule import lr_at
 
 
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -28,11 +30,13 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
 
 
 def pool(metrics: list[Mapping[str, Any]], weighted_by_key: str) -> MetricRecord:
+    """The figures every hospital reported, pooled (one that only some report, such as a
+    personal model's before every hospital has one, is left out)."""
     weights = np.array([float(m[weighted_by_key]) for m in metrics])
     weights = weights / weights.sum()
     out: dict[str, Any] = {weighted_by_key: int(sum(int(m[weighted_by_key]) for m in metrics))}
     for key in metrics[0]:
-        if key == weighted_by_key:
+        if key == weighted_by_key or any(key not in m for m in metrics):
             continue
         if isinstance(metrics[0][key], list):
             out[key] = np.sum([np.asarray(m[key]) for m in metrics], axis=0).tolist()
@@ -71,19 +75,20 @@ class _Listing:
 
 class Recording:
     """Mixed into a Flower strategy: asks the hospitals drawn from the run seed and the
-    round (`sampling`), aggregates in hospital order, types every reply into the run's
-    log, (FedBN) leaves the global model's `hospital_layers` as they were (hospitals never
-    send them), and stops asking a hospital to train once it has declined (its privacy
-    budget is spent)."""
+    round (`sampling`), sends each round's learning rate (`train.schedule`), aggregates
+    in hospital order, types every reply into the run's log, (FedBN, FedPer) leaves the
+    global model's `hospital_layers` as they were (hospitals never send them), and stops
+    asking a hospital to train once it has declined (its privacy budget is spent)."""
 
     def __init__(
-        self, *, hospital_layers: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, seed: int = 0, **kwargs: Any
+        self, cfg: FedmedConfig, *, hospital_layers: frozenset[str] = frozenset(), ledger: ServerLedger | None = None, **kwargs: Any
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)  # evaluations are pooled by `aggregate_evaluate`
         super().__init__(weighted_by_key=wire.WEIGHT, **kwargs)
+        self.cfg = cfg
         self.hospital_layers = hospital_layers
         self.ledger = ledger
-        self.seed = seed
+        self.seed = cfg.seed
         self.log = RunLog()
         self.enrolled: dict[int, str] = {}  # node id -> hospital in a deployment: the operator's enrolment, the only names it takes
         self.budgets: dict[str, float] = {}  # in a deployment: the epsilon each enrolled hospital may spend in this run
@@ -102,20 +107,20 @@ class Recording:
         self.min_connected = self.min_available_nodes  # hospitals that must be connected for a round to start
 
     STATE = ("log", "declined", "all_declined")
-    OPTIMISER_STATE = ("m_t", "v_t")  # FedAdam / FedYogi: the server optimiser's moments
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps so a resumed run aggregates as if it never stopped."""
-        out = {key: getattr(self, key) for key in self.STATE}
-        out.update({key: getattr(self, key) for key in self.OPTIMISER_STATE if getattr(self, key, None) is not None})
-        return out
+        """What a checkpoint keeps so a resumed run aggregates as if it never stopped: the
+        run's log, and the aggregation's own state (server optimiser moments, FedAvgM's
+        momentum, SCAFFOLD's control variate)."""
+        return {**{key: getattr(self, key) for key in self.STATE}, "aggregation": aggregation.get_state(self)}  # type: ignore[arg-type]
 
     def restore(self, state: dict[str, Any]) -> None:
-        unknown = sorted(set(state) - {*self.STATE, *self.OPTIMISER_STATE})
+        unknown = sorted(set(state) - {*self.STATE, "aggregation"})
         if unknown:  # an older fedmed's checkpoint (hospitals kept by node id): it would ask them again
             raise FedmedError(f"this run's checkpoint was written by an older fedmed ({', '.join(unknown)}): start the run again")
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key in self.STATE:
+            setattr(self, key, state[key])
+        aggregation.set_state(self, state.get("aggregation", {}))  # type: ignore[arg-type]
 
     def _asked_as(self) -> dict[str, str]:
         """Request id -> the hospital it asks (ids are set once the requests are sent)."""
@@ -185,6 +190,7 @@ class Recording:
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), wire.LR: lr_at(self.cfg.train, server_round, self.cfg.federation.rounds)})
         if self.evaluate_with_training and server_round > 1:
             config = ConfigRecord({**dict(config), wire.EVALUATE_FIRST: True})
         self.sent = arrays
@@ -198,7 +204,9 @@ class Recording:
         return self.asked
 
     def _aggregate(self, server_round: int, taken: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, taken)
+        """The configured rule (Flower's strategy, or SCAFFOLD) on the replies in hospital
+        order; the layers hospitals keep (FedBN, FedPer) stay as they were sent."""
+        arrays, metrics = super().aggregate_train(server_round, taken)  # type: ignore[misc]
         if arrays is not None and self.hospital_layers and self.sent is not None:
             arrays = ArrayRecord({k: (self.sent[k] if k in self.hospital_layers else arrays[k]) for k in self.sent})
         return arrays, metrics
@@ -220,6 +228,7 @@ class Recording:
                 outcome.dropped[site] = NO_REPLY
         taken: list[Message] = []  # what the algorithm aggregates (errors included: it skips them)
         updates: dict[str, ArrayRecord] = {}
+        controls: dict[str, ArrayRecord] = {}
         for msg in _order(replies):
             if msg.has_error():
                 outcome.dropped[asked_as.get(msg.metadata.reply_to_message_id, f"node {msg.metadata.src_node_id}")] = _last_line(msg.error.reason)
@@ -230,18 +239,27 @@ class Recording:
                 outcome.dropped[site] = refused
                 continue
             checkpoint = wire.ledger_checkpoint(msg.content)
+            if self.cfg.federation.strategy == "scaffold" and wire.DECLINED not in msg.content and wire.CONTROL not in msg.content:
+                outcome.dropped[site] = "a SCAFFOLD update without its control variate change"
+                continue
             if wire.DECLINED in msg.content:
                 refusal = dict(msg.content[wire.DECLINED])
                 outcome.declined[site] = Decline(str(refusal.pop("reason")), refusal, checkpoint)
                 self.declined.add(site)
                 continue
             metrics = wire.metrics_of(msg.content)
-            updates[site] = msg.content[wire.ARRAYS]
-            outcome.trained[site] = Update(metrics, int(metrics[wire.WEIGHT]), arrays_digest(updates[site]), checkpoint)
+            updates[site] = ArrayRecord(dict(msg.content[wire.ARRAYS]))  # a copy: Flower's median pops the reply's arrays
+            if wire.CONTROL in msg.content:
+                controls[site] = ArrayRecord(dict(msg.content[wire.CONTROL]))
+            outcome.trained[site] = Update(metrics, int(metrics[wire.WEIGHT]), arrays_digest(updates[site]), checkpoint, arrays_digest(controls[site]) if site in controls else None)
             taken.append(msg)
+        before = aggregation.get_state(self)  # type: ignore[arg-type]
+        picked = aggregation.selected(self.cfg, [m.content for m in taken if not m.has_error()])
         arrays, metrics = self._aggregate(server_round, taken)
+        if picked is not None:
+            outcome.selected = [sorted(outcome.trained)[i] for i in picked]
         if self.ledger is not None and self.sent is not None:
-            self.ledger.train_round(outcome, self.sent, updates, arrays, self._privacy())
+            self.ledger.train_round(outcome, self.sent, updates, arrays, self._privacy(), controls, before)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -287,15 +305,11 @@ class Recording:
         return metrics
 
 
-class RecordingFedAvg(Recording, FedAvg):
-    pass
-
-
 class RecordingDPFedAvg(Recording, FedAvg):
     """FedAvg with client-level DP: clipped, unweighted, noised (privacy.client_level)."""
 
-    def __init__(self, *, client_dp: ClientLevelDP, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, cfg: FedmedConfig, *, client_dp: ClientLevelDP, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
         self.client_dp = client_dp
 
     def _privacy(self) -> dict[str, Any] | None:
@@ -312,30 +326,13 @@ class RecordingDPFedAvg(Recording, FedAvg):
         return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
 
 
-class RecordingFedProx(Recording, FedProx):
-    pass
-
-
-class RecordingFedAdam(Recording, FedAdam):
-    pass
-
-
-class RecordingFedYogi(Recording, FedYogi):
-    pass
-
-
-def build_strategy(
-    federation: FederationConfig, norm_layers: set[str], client_dp: ClientLevelDP | None = None, **common: Any
-) -> Recording:
-    """The configured algorithm; `norm_layers` are the model's normalisation arrays (which
-    FedBN keeps at the hospitals); with `client_dp`, FedAvg becomes DP-FedAvg."""
-    name = federation.strategy
-    kept = frozenset(norm_layers) if name == "fedbn" else frozenset()
-    if client_dp is not None:  # FedProx too: hospitals read mu from the run config; the server averages
-        return RecordingDPFedAvg(client_dp=client_dp, hospital_layers=kept, **common)
-    if name == "fedprox":
-        return RecordingFedProx(proximal_mu=federation.proximal_mu, **common)
-    if name in ("fedadam", "fedyogi"):
-        cls = RecordingFedAdam if name == "fedadam" else RecordingFedYogi
-        return cls(eta=federation.server_lr, **common)
-    return RecordingFedAvg(hospital_layers=kept, **common)
+def build_strategy(cfg: FedmedConfig, hospital_layers: set[str], client_dp: ClientLevelDP | None = None, **common: Any) -> Recording:
+    """The configured algorithm under fedmed's recording; `hospital_layers` are the arrays
+    the hospitals keep (FedBN's normalisation layers, FedPer's head); with `client_dp`,
+    FedAvg becomes DP-FedAvg (FedProx's hospitals still read mu from the run config)."""
+    kept = frozenset(hospital_layers)
+    if client_dp is not None:
+        return RecordingDPFedAvg(cfg, client_dp=client_dp, hospital_layers=kept, **common)
+    base = aggregation.FLOWER[cfg.federation.strategy]
+    cls = type(f"Recording{base.__name__}", (Recording, base), {})
+    return cls(cfg, hospital_layers=kept, **aggregation.settings(cfg), **common)

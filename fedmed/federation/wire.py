@@ -7,14 +7,16 @@ A training or evaluation request (a Message's RecordDict):
     "config"  ConfigRecord  the run's settings, flat: all that decide results for simulated
                             hospitals (`FedmedConfig.for_hospitals`), only those that change
                             what it computes for a real node (`FedmedConfig.for_nodes`); plus
-                            SERVER_ROUND, FedProx's PROXIMAL_MU, the ledger entries
+                            SERVER_ROUND, the round's LR, FedProx's PROXIMAL_MU, the ledger entries
                             LEDGER_RUN, LEDGER_CHECKPOINT (and, simulated, LEDGER_ROOT and
                             LEDGER_KEYS), and
                             for a simulated node the HOSPITAL it plays, for a real node
                             ENROLLED_AS and its BUDGET; a training request
                             may ask for EVALUATE_FIRST
+    CONTROL   ArrayRecord   SCAFFOLD: the server's control variate (training requests)
 A reply:
     "arrays"  ArrayRecord   the update (training replies that trained)
+    CONTROL   ArrayRecord   SCAFFOLD: the change of the hospital's control variate
     "metrics" MetricRecord  aggregate figures, `train-*` / `eval-*` / `dp-*`, and WEIGHT
     SITE      ConfigRecord  {"name": the hospital's name}
     DECLINED  ConfigRecord  {"reason": why, and its `dp-*` figures}: a refusal, no arrays
@@ -38,6 +40,7 @@ from fedmed.config import FedmedConfig, from_flat
 
 # ---- records in a Message ----------------------------------------------------------
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+CONTROL = "control"  # SCAFFOLD: the server's control variate (requests), the hospital's change of its own (replies)
 SITE = "site"
 DECLINED = "declined"
 LEDGER = "ledger"
@@ -53,6 +56,7 @@ LEDGER_CHECKPOINT = "ledger-checkpoint"  # the server's signed ledger checkpoint
 HOSPITAL = "hospital-index"  # a simulated node: the hospital it plays for this request (its data)
 ENROLLED_AS = "enrolled-as"  # a real node: the name the server enrolled its key under
 BUDGET = "privacy-budget"  # a real node: the epsilon the server lets it spend in this run (0: no limit)
+LR = "round-lr"  # the learning rate of this round (`train.schedule`), set by the server
 # A training request that also asks the hospital to evaluate the model it is sent (the
 # previous round's global model) before training: one message per round, not two.
 EVALUATE_FIRST = "evaluate-first"
@@ -61,7 +65,10 @@ EVALUATE_FIRST = "evaluate-first"
 WEIGHT = "num-examples"  # FedAvg's weight
 LABEL_COUNTS = "label-counts"  # a hospital's training labels per class (the heterogeneity report)
 EVAL_ACCURACY, EVAL_MACRO_F1, EVAL_CONFUSION = "eval-accuracy", "eval-macro-f1", "eval-confusion"
-LAYERS_RESTORED = "local-arrays-restored"  # FedBN: the hospital's own layers put back
+LAYERS_RESTORED = "local-arrays-restored"  # FedBN, FedPer: the hospital's own layers put back
+VAL_ACCURACY, VAL_CONFUSION = "val-accuracy", "val-confusion"  # the global model on the hospital's validation split
+# Personalisation: the hospital's own model on its own test split, beside the global model's figures
+PERSONAL_ACCURACY, PERSONAL_MACRO_F1 = "personal-accuracy", "personal-macro-f1"
 
 # ---- node config (what a SuperNode tells its ClientApp) -------------------------------
 PARTITION_ID = "partition-id"  # a simulated node's partition (the engine's), for a node the server names no hospital

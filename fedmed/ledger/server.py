@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
 from torch import nn
 
@@ -22,6 +23,10 @@ from fedmed.ledger.keys import KeyStore, Signer, public_pem, read_trusted
 from fedmed.run.directory import RunDirectory, atomic_write, json_safe
 from fedmed.run.record import RoundOutcome
 
+# Names in a round's saved updates (`updates/round-N.npz`) beside each hospital's `HOSPITAL/KEY`:
+# the model sent, SCAFFOLD's control changes, the aggregation's state before the step ('@'
+# is in no hospital's name).
+SENT, CONTROL, STATE = "sent", "@control", "@state"
 SERVER = "server"  # the server's party name: ledgers/<run id>/server.jsonl, ledgers/keys/server.pub
 # The files the server signs at the end of a run (`ServerLedger.end`), by a label (a file
 # name in a ledger would read as one from a hospital's data); the JSON ones' figures too.
@@ -100,21 +105,31 @@ class ServerLedger:
         updates: Mapping[str, ArrayRecord],
         new: ArrayRecord | None,
         privacy: dict[str, Any] | None = None,
+        controls: Mapping[str, ArrayRecord] | None = None,
+        state: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     ) -> None:
-        """`updates`: the arrays each hospital in `outcome.trained` sent."""
+        """`updates`: the arrays each hospital in `outcome.trained` sent; `controls`:
+        SCAFFOLD's control changes; `state`: the aggregation's server state before this
+        round's step (moments, momentum, control variate), saved with the updates so the
+        audit can replay the step."""
         trained = sorted(outcome.trained.items())
         if self.save_updates and trained:
-            arrays = {f"sent/{k}": v.numpy() for k, v in sent.items()}
+            arrays = {f"{SENT}/{k}": v.numpy() for k, v in sent.items()}
             for site, _ in trained:
                 arrays.update({f"{site}/{k}": v.numpy() for k, v in updates[site].items()})
+                arrays.update({f"{CONTROL}/{site}/{k}": v.numpy() for k, v in (controls or {}).get(site, {}).items()})
+            for name, values in (state or {}).items():
+                arrays.update({f"{STATE}/{name}/{k}": v for k, v in values.items()})
             self.out.save_updates(outcome.round, arrays)
         self.writer.append("train-round", outcome.round, {
             "aggregation": self.aggregation,
             "sent_sha256": arrays_digest(sent),
             "asked": sorted(outcome.asked),  # drawn from the run seed and the round (fedmed.federation.sampling)
             "participants": [
-                {"hospital": site, "update_sha256": u.update_sha256, "weight": u.weight, "checkpoint": u.checkpoint} for site, u in trained
-            ],
+                {"hospital": site, "update_sha256": u.update_sha256, "weight": u.weight, "checkpoint": u.checkpoint,
+                 **({"control_sha256": u.control_sha256} if u.control_sha256 else {})} for site, u in trained
+            ],  # fmt: skip
+            **({"selected": outcome.selected} if outcome.selected is not None else {}),
             "declined": [
                 {"hospital": site, "reason": d.reason, "checkpoint": d.checkpoint} for site, d in sorted(outcome.declined.items())
             ],

@@ -72,3 +72,10 @@ def norm_keys(model: nn.Module) -> set[str]:
         if isinstance(module, NORM_LAYERS)
         for key in module.state_dict()
     }
+
+
+def head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier, the model's last linear layer (what FedPer keeps
+    at each hospital): `head.2` of the CNN, `fc` of ResNet-18."""
+    name = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+    return {f"{name}.{key}" for key in model.get_submodule(name).state_dict()}

@@ -27,6 +27,7 @@ class Update:
     weight: int  # its weight in the average (examples that taught something)
     update_sha256: str
     checkpoint: dict[str, Any] | None  # its signed ledger checkpoint, as it sent it
+    control_sha256: str | None = None  # SCAFFOLD: the change of its control variate it sent
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class RoundOutcome:
     evaluated: dict[str, Evaluation] = field(default_factory=dict)
     evaluation_failures: int = 0  # error replies to the evaluation request
     federated_eval: Metrics | None = None  # the hospitals' evaluations, aggregated
+    selected: list[str] | None = None  # Krum, Multi-Krum, Bulyan: the hospitals whose updates the rule kept
 
     def hospitals(self) -> dict[str, dict[str, Metrics]]:
         """Each hospital's figures, `{"train": ..., "eval": ...}`, in the run directory's keys."""

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmed.config import TrainConfig
 from fedmed.errors import FedmedError
+from fedmed.training import augment
 from fedmed.training.metrics import classification_metrics
 
 
@@ -48,12 +49,6 @@ class TrainStats:
     steps: int
 
 
-def _flip_half(x: torch.Tensor) -> torch.Tensor:
-    """Mirror a random half of the batch left-right (the brain is near-symmetric)."""
-    flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -61,8 +56,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, *extra: torch.Tensor) -> DataLoader:
+    """Batches of (images, labels, their indices, *extra), shuffled from `seed`."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(x, y, *extra), batch_size=batch_size, shuffle=True, generator=generator)
+    return DataLoader(TensorDataset(x, y, torch.arange(len(y)), *extra), batch_size=batch_size, shuffle=True, generator=generator)
 
 
 def set_loss(logits: torch.Tensor, possible: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
@@ -109,37 +105,61 @@ def train(
     possible: torch.Tensor | None = None,
     annotated: torch.Tensor | None = None,
     private: PrivateTraining | None = None,
+    anchor: dict[str, torch.Tensor] | None = None,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> TrainStats:
     """`epochs` (default cfg.local_epochs) passes with a fresh optimizer, as each FedAvg round does.
-    With `proximal_mu` > 0 (FedProx) the loss adds mu/2 ||w - w_start||^2, w_start being
-    the weights the round began with (the global model). With `private` (DP-SGD):
-    Poisson-sampled batches, each image's gradient clipped, Gaussian noise added."""
+    With `proximal_mu` > 0 (FedProx, Ditto) the loss adds mu/2 ||w - w_0||^2, w_0 being
+    `anchor` (Ditto: the global model) or else the weights the round began with (FedProx:
+    the global model). `correction` (SCAFFOLD's c - c_i, by parameter name) is added to
+    every step's gradient. With `private` (DP-SGD): Poisson-sampled batches, each image's
+    gradient clipped, Gaussian noise added; the proximal pull and the correction, which
+    use no data, after the noise."""
     device = resolve_device(cfg.device)
     model.to(device).train()
-    start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    if proximal_mu > 0:
+        start = [(anchor[name] if anchor is not None else p).detach().clone().to(device) for name, p in model.named_parameters()]
+    else:
+        start = []
+    shift = [correction[name].to(device) if correction is not None and name in correction else None for name, _ in model.named_parameters()]
     optimizer = make_optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
     partial = () if possible is None else (possible, annotated if annotated is not None else torch.ones_like(possible))
     loader = make_loader(x, y, cfg.batch_size, seed, *partial)
 
     def proximal_pull() -> None:
-        """FedProx's gradient mu (w - w_start), data-free: added after DP's noise."""
+        """The proximal term's gradient mu (w - w_0), data-free: added after DP's noise."""
         with torch.no_grad():
             for p, p0 in zip(model.parameters(), start, strict=True):
                 if p.grad is not None:
                     p.grad.add_(p - p0, alpha=proximal_mu)
 
+    def corrected() -> None:
+        """SCAFFOLD: every gradient shifted by c - c_i."""
+        with torch.no_grad():
+            for p, c in zip(model.parameters(), shift, strict=True):
+                if p.grad is not None and c is not None:
+                    p.grad.add_(c)
+
+    def after_noise() -> None:
+        if start:
+            proximal_pull()
+        corrected()
+
     if private is not None:
         optimizer, loader = private.attach(model, optimizer, loader, seed)
+    transform = augment.per_image(cfg.augment, seed)
     total_loss, correct, labelled, seen, steps = 0.0, 0, 0, 0, 0
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for _ in range(epochs or cfg.local_epochs):
-                for xb, yb, *known in loader:
+            for epoch in range(epochs or cfg.local_epochs):
+                for xb, yb, index, *known in loader:
                     xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                    if cfg.augment:
-                        xb = _flip_half(xb)
+                    if "flip" in cfg.augment:
+                        xb = augment.flip_half(xb)
+                    if transform is not None:
+                        xb = transform(xb, index, epoch)
                     if private is not None:
                         xb = private.watch(xb)
                     optimizer.zero_grad(set_to_none=True)
@@ -151,12 +171,13 @@ def train(
                     else:
                         loss = loss_fn(logits, yb)
                     if private is not None:
-                        private.step(loss, xb, proximal_pull if start else None)
+                        private.step(loss, xb, after_noise if start or correction else None)
                     else:
                         objective = loss
                         if start:
                             objective = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), start, strict=True))
                         objective.backward()
+                        corrected()
                         optimizer.step()
                     total_loss += float(loss.detach()) * len(yb)
                     correct += int((logits.argmax(1) == yb).sum())
