@@ -53,7 +53,7 @@ def test_scaffold_hospitals_keep_their_control_variates_and_the_audit_replays_th
     kept = sorted(p.name for p in files)
     trained = sorted({h for r in RunDirectory(scaffold_run).rounds() for h, phases in r["hospitals"].items() if "train" in phases})
     assert kept == [f"{h}.scaffold.pt" for h in trained]
-    variate = torch.load(files[0])
+    variate = torch.load(files[0])["after"]  # with the one before the hospital's last round, for a round done again
     assert any(v.abs().sum() > 0 for v in variate.values())
     with np.load(RunDirectory(scaffold_run).updates_of(2)) as saved:
         assert any(name.startswith("@state/control/") for name in saved.files)  # the server's c before round 2's step
@@ -140,3 +140,38 @@ def test_fine_tuning_reports_personal_figures_after_the_last_round_only(tiny_con
     first, last = RunDirectory(run).rounds()
     assert all("personal_accuracy" not in phases.get("eval", {}) for phases in first["hospitals"].values())
     assert all("personal_accuracy" in phases["eval"] for phases in last["hospitals"].values())
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("settings", [("federation.strategy=scaffold", *SGD), ("personal.method=ditto",)], ids=["scaffold", "ditto"])
+def test_a_crashed_and_resumed_run_ends_as_an_uninterrupted_one_hospital_state_included(tiny_config, monkeypatch, settings):
+    """The server crashes after round 2's requests were answered but before its checkpoint:
+    round 2 is done again, and each hospital starts it from the state it had before it
+    (its SCAFFOLD variate, its Ditto model), not from the one round 2 left."""
+    from fedmed.federation import checkpoint, simulation
+
+    whole = run_in_process(tiny_config("federation.rounds=3", "output.name=whole", *settings))
+    cfg = simulation.prepare(tiny_config("federation.rounds=3", "output.name=crashed", *settings))
+    save = checkpoint.save
+
+    def crash_at_round_2(out, state, signer):
+        if state.round == 2:
+            raise Crash
+        save(out, state, signer)
+
+    monkeypatch.setattr(checkpoint, "save", crash_at_round_2)
+    with pytest.raises(Crash):
+        run_in_process(cfg)
+    monkeypatch.setattr(checkpoint, "save", save)
+    crashed = Path(cfg.output.dir) / cfg.output.name
+    run_in_process(cfg, resume=crashed)
+    a, b = torch.load(whole / RunDirectory.MODEL), torch.load(crashed / RunDirectory.MODEL)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    what = "scaffold" if "federation.strategy=scaffold" in settings else "ditto"
+    for mine in (whole / RunDirectory.LEDGERS).glob(f"*/*.{what}.pt"):
+        theirs = next((crashed / RunDirectory.LEDGERS).glob(f"*/{mine.name}"))
+        x, y = torch.load(mine)["after"], torch.load(theirs)["after"]
+        assert all(torch.equal(x[k], y[k]) for k in x)

@@ -266,7 +266,7 @@ def _personal_model(r: Request, model_round: int) -> nn.Module | None:
     if method == "fedper":
         return r.model
     if method == "ditto":
-        kept = load_layers(_own_file(r.ledger, r.site.name, "ditto"))
+        kept = _own_state(r, "ditto", model_round + 1)  # as it stood once round `model_round` trained
         if kept is None:
             return None
         model = build_model(r.cfg.model, r.cfg.data.num_classes, seed=r.cfg.seed)
@@ -310,7 +310,7 @@ def train(msg: Message, context: Context) -> Message:
     extra: dict[str, Any] = {}
     if controls is not None:
         own, change = scaffold.step(r.model, r.received, *controls, stats.steps, r.train.lr)
-        save_layers(_own_file(r.ledger, site.name, "scaffold"), own)
+        _keep_own(r, "scaffold", controls[1], own)
         extra[wire.CONTROL] = ArrayRecord(change)
     if cfg.personal.method == "ditto":
         _ditto(r)
@@ -353,18 +353,34 @@ def train(msg: Message, context: Context) -> Message:
 def _controls(msg: Message, r: Request) -> tuple[scaffold.Variate, scaffold.Variate]:
     """SCAFFOLD: the server's control variate from the request, and this hospital's own."""
     server = msg.content[wire.CONTROL].to_torch_state_dict() if wire.CONTROL in msg.content else {}
-    return server, load_layers(_own_file(r.ledger, r.site.name, "scaffold")) or {}
+    return server, _own_state(r, "scaffold", r.server_round) or {}
 
 
 def _ditto(r: Request) -> None:
     """Ditto's personal model: this round's step towards the global model received, kept
     at the hospital (started from the global model the first time)."""
-    path = _own_file(r.ledger, r.site.name, "ditto")
+    before = _own_state(r, "ditto", r.server_round)
     model = build_model(r.cfg.model, r.cfg.data.num_classes, seed=r.cfg.seed)
-    model.load_state_dict(load_layers(path) or r.received)
+    model.load_state_dict(before or r.received)
     p = r.cfg.personal
     personal.ditto(model, r.received, r.site.train.x, r.site.train.y, r.train, p.epochs, p.ditto_lambda, derive_seed(r.cfg.seed, r.server_round, r.site.index, PERSONAL_STREAM))
-    save_layers(path, model.cpu().state_dict())
+    _keep_own(r, "ditto", before, model.cpu().state_dict())
+
+
+def _own_state(r: Request, what: str, before_round: int) -> dict[str, torch.Tensor] | None:
+    """This hospital's own state (SCAFFOLD's variate, Ditto's model) as it stood before
+    round `before_round` trained: a round done again after the server resumed from its
+    checkpoint starts from what the hospital had before that round, not after."""
+    saved = load_layers(_own_file(r.ledger, r.site.name, what))
+    if saved is None:
+        return None
+    state = saved["before"] if saved["round"] >= before_round else saved["after"]
+    return state or None
+
+
+def _keep_own(r: Request, what: str, before: dict[str, torch.Tensor] | None, after: dict[str, torch.Tensor]) -> None:
+    """The state before and after this round, so a round done again starts from the first."""
+    save_layers(_own_file(r.ledger, r.site.name, what), {"round": r.server_round, "before": before or {}, "after": after})
 
 
 @app.evaluate()
