@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fedmed.audit.report import audit
+from fedmed.ledger.chain import LedgerFile
 from fedmed.run.directory import RunDirectory
 
 from .inprocess import run_in_process
@@ -175,3 +176,29 @@ def test_a_crashed_and_resumed_run_ends_as_an_uninterrupted_one_hospital_state_i
         theirs = next((crashed / RunDirectory.LEDGERS).glob(f"*/{mine.name}"))
         x, y = torch.load(mine)["after"], torch.load(theirs)["after"]
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("federation.strategy=fedadam", "federation.rounds=3"),
+        ("federation.strategy=fedyogi", "federation.rounds=3"),
+        ("federation.strategy=fedadagrad", "federation.rounds=3"),
+        ("federation.strategy=fedavgm", "federation.rounds=3"),
+        ("federation.strategy=krum", "data.hospitals=5"),
+        ("federation.strategy=bulyan", "data.hospitals=7"),
+        ("federation.strategy=fedprox",),
+    ],
+    ids=lambda s: s[0].split("=")[1],
+)
+def test_every_rule_recomputes_in_the_audit(tiny_config, settings):
+    """Server optimisers from the moments saved before each step, selections, means."""
+    code, report = _audit(run_in_process(tiny_config(*settings)))
+    assert code == 0, report
+
+
+def test_the_hospitals_train_each_round_at_the_schedules_learning_rate(tiny_config):
+    run = run_in_process(tiny_config("train.lr=0.01", "train.schedule=step", "train.step_rounds=1", "train.step_gamma=0.5", "federation.rounds=3"))
+    ledger = LedgerFile.read(next((run / RunDirectory.LEDGERS).glob("*/hospital-01.jsonl")))
+    lrs = [r["payload"]["settings"]["lr"] for r in ledger.records if r["event"] == "train"]
+    assert lrs == pytest.approx([0.01, 0.005, 0.0025])
