@@ -81,7 +81,7 @@ def test_the_audit_fails_a_run_whose_saved_server_state_was_edited(scaffold_run,
     arrays[name] = arrays[name] * 2
     np.savez(path, **arrays)
     code, report = _audit(copy)
-    assert code != 0 and "server state saved before this round's step is not the one the previous step left" in report
+    assert code != 0 and "saved server state before this round's step is not the one the ledger recorded" in report
 
 
 def test_a_median_under_a_sign_flip_attack_is_recorded_and_audited(tiny_config, tmp_path):

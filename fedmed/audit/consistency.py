@@ -17,12 +17,13 @@ from fedmed.config import FedmedConfig, load
 from fedmed.errors import FedmedError
 from fedmed.federation import wire
 from fedmed.federation.aggregation import Saved, replay
-from fedmed.ledger.digests import arrays_digest
+from fedmed.ledger.digests import arrays_digest, state_digest
 from fedmed.ledger.server import CONTROL, SENT, STATE
 from fedmed.run.directory import RunDirectory
 from fedmed.run.record import strip_prefix
 
 NOT_RECOMPUTABLE = "DP-FedAvg"  # its noise is drawn at the server and never saved
+STATELESS = ("fedavg", "fedprox", "fedbn", "krum", "multikrum", "bulyan", "median", "trimmed_mean")  # no state carried between steps
 State = dict[str, dict[str, np.ndarray]]  # an aggregation's server state (`aggregation.STATE`)
 
 
@@ -245,7 +246,13 @@ def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: d
     if arrays_digest(sent) != payload.get("sent_sha256"):
         return [Finding("consistency", shown, "the saved model sent is not the one the ledger recorded")], None
     before = {name.partition("/")[2]: values for name, values in groups.items() if name.startswith(f"{STATE}/")}
-    if carried is not None and _state_digest(before) != _state_digest(carried):
+    if "state_sha256" not in payload:  # an older fedmed's run: it kept no server state to replay from
+        if cfg.federation.strategy not in STATELESS:
+            evidence.notes.append(f"{where}: the server kept no optimiser state with its updates (an older fedmed): {start.get('aggregation')}'s step is not recomputed")
+            return [], None
+    elif state_digest(before) != payload["state_sha256"]:
+        return [Finding("consistency", shown, "the saved server state before this round's step is not the one the ledger recorded")], None
+    if carried is not None and state_digest(before) != state_digest(carried):
         return [Finding("consistency", shown, "the server state saved before this round's step is not the one the previous step left")], None
     updates = []
     for entry in payload.get("participants", []):
@@ -266,5 +273,3 @@ def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: d
     return out, replayed.state
 
 
-def _state_digest(state: State) -> str:
-    return arrays_digest({f"{name}/{key}": value for name, values in state.items() for key, value in values.items()})

@@ -55,3 +55,9 @@ def data_commitment(secret: bytes, *tensors: torch.Tensor) -> str:
         h.update(f"{array.dtype.str}|{array.shape}|".encode())
         h.update(array.tobytes())
     return h.hexdigest()
+
+
+def state_digest(state: Mapping[str, Mapping[str, Any]]) -> str:
+    """An aggregation's server state (named groups of arrays: moments, momentum, a
+    control variate), as one digest; no state at all has one too."""
+    return arrays_digest({f"{name}/{key}": value for name, values in state.items() for key, value in values.items()})

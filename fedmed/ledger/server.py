@@ -18,7 +18,7 @@ from torch import nn
 from fedmed import __version__
 from fedmed.config import FedmedConfig
 from fedmed.ledger.chain import LedgerWriter
-from fedmed.ledger.digests import architecture_digest, arrays_digest, file_sha256
+from fedmed.ledger.digests import architecture_digest, arrays_digest, file_sha256, state_digest
 from fedmed.ledger.keys import KeyStore, Signer, public_pem, read_trusted
 from fedmed.run.directory import RunDirectory, atomic_write, json_safe
 from fedmed.run.record import RoundOutcome
@@ -130,6 +130,7 @@ class ServerLedger:
                  **({"control_sha256": u.control_sha256} if u.control_sha256 else {})} for site, u in trained
             ],  # fmt: skip
             **({"selected": outcome.selected} if outcome.selected is not None else {}),
+            **({"state_sha256": state_digest(state)} if state is not None else {}),  # the aggregation's state before the step
             "declined": [
                 {"hospital": site, "reason": d.reason, "checkpoint": d.checkpoint} for site, d in sorted(outcome.declined.items())
             ],
