@@ -115,8 +115,8 @@ def _healthy(port: int) -> bool:
 
 def _stop(port: int, marks: list[str]) -> list[str]:
     """Stop the SuperLink Flower detached on `port` (its SuperExec and their children
-    follow it); kill what is left of Flower's and Ray's processes naming `marks`."""
-    left = []
+    follow it); what is left of Flower's and Ray's processes naming `marks` 30 s later
+    (Ray's actors wind down on their own after a run) is killed and returned."""
     for proc in psutil.process_iter(["cmdline"]):
         line = " ".join(proc.info["cmdline"] or [])
         if "flower-superlink" in line and str(port) in line:
@@ -125,17 +125,31 @@ def _stop(port: int, marks: list[str]) -> list[str]:
             _, alive = psutil.wait_procs(tree, timeout=30)
             for straggler in alive:
                 straggler.kill()
+    _, alive = psutil.wait_procs(_marked(marks), timeout=30)
+    left = []
+    for proc in alive:
+        try:
+            left.append(" ".join(proc.cmdline())[:200])
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def _marked(marks: list[str]) -> list[psutil.Process]:
+    """Flower's and Ray's processes that name one of `marks` (in their command line, or
+    their FLWR_HOME or RAY_TMPDIR)."""
+    found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
             line = " ".join(proc.info["cmdline"] or [])
             if any(word in line for word in ("flower-", "flwr-", "ray::", "raylet", "gcs_server")) and any(
                 mark in line or mark in proc.environ().get("FLWR_HOME", "") + proc.environ().get("RAY_TMPDIR", "") for mark in marks
             ):
-                left.append(line[:200])
-                proc.kill()
+                found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return left
+    return found
 
 
 @pytest.fixture(scope="module")
