@@ -13,13 +13,14 @@ import time
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from fedmed.config import FedmedConfig
 from fedmed.data.sites import SiteData, Split, describe, ensure_data, global_test, site_data
 from fedmed.models import build_model
 from fedmed.run import heterogeneity, interrupt
 from fedmed.run.directory import RunDirectory, resolve_run_name
-from fedmed.run.progress import RoundReporter
+from fedmed.run.progress import RoundReporter, print_classes
 from fedmed.run.record import round_record, summary
 from fedmed.seeds import derive_seed
 from fedmed.training.loop import evaluate, resolve_device, train
@@ -109,7 +110,7 @@ def run_local(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test:
 def _mean_test(hospitals: dict) -> dict:
     """Each local model's global-test metrics, averaged over hospitals."""
     tests = [h["global_test"] for h in hospitals.values()]
-    mean = {k: sum(t[k] for t in tests) / len(tests) for k in ("accuracy", "macro_f1", "loss")}
+    mean = {k: sum(t[k] for t in tests) / len(tests) for k in ("accuracy", "macro_f1", "loss", "ece", "brier")}
     aurocs = [t["auroc"] for t in tests if t["auroc"] is not None]
     mean["auroc"] = sum(aurocs) / len(aurocs) if aurocs else None
     return mean
@@ -137,6 +138,7 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
         raise interrupt.Interrupted(
             f"interrupted ({name}) after round {done} of {rounds}: a {cfg.federation.mode} baseline keeps no checkpoint; run it again ({out.path})", stop.signum
         ) from None
+    print_classes(Console(highlight=False, soft_wrap=True), result["test"], cfg.data.classes)
     extra = {"validation": result["validation"]} if result["validation"] else {}
     out.write_summary(summary(cfg, describe(cfg), result["test"], result["per_hospital"], time.time() - started, **extra))
     out.write_status("finished", rounds, rounds)

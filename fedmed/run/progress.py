@@ -26,3 +26,17 @@ class RoundReporter:
             f"global test acc {test['accuracy']:.3f}  loss {test['loss']:.3f}{extra}"
         )
         return took, elapsed
+
+
+def print_classes(console: Console, test: dict, classes: tuple[str, ...]) -> None:
+    """The final model on the global test set, class by class: precision, recall, F1."""
+    from rich.table import Table
+
+    if "per_class_precision" not in test:
+        return
+    table = Table(title="global test set, by class", title_justify="left")
+    for column in ("class", "precision", "recall", "F1"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, *values in zip(classes, test["per_class_precision"], test["per_class_recall"], test["per_class_f1"], strict=True):
+        table.add_row(name, *("-" if v is None else f"{v:.3f}" for v in values))
+    console.print(table)

@@ -8,6 +8,7 @@ table, the server's ledger and the checkpoint all read that one object.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +98,9 @@ class RunLog:
 
 # ---- what the run directory records ---------------------------------------------
 
-TEST_KEYS = ("accuracy", "macro_f1", "auroc", "loss", "per_class_recall", "confusion", "examples")
+TEST_KEYS = (
+    "accuracy", "macro_f1", "auroc", "loss", "per_class_recall", "per_class_precision", "per_class_f1", "ece", "brier", "confusion", "examples",
+)  # fmt: skip
 TIMING_FIELDS = ("time_s", "elapsed_s", "finished_at")  # differ between otherwise identical runs
 
 
@@ -116,7 +119,18 @@ def strip_prefix(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def fairness(accuracy: dict[str, float]) -> dict[str, Any] | None:
+    """How unequal the model is across hospitals (each one's accuracy on its own test
+    split): the worst hospital, the gap between best and worst, the spread (std)."""
+    if not accuracy:
+        return None
+    worst = min(sorted(accuracy), key=accuracy.__getitem__)
+    values = list(accuracy.values())
+    return {"worst_hospital": worst, "worst_accuracy": accuracy[worst], "best_accuracy": max(values), "gap": max(values) - min(values), "std": float(statistics.pstdev(values))}
+
+
 def round_record(rnd: int, took: float, elapsed: float, test: dict[str, Any], hospitals: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    spread = fairness({site: phases["eval"]["accuracy"] for site, phases in hospitals.items() if "eval" in phases})
     return {
         "round": rnd,
         "time_s": round(took, 3),
@@ -124,6 +138,7 @@ def round_record(rnd: int, took: float, elapsed: float, test: dict[str, Any], ho
         "finished_at": time.time(),
         "test": test_metrics(test),
         "hospitals": hospitals,
+        **({"fairness": spread} if spread else {}),
         **extra,
     }
 
@@ -132,6 +147,7 @@ def summary(
     cfg: FedmedConfig, data: dict[str, Any], test: dict[str, Any], per_hospital: dict[str, Any], wall_seconds: float, **extra: Any
 ) -> dict[str, Any]:
     """`data`: what the run says about its data (`fedmed.data.sites.describe`)."""
+    spread = fairness({site: h["accuracy"] for site, h in per_hospital.items()})
     return {
         "mode": cfg.federation.mode,
         "rounds": cfg.federation.rounds,
@@ -140,6 +156,7 @@ def summary(
         "data": data,
         "test": test_metrics(test),
         "per_hospital": per_hospital,
+        **({"fairness": spread} if spread else {}),
         "wall_seconds": round(wall_seconds, 3),
         "seed": cfg.seed,
         "config_sha256": cfg.digest(),

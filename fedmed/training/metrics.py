@@ -8,12 +8,30 @@ import numpy as np
 
 from fedmed.errors import FedmedError
 
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> tuple[float, float]:
+    """(expected calibration error, Brier score). ECE: over `bins` equal-width bins of the
+    top-class confidence, the share of images in each bin times |its accuracy - its mean
+    confidence| (Guo et al. 2017). Brier: the mean over images of sum_k (p_k - [y = k])^2."""
+    if len(y_true) == 0:
+        return math.nan, math.nan
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    correct = predicted == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    ece = sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean() for b in range(bins) if (which == b).any())
+    onehot = np.eye(probs.shape[1])[y_true]
+    return float(ece), float(((probs - onehot) ** 2).sum(axis=1).mean())
+
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, object]:
-    """Loss, accuracy, macro-F1, per-class recall, one-vs-rest AUROC, confusion.
+    """Loss, accuracy, macro-F1, per-class precision, recall and F1, one-vs-rest AUROC,
+    calibration (ECE over ECE_BINS bins, Brier score), confusion.
 
     AUROC is the mean one-vs-rest AUROC over the classes present in `y_true`
-    (None with fewer than two: it is undefined).
+    (None with fewer than two: it is undefined). A class never predicted has no
+    precision (None); one absent from `y_true` no recall.
     """
     from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score  # a second to import: only when evaluating
 
@@ -23,8 +41,11 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, o
     classes = np.arange(num_classes)
     y_pred = probs.argmax(axis=1)
     cm = confusion_matrix(y_true, y_pred, labels=classes)
-    support = cm.sum(axis=1)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
     recall = [float(cm[k, k] / support[k]) if support[k] else None for k in classes]
+    precision = [float(cm[k, k] / predicted[k]) if predicted[k] else None for k in classes]
+    f1 = [2 * p * r / (p + r) if p is not None and r is not None and p + r > 0 else (0.0 if support[k] else None) for k, (p, r) in enumerate(zip(precision, recall, strict=True))]
+    ece, brier = calibration(y_true, probs)
     present = np.unique(y_true)
     auroc: float | None = None
     if len(present) >= 2:
@@ -35,6 +56,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, o
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "auroc": auroc,
         "per_class_recall": recall,
+        "per_class_precision": precision,
+        "per_class_f1": f1,
+        "ece": ece,
+        "brier": brier,
         "confusion": cm.tolist(),
         "examples": int(len(y_true)),
     }
