@@ -23,7 +23,7 @@ from fedmed.run.directory import RunDirectory, resolve_run_name
 from fedmed.run.progress import RoundReporter, print_classes
 from fedmed.run.record import round_record, summary
 from fedmed.seeds import derive_seed
-from fedmed.training.loop import evaluate, resolve_device, train
+from fedmed.training.loop import evaluate, predict, resolve_device, train
 from fedmed.training.metrics import from_confusion
 from fedmed.training.partial import known_labels
 
@@ -68,6 +68,7 @@ def run_pooled(cfg: FedmedConfig, out: RunDirectory, sites: list[SiteData], test
         out.append_round(round_record(rnd, took, elapsed, metrics, hospitals, train=_train_view(stats)))
     if cfg.output.save_model:
         out.save_model(model.state_dict())
+    out.save_scores(predict(model, test.x, cfg.train.device), test.y.numpy())
     per_hospital = {name: {"accuracy": h["eval"]["accuracy"], "macro_f1": h["eval"]["macro_f1"]} for name, h in hospitals.items()}
     held = pool([s.val for s in sites if s.val is not None]) if any(s.val is not None for s in sites) else None
     validation = _figures(evaluate(model, held.x, held.y, cfg.train.device)) if held is not None else None

@@ -475,3 +475,15 @@ def test_a_server_that_crashes_after_writing_a_rounds_record_but_before_its_chec
     run_in_process(cfg, resume=run)
     assert [r["round"] for r in rounds_of(run)] == [1, 2, 3]
     assert audit([run], out_dir=run / "audit") == 0  # the redone round's ledger records follow the resume
+
+
+def test_the_final_models_scores_reproduce_its_reported_figures(fedavg_run):
+    """scores.npz (the global test set's class probabilities) gives back the summary's
+    accuracy, ECE and Brier score."""
+    from fedmed.training.metrics import calibration, classification_metrics
+
+    with np.load(fedavg_run / RunDirectory.SCORES) as saved:
+        probs, labels = saved["probs"], saved["labels"]
+    test = summary_of(fedavg_run)["test"]
+    assert calibration(labels, probs) == (test["ece"], test["brier"])
+    assert classification_metrics(labels, probs)["accuracy"] == test["accuracy"]

@@ -31,7 +31,7 @@ from fedmed.run.deployed import RUN_FILE, DeployedRun
 from fedmed.run.directory import RunDirectory
 from fedmed.run.progress import RoundReporter, print_classes
 from fedmed.run.record import NO_REPLY, RoundOutcome, round_record, summary
-from fedmed.training.loop import evaluate
+from fedmed.training.loop import evaluate, predict
 from fedmed.training.metrics import from_confusion
 
 app = ServerApp()
@@ -189,6 +189,8 @@ def run(
     per_hospital = {site: _final_figures(e.metrics) for site, e in sorted(final.items())}
     if cfg.output.save_model:
         out.save_model(arrays.to_torch_state_dict())
+    model.load_state_dict(arrays.to_torch_state_dict())
+    out.save_scores(predict(model, test_set.x, cfg.train.device), test_set.y.numpy())
     print_classes(reporter.console, last_test, cfg.data.classes)
     spent = privacy_report.table(cfg, strategy.log, client_dp.metrics() if client_dp else None)
     privacy_report.print_table(reporter.console, spent)

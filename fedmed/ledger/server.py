@@ -30,7 +30,10 @@ SENT, CONTROL, STATE = "sent", "@control", "@state"
 SERVER = "server"  # the server's party name: ledgers/<run id>/server.jsonl, ledgers/keys/server.pub
 # The files the server signs at the end of a run (`ServerLedger.end`), by a label (a file
 # name in a ledger would read as one from a hospital's data); the JSON ones' figures too.
-REPORTED_FILES = {"summary": RunDirectory.SUMMARY, "heterogeneity": RunDirectory.HETEROGENEITY, "model": RunDirectory.MODEL, "heatmap": RunDirectory.HEATMAP}
+REPORTED_FILES = {
+    "summary": RunDirectory.SUMMARY, "heterogeneity": RunDirectory.HETEROGENEITY, "model": RunDirectory.MODEL, "heatmap": RunDirectory.HEATMAP,
+    "scores": RunDirectory.SCORES,
+}  # fmt: skip
 REPORTED_JSON = ("summary", "heterogeneity")
 
 

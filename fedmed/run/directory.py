@@ -153,6 +153,7 @@ class RunDirectory:
     METRICS = "metrics.jsonl"  # one record per round
     SUMMARY = "summary.json"
     MODEL = "model.pt"  # the final global model's state dict
+    SCORES = "scores.npz"  # the final model's class probabilities on the global test set, with its labels
     CHECKPOINT = "checkpoint.pkl"  # the server's state after its last finished round
     HETEROGENEITY = "heterogeneity.json"
     HEATMAP = "heterogeneity.png"
@@ -206,6 +207,15 @@ class RunDirectory:
         atomic_write(self / self.HETEROGENEITY, json.dumps(report, indent=1) + "\n", private=False)
         if heatmap_png is not None:
             atomic_write(self / self.HEATMAP, heatmap_png, private=False)
+
+    def save_scores(self, probs: np.ndarray, labels: np.ndarray) -> None:
+        """The final model's scores on the global test set (the server's own data, never a
+        hospital's), from which ROC curves and calibration are drawn and checked."""
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez(buffer, probs=probs.astype(np.float64), labels=labels.astype(np.int64))  # as the figures were computed
+        atomic_write(self / self.SCORES, buffer.getvalue(), private=False)
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         import torch  # seconds to import: not for the commands that only read run directories
