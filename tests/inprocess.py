@@ -117,3 +117,28 @@ def run_in_process(
     with server_identity():
         server_app.run(grid or InProcessGrid(client_app or fedmed_client.app, cfg.data.hospitals, cfg.flat()), cfg, resume, nodes)
     return resume or run_path(cfg)
+
+
+class Crash(Exception):
+    """The server process dying mid-run."""
+
+
+def run_until_crash_before_checkpoint(cfg: FedmedConfig, crash_round: int, monkeypatch) -> Path:
+    """`cfg`'s run (already prepared) in this process until the server dies just before
+    saving round `crash_round`'s checkpoint, the round's requests answered; its run directory."""
+    import pytest
+
+    from fedmed.federation import checkpoint
+
+    save = checkpoint.save
+
+    def crash(out, state, signer):
+        if state.round == crash_round:
+            raise Crash
+        save(out, state, signer)
+
+    monkeypatch.setattr(checkpoint, "save", crash)
+    with pytest.raises(Crash):
+        run_in_process(cfg)
+    monkeypatch.setattr(checkpoint, "save", save)
+    return Path(cfg.output.dir) / cfg.output.name

@@ -17,7 +17,7 @@ from fedmed.audit.report import audit
 from fedmed.ledger.chain import LedgerFile
 from fedmed.run.directory import RunDirectory
 
-from .inprocess import run_in_process
+from .inprocess import run_in_process, run_until_crash_before_checkpoint
 
 SGD = ("train.optimizer=sgd", "train.lr=0.05", "train.momentum=0")
 
@@ -143,31 +143,16 @@ def test_fine_tuning_reports_personal_figures_after_the_last_round_only(tiny_con
     assert all("personal_accuracy" in phases["eval"] for phases in last["hospitals"].values())
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("settings", [("federation.strategy=scaffold", *SGD), ("personal.method=ditto",)], ids=["scaffold", "ditto"])
 def test_a_crashed_and_resumed_run_ends_as_an_uninterrupted_one_hospital_state_included(tiny_config, monkeypatch, settings):
     """The server crashes after round 2's requests were answered but before its checkpoint:
     round 2 is done again, and each hospital starts it from the state it had before it
     (its SCAFFOLD variate, its Ditto model), not from the one round 2 left."""
-    from fedmed.federation import checkpoint, simulation
+    from fedmed.federation import simulation
 
     whole = run_in_process(tiny_config("federation.rounds=3", "output.name=whole", *settings))
     cfg = simulation.prepare(tiny_config("federation.rounds=3", "output.name=crashed", *settings))
-    save = checkpoint.save
-
-    def crash_at_round_2(out, state, signer):
-        if state.round == 2:
-            raise Crash
-        save(out, state, signer)
-
-    monkeypatch.setattr(checkpoint, "save", crash_at_round_2)
-    with pytest.raises(Crash):
-        run_in_process(cfg)
-    monkeypatch.setattr(checkpoint, "save", save)
-    crashed = Path(cfg.output.dir) / cfg.output.name
+    crashed = run_until_crash_before_checkpoint(cfg, 2, monkeypatch)
     run_in_process(cfg, resume=crashed)
     a, b = torch.load(whole / RunDirectory.MODEL), torch.load(crashed / RunDirectory.MODEL)
     assert all(torch.equal(a[k], b[k]) for k in a)

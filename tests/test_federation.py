@@ -23,7 +23,7 @@ from fedmed.run.directory import RunDirectory
 from fedmed.run.record import NO_REPLY, TIMING_FIELDS
 
 from .conftest import TINY
-from .inprocess import InProcessGrid, run_in_process
+from .inprocess import Crash, InProcessGrid, run_in_process, run_until_crash_before_checkpoint
 from .privacy_check import independent_epsilon
 
 
@@ -334,10 +334,6 @@ def test_a_round_in_which_no_hospital_answers_stops_the_run(tiny_config):
         run_in_process(cfg, grid=grid)
 
 
-class Crash(Exception):
-    """The server process dying mid-run."""
-
-
 class CrashInRound(InProcessGrid):
     """The server dies as it sends round `crash_round`'s training requests."""
 
@@ -456,21 +452,9 @@ def test_fedbn_layers_outlive_a_server_restart(tiny_config):
 
 def test_a_server_that_crashes_after_writing_a_rounds_record_but_before_its_checkpoint_resumes_without_a_repeat(tiny_config, monkeypatch):
     from fedmed.audit.report import audit
-    from fedmed.federation import checkpoint
 
     cfg = simulation.prepare(tiny_config("federation.rounds=3"))
-    save = checkpoint.save
-
-    def crash_before_round_2s(out, state, signer):
-        if state.round == 2:  # round 1's record is written (round 2's requests brought its evaluations)
-            raise Crash
-        save(out, state, signer)
-
-    monkeypatch.setattr(checkpoint, "save", crash_before_round_2s)
-    with pytest.raises(Crash):
-        run_in_process(cfg)
-    monkeypatch.setattr(checkpoint, "save", save)
-    run = Path(cfg.output.dir) / cfg.output.name
+    run = run_until_crash_before_checkpoint(cfg, 2, monkeypatch)  # round 1's record is written (round 2's requests brought its evaluations)
     assert [r["round"] for r in rounds_of(run)] == [1]
     run_in_process(cfg, resume=run)
     assert [r["round"] for r in rounds_of(run)] == [1, 2, 3]
