@@ -22,6 +22,7 @@ from fedmed.run import heterogeneity, interrupt
 from fedmed.run.directory import RunDirectory, resolve_run_name
 from fedmed.run.progress import RoundReporter, print_classes
 from fedmed.run.record import round_record, summary
+from fedmed.run.tensorboard import Scalars
 from fedmed.seeds import derive_seed
 from fedmed.training.loop import evaluate, predict, resolve_device, train
 from fedmed.training.metrics import from_confusion
@@ -123,6 +124,8 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     resolve_device(cfg.train.device)
     ensure_data(cfg, announce=print)
     out = RunDirectory.create(cfg)
+    scalars = Scalars(out) if cfg.output.tensorboard else None
+    out.on_round = scalars.round if scalars else None
     rounds = cfg.federation.rounds
     out.write_status("running", 0, rounds)
     sites = [site_data(cfg, i) for i in range(cfg.data.hospitals)]
@@ -134,6 +137,8 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     try:  # until a signal stops it (`fedmed simulate` takes SIGINT and SIGTERM over)
         result = runner(cfg, out, sites, test)
     except interrupt.Stop as stop:
+        if scalars is not None:
+            scalars.close()
         done, name = len(out.rounds()), interrupt.signal_name(stop.signum)
         out.write_status("interrupted", done, rounds, name)
         raise interrupt.Interrupted(
@@ -143,5 +148,7 @@ def run_baseline(cfg: FedmedConfig) -> RunDirectory:
     extra = {"validation": result["validation"]} if result["validation"] else {}
     out.write_summary(summary(cfg, describe(cfg), result["test"], result["per_hospital"], time.time() - started, **extra))
     out.write_status("finished", rounds, rounds)
+    if scalars is not None:
+        scalars.close()
     print(f"run directory: {out.path}")
     return out

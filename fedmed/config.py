@@ -390,6 +390,10 @@ class OutputConfig(_Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
     name: str = Field("", description="Run directory name; empty: a timestamped name.")
     save_model: bool = Field(True, description="Write the final global model weights (`model.pt`).")
+    tensorboard: bool = Field(
+        False,
+        description="Also write TensorBoard event files (`RUN/tensorboard/`): per round the global test figures, the hospitals' pooled and own evaluations, their training loss and the fairness figures, so `tensorboard --logdir runs/` shows every run. Needs `pip install 'fedmed[tensorboard]'`.",
+    )
     save_updates: bool = Field(
         True,
         description="Keep every round's model sent and updates received (`updates/`, about (hospitals + 1) x model size per round) so `fedmed audit` can recompute each aggregate.",

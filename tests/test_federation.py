@@ -471,3 +471,18 @@ def test_the_final_models_scores_reproduce_its_reported_figures(fedavg_run):
     test = summary_of(fedavg_run)["test"]
     assert calibration(labels, probs) == (test["ece"], test["brier"])
     assert classification_metrics(labels, probs)["accuracy"] == test["accuracy"]
+
+
+def test_tensorboard_shows_the_round_records_figures(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = run_in_process(tiny_config("output.tensorboard=true"))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    records = rounds_of(run)
+    assert [e.step for e in events.Scalars("test/accuracy")] == [1, 2]
+    assert [e.value for e in events.Scalars("test/accuracy")] == pytest.approx([r["test"]["accuracy"] for r in records])
+    assert [e.value for e in events.Scalars("hospital/hospital-01/accuracy")] == pytest.approx(
+        [r["hospitals"]["hospital-01"]["eval"]["accuracy"] for r in records]
+    )
+    assert "fairness/gap" in events.Tags()["scalars"]

@@ -31,6 +31,7 @@ from fedmed.run.deployed import RUN_FILE, DeployedRun
 from fedmed.run.directory import RunDirectory
 from fedmed.run.progress import RoundReporter, print_classes
 from fedmed.run.record import NO_REPLY, RoundOutcome, round_record, summary
+from fedmed.run.tensorboard import Scalars
 from fedmed.training.loop import evaluate, predict
 from fedmed.training.metrics import from_confusion
 
@@ -69,6 +70,8 @@ def run(
     # written after it, by a round the crash cut short, are dropped.
     waiting = previous.server.get("pending") if previous else None
     out = RunDirectory.reopen(resume, waiting["round"] - 1 if waiting else previous.round) if resume and previous else RunDirectory.create(cfg)
+    scalars = Scalars(out) if cfg.output.tensorboard else None  # closed where the run returns
+    out.on_round = scalars.round if scalars else None
     test_set = global_test(cfg)
     model = build_model(cfg.model, cfg.data.num_classes, seed=cfg.seed)
     rounds, n = cfg.federation.rounds, cfg.data.hospitals
@@ -181,6 +184,8 @@ def run(
             heterogeneity.write(out, heterogeneity.report(label_counts, cfg.data.classes))
         ledger.interrupted(completed, interrupt.signal_name(stop.signum))
         out.write_status("interrupted", completed, rounds, interrupt.signal_name(stop.signum))
+        if scalars is not None:
+            scalars.close()
         return
 
     if heatmap_stale:  # every hospital that reported, drawn once
@@ -207,6 +212,8 @@ def run(
     key = ledger.server_key
     reporter.console.print(f"ledger keys: {ledger.trust_file} (server key {key.key_id}); audit with `fedmed audit {out.path} --keys {ledger.trust_file}`")
     out.write_status("finished", rounds, rounds)
+    if scalars is not None:
+        scalars.close()
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ class RunDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.on_round: Callable[[dict[str, Any]], None] | None = None  # also told each round record (TensorBoard)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -198,6 +199,8 @@ class RunDirectory:
         """One line per round, appended: a reader ignores a last line not yet complete, and a
         full disk leaves none."""
         append_bytes(self / self.METRICS, (json.dumps(json_safe(record), sort_keys=True) + "\n").encode("utf-8"))
+        if self.on_round is not None:
+            self.on_round(json_safe(record))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self / self.SUMMARY, dumps(summary))
