@@ -150,6 +150,7 @@ def _not_asked(where: str, rnd: Any, payload: dict[str, Any]) -> list[Finding]:
 
 def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
     out: list[Finding] = []
+    cfg = run_config(evidence)  # the run's settings, read once: every round's replay uses them
     server = evidence.server
     hospital_train = {n: _by_round(h, "train") for n, h in evidence.hospitals.items()}
     hospital_declined = {n: _by_round(h, "declined") for n, h in evidence.hospitals.items()}
@@ -178,7 +179,7 @@ def _rounds(evidence: Evidence, start: dict[str, Any]) -> list[Finding]:
                 if entry.get("hospital") in evidence.parties and rnd not in hospital_declined.get(entry["hospital"], {}):
                     out.append(Finding("consistency", where, f"records that {entry['hospital']} declined, but its ledger has no refusal in round {rnd}"))
             if payload.get("participants"):
-                found, state = _aggregate(evidence, start, where, rnd, payload, state)
+                found, state = _aggregate(evidence, cfg, start, where, rnd, payload, state)
                 out += found
             if payload.get("new_global_sha256"):
                 current = payload["new_global_sha256"]
@@ -220,13 +221,14 @@ def _train_entry(evidence: Evidence, hospital_train: dict, where: str, rnd: int,
     return out
 
 
-def _aggregate(evidence: Evidence, start: dict, where: str, rnd: int, payload: dict, carried: State | None) -> tuple[list[Finding], State | None]:
+def _aggregate(
+    evidence: Evidence, cfg: FedmedConfig | None, start: dict, where: str, rnd: int, payload: dict, carried: State | None
+) -> tuple[list[Finding], State | None]:
     """Replay the round's aggregation from the saved updates, as the server ran it
     (`aggregation.replay`: the same strategy, from the server state saved before the
     step, which must be the state the previous step left), and compare the new global
     model (and, for Krum, Multi-Krum and Bulyan, the updates kept) with the ledger's.
     Returns the findings and the state after the step (None where it is not known)."""
-    cfg = run_config(evidence)
     if not start.get("updates_saved") or evidence.run_dir is None or cfg is None or start.get("aggregation") == NOT_RECOMPUTABLE:
         return [], None
     path = evidence.run_dir.updates_of(rnd)
