@@ -30,20 +30,28 @@ from .deployment import HOSPITALS, Federation, make_world
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the module's federations run in the first test's setup
 
 
+IMPOSTOR = "sites/impostor-node"  # the impostor node's own folder (its own machine)
+PROBE = {"FEDMED_CLIENTAPP": "tests.probe_client:app", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
 def healthy(fed: Federation) -> dict[str, Any]:
-    """Three hospitals, 2 rounds. Rounds need all three: while hospital-03 has not come,
+    """Three hospitals and an impostor: hospital-04's node, whose site config says
+    site.name = "hospital-01". 2 rounds; they need all four nodes. While two have come,
     the server waits, and meanwhile `server status`, a client speaking plain HTTP, and a
-    node whose key was never enrolled (hospital-99), refused while the server is up."""
-    config = fed.server_config()
-    fed.start_server(config)
+    node whose key was never enrolled (hospital-99), refused while the server is up.
+    Every node runs fedmed's ClientApp behind a probe that writes down the run config and
+    requests the node is given."""
+    config = fed.server_config(enrolled="server/enrolled-4")
+    fed.start_server(config, env=PROBE)
     for name in HOSPITALS[:2]:
-        fed.start_site(name)
+        fed.start_site(name, env=PROBE)
     fed.wait_for(lambda: all("SuperNode ID" in fed.node_log(name) for name in HOSPITALS[:2]), "two hospitals to connect", fed.procs["server"])
     status = fedmed_process("server", "status", "--config", config, cwd=fed.root)
     plain = _plain_http(fed.port)
     fed.start_site("hospital-99")
     intruder = {"code": fed.finish("hospital-99"), "server_alive": fed.procs["server"].poll() is None, "rounds": fed.rounds_done()}
-    fed.start_site(HOSPITALS[2])
+    fed.start_site(HOSPITALS[2], env=PROBE)
+    fed.start_site("hospital-01", key="sites/keys/hospital-04.key", ledgers=IMPOSTOR, label="impostor", env=PROBE)
     return {"status": status, "plain": plain, "intruder": intruder, "code": fed.finish()}
 
 
@@ -80,31 +88,17 @@ def dropout_and_resume(fed: Federation) -> dict[str, Any]:
     return {"before": before, "code": fed.finish("resumed")}
 
 
-IMPOSTOR = "sites/impostor-node"  # the impostor node's own folder (its own machine)
-PROBE = {"FEDMED_CLIENTAPP": "tests.probe_client:app", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-
-
-def impostor(fed: Federation) -> dict[str, Any]:
-    """hospital-02's node, whose site config says site.name = "hospital-01", beside the
-    real hospital-01 and hospital-03. Every node runs fedmed's ClientApp behind a probe
-    that writes down the run config and requests the node is given."""
-    fed.start_server(fed.server_config(), env=PROBE)
-    for name in ("hospital-01", "hospital-03"):
-        fed.start_site(name, env=PROBE)
-    fed.start_site("hospital-01", key="sites/keys/hospital-02.key", ledgers=IMPOSTOR, label="impostor", env=PROBE)
-    return {"code": fed.finish()}
-
-
 def lifetime_budget(fed: Federation) -> dict[str, Any]:
     """Two DP runs, one after the other (each with a fresh ledger run id), of hospital-01,
     whose lifetime cap (site.max_epsilon) allows the first run's one round and one more,
-    and hospital-02. The second run has two rounds."""
-    fed.start_server(fed.server_config(enrolled="server/enrolled-2", privacy=PRIVACY, rounds=1))
+    and hospital-02. The second run has two rounds. No evaluations: each would be one
+    more ClientApp process per hospital."""
+    fed.start_server(fed.server_config(enrolled="server/enrolled-2", privacy=PRIVACY, rounds=1, fraction_evaluate=0.0))
     fed.start_site("hospital-01", f"max_epsilon = {_lifetime_cap()}")
     fed.start_site("hospital-02")
     first = fed.finish()
     runs = [fed.run_dir()]
-    fed.start_server(fed.server_config(enrolled="server/enrolled-2", privacy=PRIVACY, rounds=2), label="second")
+    fed.start_server(fed.server_config(enrolled="server/enrolled-2", privacy=PRIVACY, rounds=2, fraction_evaluate=0.0), label="second")
     second = fed.finish("second")
     runs.append(fed.run_dir())
     return {"codes": (first, second), "runs": runs}
@@ -128,7 +122,7 @@ def _lifetime_cap() -> float:
 
 
 SCENARIOS: dict[str, Callable[[Federation], dict[str, Any]]] = {
-    "healthy": healthy, "dropout": dropout_and_resume, "impostor": impostor, "lifetime": lifetime_budget,
+    "healthy": healthy, "dropout": dropout_and_resume, "lifetime": lifetime_budget,
 }
 
 
@@ -174,8 +168,8 @@ def test_three_hospitals_over_tls_complete_two_rounds_and_the_server_writes_the_
     assert out["code"] == 0, fed.output("server")[-3000:]
     rounds = fed.rounds_done()
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(sorted(r["hospitals"]) == list(HOSPITALS) for r in rounds)
-    assert all("eval" in phases for phases in rounds[-1]["hospitals"].values())  # their own test sets
+    assert all(sorted(s for s, h in r["hospitals"].items() if "train" in h) == list(HOSPITALS) for r in rounds)
+    assert all("eval" in rounds[-1]["hospitals"][name] for name in HOSPITALS)  # their own test sets
     run = fed.run_dir()
     assert (run / "model.pt").is_file() and (run / "summary.json").is_file()
     assert "round 2/2: global test accuracy" in fed.output("server")
@@ -244,38 +238,38 @@ def test_a_hospitals_own_normalisation_layers_survive_its_node_restarting_and_th
 
 
 def test_a_node_answering_under_another_hospitals_name_is_refused_every_round(runs):
-    fed, out = runs("impostor")
+    fed, out = runs("healthy")
     assert out["code"] == 0, fed.output("server")[-3000:]
     rounds = fed.rounds_done()
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
-        assert sorted(s for s, h in record["hospitals"].items() if "train" in h) == ["hospital-01", "hospital-03"]
-        assert NAME_MISMATCH in record["dropped_reasons"]["hospital-02"]  # the name its key was enrolled under
+        assert "train" not in record["hospitals"].get("hospital-04", {})
+        assert NAME_MISMATCH in record["dropped_reasons"]["hospital-04"]  # the name its key was enrolled under
     summary = json.loads((fed.run_dir() / "summary.json").read_text())
-    assert sorted(summary["per_hospital"]) == ["hospital-01", "hospital-03"]
+    assert sorted(summary["per_hospital"]) == list(HOSPITALS)
     assert f"the server refuses this node's replies: {NAME_MISMATCH}" in fed.output("impostor")
     assert "Traceback" not in fed.output("impostor")
 
 
 def test_the_audit_passes_for_the_honest_hospitals_and_names_the_refused_node(runs, tmp_path):
-    fed, _ = runs("impostor")
+    fed, _ = runs("healthy")
     server = next(fed.run_dir().glob("ledgers/*/server.jsonl"))
     ledgers = fed.root / fed.ledgers
-    hospitals = [p for name in ("hospital-01", "hospital-03") for p in (next(ledgers.glob(f"*/{name}.jsonl")), ledgers / "keys" / f"{name}.pub")]
+    hospitals = [p for name in HOSPITALS for p in (next(ledgers.glob(f"*/{name}.jsonl")), ledgers / "keys" / f"{name}.pub")]
     server_key = fed.root / fed.state / "keys" / "server.pub"  # the server's own, not the run's copy
     audit = fedmed_process("audit", server, server_key, *hospitals, "--out", tmp_path)
     assert audit.returncode == 0, audit.stdout[-3000:]
-    assert "refused hospital-02's node in round(s) 1, 2" in audit.stdout
+    assert "refused hospital-04's node in round(s) 1, 2" in audit.stdout
 
 
 def test_a_node_is_told_no_path_no_server_setting_and_no_other_hospitals_name(runs):
-    fed, _ = runs("impostor")
+    fed, _ = runs("healthy")
     received = [json.loads(line) for folder in (fed.ledgers, IMPOSTOR) for f in (fed.root / folder).glob("received-*.jsonl") for line in f.read_text().splitlines()]
-    assert len(received) == 3 * 3  # three nodes: two rounds (each training request asks for an evaluation too), the last evaluation
+    assert len(received) == 4 * 3  # four nodes: two rounds (each training request asks for an evaluation too), the last evaluation
     for seen in received:
         assert seen["run_config"] == {}  # Flower's run config, the same for every node
         request = seen["request"]
-        others = set(HOSPITALS) - {request[ENROLLED_AS]}
+        others = {*HOSPITALS, "hospital-04"} - {request[ENROLLED_AS]}
         values = [str(v) for v in request.values()]
         assert not any(str(fed.root) in v or name in v for v in values for name in others), request
         assert not {"data.path", "data.cache_dir", "output.dir", "data.global_test_size", "privacy.budgets"} & set(request)

@@ -33,6 +33,28 @@ def test_per_class_precision_recall_and_f1():
     assert m["per_class_f1"] == [pytest.approx(2 / 3), pytest.approx(2 / 3), 0.0]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_every_figure_matches_scikit_learn(seed):
+    from sklearn.metrics import confusion_matrix, f1_score, log_loss, precision_score, recall_score, roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, 60)
+    y[y == 3] = 2  # class 3 absent: no recall, and left out of macro-F1 and AUROC
+    logits = np.round(rng.normal(size=(60, 4)) + 2 * np.eye(4)[y] * (seed % 2), 1)  # rounded: tied scores
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    m = classification_metrics(y, probs)
+    predicted = probs.argmax(axis=1)
+    present = np.unique(y)
+    assert m["confusion"] == confusion_matrix(y, predicted, labels=range(4)).tolist()
+    assert m["loss"] == pytest.approx(log_loss(y, probs, labels=range(4)), rel=1e-9)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, predicted, labels=present, average="macro", zero_division=0))
+    assert m["auroc"] == pytest.approx(np.mean([roc_auc_score(y == k, probs[:, k]) for k in present]))
+    recall = recall_score(y, predicted, labels=present, average=None, zero_division=0)
+    assert [m["per_class_recall"][k] for k in present] == pytest.approx(list(recall))
+    precision = precision_score(y, predicted, labels=range(4), average=None, zero_division=0)
+    assert [p if p is not None else 0.0 for p in m["per_class_precision"]] == pytest.approx(list(precision))
+
+
 def test_fairness_names_the_worst_hospital_and_the_gap():
     out = fairness({"hospital-01": 0.9, "hospital-02": 0.6, "hospital-03": 0.75})
     assert out["worst_hospital"] == "hospital-02" and out["worst_accuracy"] == 0.6

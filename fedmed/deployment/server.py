@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from rich.console import Console
 
 from fedmed.config import FedmedConfig, from_flat
 from fedmed.deployment import checks
+from fedmed.deployment.control import Control
 from fedmed.errors import FedmedError
 from fedmed.federation import checkpoint
 from fedmed.ledger.keys import KeyStore
@@ -25,8 +25,7 @@ from fedmed.run.directory import RunDirectory, atomic_write, resolve_run_name, r
 CONNECTION = "fedmed"  # the SuperLink connection's name in the state folder's Flower home
 SERVER_APP, CLIENT_APP = "fedmed.federation.server_app:app", "fedmed.federation.client_app:app"
 CLIENT_APP_ENV = "FEDMED_CLIENTAPP"  # another installed ClientApp for the hospitals to run (a wrapper of fedmed's, in tests)
-POLL_S = 3.0  # how often the operator's terminal looks for finished rounds
-STATUS_EVERY_S = 30.0  # how often it asks the SuperLink for the run's status while rounds go on
+POLL_S = 3.0  # how often the operator's terminal looks for finished rounds and the run's status
 
 
 class State:
@@ -48,21 +47,21 @@ class State:
             raise FedmedError(f"cannot read {path} ({exc}): is server.state the folder the server ran with?") from None
 
 
-def flwr(state: State, *args: str, timeout: float = 120) -> dict[str, Any]:
-    """One `flwr` command against this server's SuperLink; its JSON answer."""
-    command = ["flwr", *args, "--format", "json"]
+def flwr_run(state: State, timeout: float = 120) -> str:
+    """`flwr run` of the app bundle against this server's SuperLink; the new run's id."""
+    command = ["flwr", "run", str(state.app), CONNECTION, "--format", "json"]
     try:
         done = subprocess.run(command, env=checks.flower_env(state.home), capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        raise FedmedError(f"`flwr {args[0]}` got no answer in {timeout:.0f} s: is the SuperLink running? (log: {state.log})") from None
+        raise FedmedError(f"`flwr run` got no answer in {timeout:.0f} s: is the SuperLink running? (log: {state.log})") from None
     try:
         answer = json.loads(done.stdout)
     except ValueError:
-        raise FedmedError(f"`flwr {args[0]}` failed: {(done.stderr or done.stdout).strip()[-300:]}") from None
+        raise FedmedError(f"`flwr run` failed: {(done.stderr or done.stdout).strip()[-300:]}") from None
     if not answer.get("success", False):
         message = str(answer.get("error-message", "unknown error")).strip().splitlines()
-        raise FedmedError(f"`flwr {args[0]}` failed: {message[-1] if message else 'unknown error'}")
-    return answer
+        raise FedmedError(f"`flwr run` failed: {message[-1] if message else 'unknown error'}")
+    return str(answer["run-id"])
 
 
 def _enrolled(folder: Path) -> dict[str, Path]:
@@ -119,32 +118,30 @@ def _launch(state: State, host: str, port: int, certs: tuple[Path, Path, Path]) 
         return subprocess.Popen(command, cwd=state.root, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_ready(state: State, proc: subprocess.Popen, host: str, port: int, timeout: float = 90) -> None:
-    """Until the SuperLink answers `flwr` commands: first its port (cheap to try), then
-    one `flwr list` (a process of its own, about 2 s of CPU)."""
+def _wait_ready(state: State, proc: subprocess.Popen, control: Control, timeout: float = 90) -> None:
+    """Until the SuperLink answers its Control API."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             lines = state.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
             raise FedmedError(f"the SuperLink stopped at start ({lines[-1] if lines else 'no output'}); its log: {state.log}")
         try:
-            socket.create_connection((_dial(host), port), timeout=5).close()
-            flwr(state, "list", CONNECTION, timeout=30)
+            control.nodes()
             return
-        except (OSError, FedmedError):
+        except FedmedError:
             time.sleep(1)
     raise FedmedError(f"the SuperLink did not answer within {timeout:.0f} s; its log: {state.log}")
 
 
-def _register(state: State, enrolled: dict[str, Path], fresh: bool) -> dict[str, str]:
+def _register(state: State, control: Control, enrolled: dict[str, Path], fresh: bool) -> dict[str, str]:
     """Node ids by hospital. The database keeps registrations from an earlier start; a
     key taken out of server.enrolled is unregistered, so that node can no longer join."""
     nodes = {} if fresh else state.read(state.nodes)
     for name in sorted(set(nodes) - set(enrolled)):
-        flwr(state, "supernode", "unregister", nodes.pop(name), CONNECTION)
+        control.unregister(nodes.pop(name))
     for name, key in enrolled.items():
         if name not in nodes:
-            nodes[name] = str(flwr(state, "supernode", "register", str(key.resolve()), CONNECTION)["node-id"])
+            nodes[name] = control.register(key)
             atomic_write(state.nodes, json.dumps(nodes, indent=2, sort_keys=True) + "\n")  # each, as the database has it
     atomic_write(state.nodes, json.dumps(nodes, indent=2, sort_keys=True) + "\n")
     return nodes
@@ -160,16 +157,14 @@ def _round_line(record: dict[str, Any], rounds: int) -> str:
     return line
 
 
-def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, shown: int, console: Console) -> bool:
+def _watch(state: State, proc: subprocess.Popen, control: Control, run_id: str, run_dir: Path, shown: int, console: Console) -> bool:
     """Print each round after the first `shown` as it finishes; True when the run completed.
 
-    The rounds come from the run directory, read every POLL_S seconds. The run's status
-    comes from `flwr list`, a process that costs about 2 s of CPU: asked every
-    STATUS_EVERY_S seconds (a failed run is noticed within that), and at every poll once
-    the run directory says the run finished (Flower then ends the run)."""
+    Every POLL_S seconds: the rounds from the run directory, the run's status from the
+    SuperLink (a run that failed is noticed within that)."""
     rounds = int(state.read(state.current)["config"]["federation.rounds"])
     out = RunDirectory(run_dir)
-    misses, asked = 0, time.monotonic()
+    misses = 0
     while True:
         time.sleep(POLL_S)
         if proc.poll() is not None:
@@ -178,25 +173,20 @@ def _watch(state: State, proc: subprocess.Popen, run_id: str, run_dir: Path, sho
         for record in records[shown:]:
             console.print(_round_line(record, rounds))
         shown = len(records)
-        finishing = (out.status() or {}).get("state") == "finished"
-        if not finishing and time.monotonic() - asked < STATUS_EVERY_S:
-            continue
-        asked = time.monotonic()
         try:
-            run = flwr(state, "list", CONNECTION, "--run-id", run_id)["runs"][0]
+            run = control.run(run_id)
             misses = 0
         except FedmedError:
             misses += 1  # a busy SuperLink may miss one answer
             if misses == 5:
                 raise
             continue
-        status = str(run.get("status", ""))
-        if status.startswith("finished"):
+        if run.finished:
             for record in out.rounds()[shown:]:  # written just before the run ended
                 console.print(_round_line(record, rounds))
-            if status != "finished:completed":
-                console.print(f"[red]the run {status.split(':')[-1]}[/red]: {run.get('status-details') or 'no details'} (SuperLink log: {state.log})")
-            return status == "finished:completed"
+            if not run.completed:
+                console.print(f"[red]the run {run.status.split(':')[-1]}[/red]: {run.details or 'no details'} (SuperLink log: {state.log})")
+            return run.completed
 
 
 def _run_config(cfg: FedmedConfig, state: State, enrolled: int, resume: bool) -> tuple[dict[str, Any], str]:
@@ -237,17 +227,18 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
     console.print(f"fedmed server: SuperLink on {host}:{port} (TLS, node authentication); log {state.log}")
     fresh = not state.database.exists()
     proc = _launch(state, host, port, certs)
+    control = Control(f"{_dial(host)}:{port}", certs[0], state.log)
     try:
-        _wait_ready(state, proc, host, port)
-        nodes = _register(state, enrolled, fresh)
+        _wait_ready(state, proc, control)
+        nodes = _register(state, control, enrolled, fresh)
         console.print(f"enrolled: {', '.join(f'{name} (node {nodes[name]})' for name in enrolled)}")
         _write_app(state, flat, resume_from, nodes)
-        run_id = str(flwr(state, "run", str(state.app), CONNECTION)["run-id"])
+        run_id = flwr_run(state)
         atomic_write(state.current, json.dumps({"run_id": run_id, "run_dir": str(run_dir), "config": flat}, indent=2, sort_keys=True) + "\n")
         done = checkpoint.load(RunDirectory(run_dir), KeyStore(state.keys)).round if resume_from else 0
         action = f"resuming {run_dir} after round {done}" if resume_from else f"run {run_id} -> {run_dir}"
         console.print(f"{action}: {flat['federation.rounds']} rounds, at least {flat['federation.min_hospitals'] or len(enrolled)} of {len(enrolled)} hospitals; waiting for them")
-        completed = _watch(state, proc, run_id, run_dir, done, console)
+        completed = _watch(state, proc, control, run_id, run_dir, done, console)
         if completed:
             console.print(f"run finished: {run_dir}")
             for ledgers in RunDirectory(run_dir).ledger_runs():  # one: the run's
@@ -258,6 +249,7 @@ def start(cfg: FedmedConfig, resume: bool, console: Console) -> int:
         console.print(f"stopped; `fedmed server start --config ... --resume` continues after the last finished round ({run_dir})")
         return 130
     finally:
+        control.close()
         checks.stop(proc)
 
 
@@ -270,16 +262,16 @@ def status(cfg: FedmedConfig, console: Console) -> int:
     if not current:
         raise FedmedError(f"no run has been started from {state.root} (server.state)")
     names = {node: name for name, node in state.read(state.nodes).items()}
+    host, port = checks.parse_address(cfg.server.address, "server.address")
     try:
-        nodes = flwr(state, "supernode", "list", CONNECTION, timeout=30)["nodes"]
-        run = flwr(state, "list", CONNECTION, "--run-id", current["run_id"], timeout=30)["runs"][0]
-        run_status = str(run.get("status", "unknown"))
+        with Control(f"{_dial(host)}:{port}", Path(cfg.server.certs) / "ca.crt", state.log, timeout=10) as control:
+            nodes, run_status = control.nodes(), control.run(current["run_id"]).status
     except FedmedError:
         nodes, run_status = [], "server not running"
     if nodes:
         table = Table("hospital", "node", "status")
         for node in nodes:
-            table.add_row(names.get(str(node["node-id"]), "(not enrolled here)"), str(node["node-id"]), str(node["status"]))
+            table.add_row(names.get(node.node_id, "(not enrolled here)"), node.node_id, node.status)
         console.print(table)
     records = RunDirectory(Path(current["run_dir"])).rounds()
     rounds = int(current["config"]["federation.rounds"])
