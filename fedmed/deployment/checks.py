@@ -99,14 +99,17 @@ def reachable_over_tls(host: str, port: int, ca_cert: Path, key: str, timeout: f
 SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # seconds, 0.01-60 (flwr 1.41)
 
 
-def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """Flower's commands from this environment, telemetry off, and their own home."""
+def flower_env(flwr_home: Path | None = None, superexec_poll: float = 0.25) -> dict[str, str]:
+    """Flower's commands from this environment, telemetry off, and their own home.
+
+    `superexec_poll`: how often a Flower process's SuperExec looks for work (every second
+    by default in Flower). A SuperNode's looks for a message to start a ClientApp for, a
+    delay added to every message, so 0.25 s; the SuperLink's only for a run to start the
+    ServerApp for, once a run, and each look is a request the SuperLink serves: 1 s."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_TELEMETRY_ENABLED"] = "0"
-    # How often a Flower process's SuperExec looks for a message to start a ClientApp (or
-    # the ServerApp) for: every second by default, a fixed delay added to every message.
-    env.setdefault(SUPEREXEC_POLL, "0.25")
+    env.setdefault(SUPEREXEC_POLL, str(superexec_poll))
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

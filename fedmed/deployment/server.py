@@ -113,7 +113,7 @@ def _launch(state: State, host: str, port: int, certs: tuple[Path, Path, Path]) 
         "--enable-supernode-auth", "--database", str(state.database), "--disable-runtime-dependency-installation",
     ]
     # Its own working directory: the ServerApp runs there, and finds nothing else there.
-    env = {**checks.flower_env(state.home), RUN_FILE: str(state.run_file)}  # inherited by the ServerApp's process
+    env = {**checks.flower_env(state.home, superexec_poll=1.0), RUN_FILE: str(state.run_file)}  # inherited by the ServerApp's process
     with state.log.open("ab") as log:
         return subprocess.Popen(command, cwd=state.root, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -36,7 +36,7 @@ from fedmed.training.loop import evaluate, predict
 from fedmed.training.metrics import from_confusion
 
 app = ServerApp()
-REPLY_POLL_S = 0.2
+REPLY_POLL_S = (0.2, 1.0)  # how soon it looks for replies again: at first, and at most (backing off while none come)
 RESUME_RUN = "FEDMED_RESUME_RUN"  # a simulation resumed (`fedmed simulate --resume`): the run directory it continues
 # What to do when a federation started by Flower (`flwr run`) has no SuperNode: `fedmed simulate` starts its own.
 NO_NODES = 'run a simulation with SuperNodes (`flwr run . --federation-config "num-supernodes=2"`), or start `flower-supernode` processes against this SuperLink'
@@ -259,11 +259,14 @@ def _personal_gain(per_hospital: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Send the round's requests and collect the replies until all are in or `timeout`
     seconds pass. Flower's `send_and_receive` looks for replies every 3 s over a real
-    SuperLink, a delay added to every request; this looks every REPLY_POLL_S, and stops
-    (interrupt.Stop) as soon as a signal asks the run to stop."""
+    SuperLink, a delay added to every request; this looks again after REPLY_POLL_S[0],
+    backing off to REPLY_POLL_S[1] while no reply comes (each look is a request the
+    SuperLink serves: a deployed round waits seconds for fresh ClientApp processes), and
+    stops (interrupt.Stop) as soon as a signal asks the run to stop."""
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
+    pause, longest = REPLY_POLL_S
     while waiting:
         interrupt.check()  # a signal stops the run: its replies are not waited for
         pulled = list(grid.pull_messages(waiting))
@@ -271,7 +274,8 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
         waiting -= {m.metadata.reply_to_message_id for m in pulled}
         if not waiting or time.monotonic() >= deadline:
             break
-        time.sleep(REPLY_POLL_S)
+        pause = REPLY_POLL_S[0] if pulled else min(pause * 1.5, longest)
+        time.sleep(pause)
     interrupt.check()  # replies in as the run was stopped may be failures of the Ray actors stopped under them
     return replies
 
