@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 import ssl
 import threading
@@ -107,3 +108,26 @@ def test_the_server_refuses_a_busy_port_missing_or_expired_certificates(tmp_path
     config = _server_config(tmp_path, free_port())
     assert_clean_failure(fedmed("server", "start", "--config", str(config)), "expired on")
     assert not (tmp_path / "state").exists()  # nothing started, nothing written
+
+
+def test_the_control_client_names_a_superlink_that_does_not_answer(tmp_path):
+    from fedmed.deployment.control import Control
+    from fedmed.errors import FedmedError
+
+    init_federation(tmp_path / "certs", ["localhost"])
+    with Control(f"127.0.0.1:{free_port()}", tmp_path / "certs/ca.crt", tmp_path / "superlink.log", timeout=5) as control:
+        with pytest.raises(FedmedError, match=r"did not answer \(list nodes: ConnectError\): is it running\? \(log: .*superlink.log\)"):
+            control.nodes()
+    with pytest.raises(FedmedError, match="cannot read the CA certificate"):
+        Control("127.0.0.1:1", tmp_path / "missing.crt", tmp_path / "superlink.log")
+
+
+def test_a_status_with_no_server_running_says_so(tmp_path):
+    init_federation(tmp_path / "server/certs", ["localhost"])
+    config = _server_config(tmp_path, free_port())
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "current.json").write_text(json.dumps({"run_id": "1", "run_dir": str(tmp_path / "run"), "config": {"federation.rounds": 2}}))
+    result = fedmed("server", "status", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "run 1: server not running; 0 of 2 rounds done" in result.stdout
