@@ -297,6 +297,18 @@ def site_budget(config: ConfigOption, set_: SetOption = []) -> None:  # noqa: B0
     raise typer.Exit(_one_line(budget.report, config_mod.load(config, list(set_)), config, Console(highlight=False, soft_wrap=True)))
 
 
+@app.command()
+def report(run: Path = typer.Argument(..., help="A finished run's directory.")) -> None:
+    """Draw RUN/report.html: learning curves, the final model's confusion matrix, ROC curves
+    and calibration, fairness across hospitals, privacy spent, the data, timing and the
+    settings that differ from the defaults; one page that opens from disk."""
+    from fedmed.report import write_report
+
+    if not run.is_dir():
+        raise FedmedError(f"{run} is not a folder: give a run directory (output.dir/<run name>)")
+    typer.echo(f"report: {write_report(run)}")
+
+
 @app.command("model-digest")
 def model_digest(config: ConfigOption = Path("server/federation.toml")) -> None:
     """The SHA-256 of the model architecture a config trains: what a hospital lists in
