@@ -19,6 +19,7 @@ environment, and waits for its health endpoint.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -87,7 +88,13 @@ class LocalFlower:
         reply = json.loads(started.stdout[started.stdout.index("{") :])
         assert reply["success"], reply
         deadline = time.monotonic() + RUN_TIMEOUT
+        # Until the run directory says finished, or the SuperLink logs that the run's task
+        # ended (a run that failed, say Ray not starting on a loaded machine, then fails
+        # below with Flower's status and reason, not after RUN_TIMEOUT).
+        log = self.home / "local-superlink" / "superlink.log"
         while not any(json.loads(p.read_text()).get("state") == "finished" for p in out.glob("*/status.json")):
+            if re.search(rf"Finished task \d+ of run {reply['run-id']}\b", log.read_text(errors="replace")):
+                break
             assert time.monotonic() < deadline, f"run {reply['run-id']} wrote no finished status in {RUN_TIMEOUT:g} s"
             time.sleep(0.5)
         while True:  # the engine's own bookkeeping after the ServerApp returns
