@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -257,10 +256,6 @@ def _timing(rounds: list[dict[str, Any]]) -> Figure:
 
 
 def _settings(config_file: Path) -> Table:
-    try:
-        saved = config_mod.flatten(tomllib.loads(config_file.read_text(encoding="utf-8")))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise FedmedError(f"cannot read {config_file} ({exc}): is this a fedmed run directory?") from None
-    defaults = config_mod.load(None).shareable()
-    rows = [[key, repr(value), repr(defaults.get(key))] for key, value in sorted(saved.items()) if defaults.get(key) != value]
+    run, defaults = config_mod.load(config_file).shareable(), config_mod.load(None).shareable()
+    rows = [[key, repr(value), repr(defaults.get(key))] for key, value in sorted(run.items()) if defaults.get(key) != value]
     return Table("Settings that differ from the defaults", ["setting", "this run", "default"], rows)

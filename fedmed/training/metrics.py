@@ -53,12 +53,11 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, o
     auroc: float | None = None
     if len(present) >= 2:
         auroc = float(np.mean([_auroc(y_true == k, probs[:, k]) for k in present]))
-    tp = np.diag(cm)[present]
     eps = np.finfo(probs.dtype).eps
     return {
         "loss": float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0)).mean()) if len(y_true) else math.nan,
         "accuracy": float((y_pred == y_true).mean()),
-        "macro_f1": float((2 * tp / (2 * tp + predicted[present] - tp + support[present] - tp)).mean()) if len(present) else math.nan,
+        "macro_f1": from_confusion(cm)["macro_f1"],
         "auroc": auroc,
         "per_class_recall": recall,
         "per_class_precision": precision,
