@@ -28,7 +28,7 @@ from fedmed.federation import attack, policy, wire
 from fedmed.ledger.budget import BudgetLedgerError, LifetimeBudget, Spend
 from fedmed.ledger.digests import architecture_digest, arrays_digest
 from fedmed.ledger.hospital import HospitalLedger
-from fedmed.models import build_model, head_keys, load_layers, norm_keys, save_layers
+from fedmed.models import build_model, kept_at_hospitals, load_layers, save_layers
 from fedmed.privacy import canaries
 from fedmed.seeds import derive_seed
 from fedmed.training import personal, scaffold
@@ -146,7 +146,7 @@ def _receive(msg: Message, context: Context) -> Request:
     received = msg.content[wire.ARRAYS].to_torch_state_dict()
     model.load_state_dict(received)
     restored = 0
-    if _kept(cfg, model):
+    if kept_at_hospitals(cfg, model):
         kept = load_layers(_own_file(ledger, site.name, _keeper(cfg)))
         if kept is not None:
             model.load_state_dict(kept, strict=False)
@@ -160,13 +160,6 @@ def _keeper(cfg: FedmedConfig) -> str:
     return "fedbn" if cfg.federation.strategy == "fedbn" else cfg.personal.method
 
 
-def _kept(cfg: FedmedConfig, model: nn.Module) -> set[str]:
-    """The arrays this hospital keeps: FedBN's normalisation layers, FedPer's head."""
-    if cfg.federation.strategy == "fedbn":
-        return norm_keys(model)
-    return head_keys(model) if cfg.personal.method == "fedper" else set()
-
-
 def _own_file(ledger: HospitalLedger, site: str, what: str) -> Path:
     """This hospital's own state for the run (FedBN's or FedPer's layers, Ditto's personal
     model, SCAFFOLD's control variate), in its folder for the run: it outlives the node's
@@ -178,7 +171,7 @@ def _shared_arrays(r: Request) -> ArrayRecord:
     """What goes back to the server; FedBN and FedPer keep their layers at the hospital
     for the next round."""
     state = r.model.cpu().state_dict()
-    kept = _kept(r.cfg, r.model)
+    kept = kept_at_hospitals(r.cfg, r.model)
     if not kept:
         return ArrayRecord(state)
     save_layers(_own_file(r.ledger, r.site.name, _keeper(r.cfg)), {k: v for k, v in state.items() if k in kept})
@@ -315,7 +308,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.personal.method == "ditto":
         _ditto(r)
     if attacking:  # what it sends; the layers it keeps (FedBN, FedPer) stay as trained
-        kept = _kept(cfg, r.model)
+        kept = kept_at_hospitals(cfg, r.model)
         sent = {k: v for k, v in r.model.cpu().state_dict().items() if k not in kept}
         r.model.load_state_dict(attack.tamper(cfg.attack, r.received, sent, attack.noise_seed(cfg, r.server_round, site.index)), strict=False)
     spent_entry = {}

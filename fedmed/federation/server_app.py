@@ -23,7 +23,7 @@ from fedmed.federation.aggregation import NAMES
 from fedmed.federation.strategy import Recording, build_strategy
 from fedmed.ledger.keys import KeyStore, default_key_store
 from fedmed.ledger.server import ServerLedger
-from fedmed.models import build_model, head_keys, norm_keys
+from fedmed.models import build_model, kept_at_hospitals
 from fedmed.privacy import report as privacy_report
 from fedmed.privacy.client_level import ClientLevelDP
 from fedmed.run import heterogeneity, interrupt
@@ -79,8 +79,7 @@ def run(
     title = f"fedmed: {NAMES[cfg.federation.strategy]} over {n} hospitals, {rounds} rounds -> {out.path}"
     reporter = RoundReporter(rounds, title + (f" (resumed after round {previous.round})" if previous else ""))
     ledger = ServerLedger(out, cfg.output.save_updates, store, previous.ledger_run if previous else "")
-    kept = norm_keys(model) if cfg.federation.strategy == "fedbn" else head_keys(model) if cfg.personal.method == "fedper" else set()
-    strategy = _strategy(cfg, kept, client_dp, ledger)
+    strategy = _strategy(cfg, kept_at_hospitals(cfg, model), client_dp, ledger)
 
     config = wire.config_record(cfg, deployed=bool(nodes))
     arrays = ArrayRecord(model.state_dict())

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedmed.config import ModelConfig
+from fedmed.config import FedmedConfig, ModelConfig
 from fedmed.run.directory import atomic_write
 
 
@@ -79,3 +79,11 @@ def head_keys(model: nn.Module) -> set[str]:
     at each hospital): `head.2` of the CNN, `fc` of ResNet-18."""
     name = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
     return {f"{name}.{key}" for key in model.get_submodule(name).state_dict()}
+
+
+def kept_at_hospitals(cfg: FedmedConfig, model: nn.Module) -> set[str]:
+    """The arrays each hospital keeps and the server never averages: FedBN's
+    normalisation layers, FedPer's head; none otherwise."""
+    if cfg.federation.strategy == "fedbn":
+        return norm_keys(model)
+    return head_keys(model) if cfg.personal.method == "fedper" else set()
